@@ -1,0 +1,72 @@
+//! The running server: the HTTP listener and the timeline's subscribers.
+//! `App::build` binds (port 0 in tests) so the address is known before
+//! `run`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::context::Context;
+use crate::timeline::subscribers::{self, LiveTail, Subscriber};
+
+pub struct App {
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+/// Stops a running [`App`] when dropped or told to.
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl App {
+    pub async fn build(ctx: Arc<Context>, listen: SocketAddr) -> std::io::Result<App> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        Ok(App { ctx, listener, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn context(&self) -> Arc<Context> {
+        self.ctx.clone()
+    }
+
+    /// Serves until `stop` turns true.
+    pub async fn run(self, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+        let subs: Vec<Arc<dyn Subscriber>> = vec![Arc::new(LiveTail)];
+        for sub in subs {
+            tokio::spawn(subscribers::run(self.ctx.clone(), sub, stop.clone()));
+        }
+        let router = crate::web::app(self.ctx.clone());
+        let mut stop_http = stop.clone();
+        axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move {
+                while !*stop_http.borrow() {
+                    if stop_http.changed().await.is_err() {
+                        // The sender is gone: nobody can stop us any more.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Runs in the background; returns the address and a stop handle.
+    pub fn spawn(self) -> (SocketAddr, Shutdown, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let (tx, rx) = watch::channel(false);
+        let addr = self.addr;
+        let handle = tokio::spawn(self.run(rx));
+        (addr, Shutdown(tx), handle)
+    }
+}

@@ -1,0 +1,390 @@
+//! Configuration: defaults, then `aramaki.toml`, then `ARAMAKI_*` environment.
+//!
+//! Loaded and validated once at start-up; nothing below `main` reads the
+//! environment. A bad value stops start-up with figment's message, which names
+//! the key, the file it came from and what was expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FILE: &str = "aramaki.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8764";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub instance: InstanceConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// Human name of this instance, shown to peers and in the UI.
+    pub name: String,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        InstanceConfig {
+            name: "aramaki".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8764)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://…` or `postgres://…`; empty means SQLite in the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Let anonymous clients use read-only endpoints. Default: closed.
+    pub public_read: bool,
+    /// Largest accepted request body in bytes.
+    pub body_limit: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            public_read: false,
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` without a token. Default: a token is required.
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `aramaki=debug,sqlx=warn`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            instance: InstanceConfig::default(),
+            server: ServerConfig::default(),
+            database: DatabaseConfig {
+                url: None,
+                max_connections: default_max_connections(),
+            },
+            api: ApiConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Start-up refused because the configuration is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+    #[error("configuration: cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file if it exists, then the environment
+    /// variables `ARAMAKI_SECTION__KEY` (for example `ARAMAKI_SERVER__LISTEN`).
+    pub fn load(file: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let env_pairs: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("ARAMAKI_")?;
+                rest.contains("__").then(|| (k.clone(), v.clone()))
+            })
+            .collect();
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            .merge(EnvVars(env_pairs));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(describe(e)))?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database.url {
+            if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid value for key `database.url` in {}: expected a URL starting with sqlite: or postgres://, found {url:?}",
+                    file.display()
+                )));
+            }
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `database.max_connections` in {}: expected at least 1",
+                file.display()
+            )));
+        }
+        if self.api.body_limit < 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `api.body_limit` in {}: expected at least 1024 bytes",
+                file.display()
+            )));
+        }
+        if self.instance.name.trim().is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `instance.name` in {}: expected a non-empty name",
+                file.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to SQLite inside the data directory.
+    pub fn database_url(&self, data_dir: &Path) -> String {
+        match &self.database.url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}?mode=rwc", data_dir.join("aramaki.db").display()),
+        }
+    }
+}
+
+/// `ARAMAKI_SECTION__KEY` variables as a figment provider. Built from an
+/// explicit list (not the process environment) so that `main` decides what is
+/// read and tests need not touch the process environment.
+struct EnvVars(Vec<(String, String)>);
+
+impl figment::Provider for EnvVars {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable(s) ARAMAKI_*")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, raw) in &self.0 {
+            let path: Vec<String> = key
+                .trim_start_matches("ARAMAKI_")
+                .to_ascii_lowercase()
+                .split("__")
+                .map(str::to_owned)
+                .collect();
+            // Parsed like figment's own Env: numbers and booleans, else strings.
+            let value: figment::value::Value = match raw.parse() {
+                Ok(v) => v,
+                Err(never) => match never {},
+            };
+            insert_path(&mut dict, &path, value);
+        }
+        let mut map = figment::value::Map::new();
+        map.insert(figment::Profile::Default, dict);
+        Ok(map)
+    }
+}
+
+fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
+    use figment::value::{Dict, Value};
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if entry.as_dict().is_none() {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The commented configuration written on first start.
+pub fn default_file_text() -> String {
+    format!(
+        r#"# Aramaki configuration.
+#
+# Every key can also be set through the environment as ARAMAKI_SECTION__KEY,
+# for example ARAMAKI_SERVER__LISTEN=0.0.0.0:8764; the environment wins.
+
+[instance]
+# The name peers and users see for this instance.
+name = "aramaki"
+
+[server]
+# Address and port the HTTP server listens on.
+listen = "{DEFAULT_LISTEN}"
+
+[database]
+# Empty: SQLite (WAL) in the data directory, nothing else needed.
+# For larger installations or several server processes, use PostgreSQL:
+# url = "postgres://aramaki@127.0.0.1:5432/aramaki"
+max_connections = 8
+
+[api]
+# Let anonymous clients read systems and timelines. Default: closed.
+public_read = false
+# Largest accepted request body, in bytes.
+body_limit = 1048576
+
+[metrics]
+# Serve /metrics without an API token.
+public = false
+
+[log]
+# "human" or "json".
+format = "human"
+# A tracing filter, for example "info" or "aramaki=debug,sqlx=warn".
+filter = "info"
+"#
+    )
+}
+
+/// Writes the commented default configuration unless a file already exists.
+pub fn write_default_file(path: &Path) -> Result<bool, ConfigError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    std::fs::write(path, default_file_text()).map_err(|source| ConfigError::Write {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_default_file_parses_to_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        assert!(write_default_file(&path).unwrap());
+        assert!(!write_default_file(&path).unwrap());
+        let config = Config::load(&path, &[]).unwrap();
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert!(!config.api.public_read);
+        assert_eq!(config.api.body_limit, 1024 * 1024);
+    }
+
+    #[test]
+    fn a_bad_value_names_file_key_and_expectation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, "[server]\nlisten = \"not an address\"\n").unwrap();
+        let err = Config::load(&path, &[]).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("socket address"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, "[server]\nlisten_on = \"127.0.0.1:1\"\n").unwrap();
+        let err = Config::load(&path, &[]).unwrap_err().to_string();
+        assert!(err.contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        write_default_file(&path).unwrap();
+        let env = vec![
+            ("ARAMAKI_SERVER__LISTEN".to_owned(), "127.0.0.1:9999".to_owned()),
+            ("ARAMAKI_API__PUBLIC_READ".to_owned(), "true".to_owned()),
+            ("ARAMAKI_TOKEN".to_owned(), "client side, ignored".to_owned()),
+        ];
+        let config = Config::load(&path, &env).unwrap();
+        assert_eq!(config.server.listen.port(), 9999);
+        assert!(config.api.public_read);
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        let env = vec![("ARAMAKI_API__BODY_LIMIT".to_owned(), "lots".to_owned())];
+        let err = Config::load(&path, &env).unwrap_err().to_string();
+        assert!(err.contains("api.body_limit"), "{err}");
+    }
+}

@@ -1,0 +1,189 @@
+//! The instance identity: an Ed25519 key kept in the data directory (mode
+//! 0600) and a stable instance id kept in the database.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+pub const KEY_FILE: &str = "instance.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read or write the identity key {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the identity key {path} is damaged: expected 64 hex digits")]
+    Damaged { path: String },
+    #[error("no randomness available: {0}")]
+    Random(String),
+}
+
+/// This instance: its id, its name and its signing key.
+#[derive(Clone)]
+pub struct Identity {
+    pub instance_id: String,
+    pub name: String,
+    key: SigningKey,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("instance_id", &self.instance_id)
+            .field("name", &self.name)
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    pub fn new(instance_id: String, name: String, key: SigningKey) -> Identity {
+        Identity { instance_id, name, key }
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex(self.public_key().as_bytes())
+    }
+
+    /// A short, readable fingerprint of the public key.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.public_key())
+    }
+}
+
+/// `ABCD-EFGH-IJKL-MNOP`: the first 80 bits of SHA-256 over the key, base32.
+pub fn fingerprint(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let encoded = base32(&digest[..10]);
+    encoded
+        .as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Loads the key from `dir/instance.key`, generating it (mode 0600) if absent.
+/// Returns the key and whether it was created now.
+pub fn load_or_create_key(dir: &Path) -> Result<(SigningKey, bool), IdentityError> {
+    let path = dir.join(KEY_FILE);
+    let shown = path.display().to_string();
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|source| IdentityError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let bytes = unhex(text.trim()).ok_or(IdentityError::Damaged { path: shown.clone() })?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| IdentityError::Damaged { path: shown })?;
+        return Ok((SigningKey::from_bytes(&seed), false));
+    }
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
+    write_private(&path, format!("{}\n", hex(&seed)).as_bytes()).map_err(|source| {
+        IdentityError::Io { path: shown, source }
+    })?;
+    Ok((SigningKey::from_bytes(&seed), true))
+}
+
+/// Creates a file readable by its owner only, refusing to overwrite.
+fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(content)?;
+    file.sync_all()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .collect()
+}
+
+/// RFC 4648 base32 without padding.
+pub fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    let mut buffer: u32 = 0;
+    let mut bits = 0;
+    for &b in bytes {
+        buffer = (buffer << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_created_private_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, created) = load_or_create_key(dir.path()).unwrap();
+        assert!(created);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let (again, created) = load_or_create_key(dir.path()).unwrap();
+        assert!(!created);
+        assert_eq!(key.to_bytes(), again.to_bytes());
+    }
+
+    #[test]
+    fn damaged_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(KEY_FILE), "zz").unwrap();
+        assert!(matches!(load_or_create_key(dir.path()), Err(IdentityError::Damaged { .. })));
+    }
+
+    #[test]
+    fn fingerprint_is_grouped_base32() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let fp = fingerprint(&key.verifying_key());
+        assert_eq!(fp.len(), 19);
+        assert_eq!(fp.matches('-').count(), 3);
+        assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
+        assert_eq!(unhex(&hex(&[0, 255, 16])), Some(vec![0, 255, 16]));
+    }
+}

@@ -1,0 +1,136 @@
+//! Prometheus text-format metrics, kept by hand: a few counters and one
+//! latency histogram do not justify a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::db::PoolStats;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    http: Mutex<Http>,
+    events_recorded: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Http {
+    requests: BTreeMap<(String, String, u16), u64>,
+    latency: BTreeMap<(String, String), Histogram>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Metrics {
+    /// Records one HTTP request by method, route template (never the raw
+    /// path, to keep label cardinality bounded) and status.
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let Ok(mut http) = self.http.lock() else { return };
+        *http
+            .requests
+            .entry((method.to_owned(), route.to_owned(), status))
+            .or_default() += 1;
+        let h = http
+            .latency
+            .entry((method.to_owned(), route.to_owned()))
+            .or_default();
+        let secs = elapsed.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += secs;
+        h.count += 1;
+    }
+
+    pub fn events_recorded(&self, n: u64) {
+        self.events_recorded.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, pool: PoolStats) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP aramaki_http_requests_total HTTP requests by method, route and status.");
+        let _ = writeln!(out, "# TYPE aramaki_http_requests_total counter");
+        let http = self.http.lock().map(|h| (h.requests.clone(), h.latency.clone()));
+        let (requests, latency) = http.unwrap_or_default();
+        for ((method, route, status), n) in &requests {
+            let _ = writeln!(
+                out,
+                "aramaki_http_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
+                escape(method),
+                escape(route)
+            );
+        }
+        let _ = writeln!(out, "# HELP aramaki_http_request_duration_seconds HTTP request latency.");
+        let _ = writeln!(out, "# TYPE aramaki_http_request_duration_seconds histogram");
+        for ((method, route), h) in &latency {
+            let labels = format!("method=\"{}\",route=\"{}\"", escape(method), escape(route));
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "aramaki_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "aramaki_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "aramaki_http_request_duration_seconds_sum{{{labels}}} {}", h.sum);
+            let _ = writeln!(out, "aramaki_http_request_duration_seconds_count{{{labels}}} {}", h.count);
+        }
+        let _ = writeln!(out, "# HELP aramaki_events_recorded_total Timeline events recorded by this process.");
+        let _ = writeln!(out, "# TYPE aramaki_events_recorded_total counter");
+        let _ = writeln!(
+            out,
+            "aramaki_events_recorded_total {}",
+            self.events_recorded.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP aramaki_db_pool_connections Open database connections.");
+        let _ = writeln!(out, "# TYPE aramaki_db_pool_connections gauge");
+        let _ = writeln!(out, "aramaki_db_pool_connections {}", pool.size);
+        let _ = writeln!(out, "# HELP aramaki_db_pool_idle_connections Idle database connections.");
+        let _ = writeln!(out, "# TYPE aramaki_db_pool_idle_connections gauge");
+        let _ = writeln!(out, "aramaki_db_pool_idle_connections {}", pool.idle);
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.observe_request("GET", "/api/v1/systems", 200, Duration::from_millis(3));
+        m.observe_request("GET", "/api/v1/systems", 200, Duration::from_millis(30));
+        m.events_recorded(5);
+        let text = m.render(PoolStats { size: 2, idle: 1 });
+        assert!(text.contains(
+            "aramaki_http_requests_total{method=\"GET\",route=\"/api/v1/systems\",status=\"200\"} 2"
+        ));
+        assert!(text.contains("le=\"0.005\"} 1"));
+        assert!(text.contains("le=\"0.05\"} 2"));
+        assert!(text.contains("aramaki_events_recorded_total 5"));
+        assert!(text.contains("aramaki_db_pool_connections 2"));
+    }
+}

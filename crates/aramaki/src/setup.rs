@@ -1,0 +1,130 @@
+//! First start: the data directory, the commented configuration, the
+//! identity key, the database and the first admin. `aramaki init` runs this
+//! alone; `aramaki server` runs it before serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sqlx::Row;
+
+use crate::config::{self, Config};
+use crate::context::{Clock, Context, SystemClock};
+use crate::db::{new_id, to_micros, Db};
+use crate::federation::identity::{self, Identity};
+use crate::metrics::Metrics;
+use crate::timeline::hub::TimelineHub;
+use crate::users::{self, Role, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error(transparent)]
+    User(#[from] users::UserError),
+}
+
+/// Secrets created on first start, to be shown once.
+#[derive(Debug)]
+pub struct FirstAdmin {
+    pub username: String,
+    pub password: Secret,
+    pub token: Secret,
+}
+
+/// What `init` did and produced.
+#[derive(Debug)]
+pub struct Setup {
+    pub context: Arc<Context>,
+    pub wrote_config: bool,
+    pub created_key: bool,
+    pub first_admin: Option<FirstAdmin>,
+}
+
+/// Creates the data directory (mode 0700) if needed.
+pub fn ensure_data_dir(dir: &Path) -> Result<(), SetupError> {
+    let err = |source| SetupError::DataDir { path: dir.to_owned(), source };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the configuration of `data_dir`, writing the commented default
+/// first if there is none.
+pub fn load_config(data_dir: &Path, env: &[(String, String)]) -> Result<(Config, bool), SetupError> {
+    ensure_data_dir(data_dir)?;
+    let path = data_dir.join(config::CONFIG_FILE);
+    let wrote = config::write_default_file(&path)?;
+    Ok((Config::load(&path, env)?, wrote))
+}
+
+/// Builds a Context on `config`, creating whatever is missing.
+pub async fn init(data_dir: &Path, config: Config, clock: Arc<dyn Clock>) -> Result<Setup, SetupError> {
+    ensure_data_dir(data_dir)?;
+    let (key, created_key) = identity::load_or_create_key(data_dir)?;
+    let db = Db::connect(&config.database_url(data_dir), config.database.max_connections).await?;
+    let instance_id = ensure_instance(&db, &config.instance.name, &key, to_micros(clock.now())).await?;
+    let identity = Identity::new(instance_id, config.instance.name.clone(), key);
+    let context = Arc::new(Context {
+        config,
+        data_dir: data_dir.to_owned(),
+        db,
+        clock,
+        identity,
+        timeline: TimelineHub::new(),
+        metrics: Metrics::default(),
+    });
+    let first_admin = ensure_admin(&context).await?;
+    Ok(Setup { context, wrote_config: false, created_key, first_admin })
+}
+
+/// Convenience for `main`: configuration, then [`init`] with the real clock.
+pub async fn init_from_dir(data_dir: &Path, env: &[(String, String)]) -> Result<Setup, SetupError> {
+    let (config, wrote) = load_config(data_dir, env)?;
+    let mut setup = init(data_dir, config, Arc::new(SystemClock)).await?;
+    setup.wrote_config = wrote;
+    Ok(setup)
+}
+
+async fn ensure_instance(db: &Db, name: &str, key: &ed25519_dalek::SigningKey, now: i64) -> Result<String, SetupError> {
+    let public = identity::hex(key.verifying_key().as_bytes());
+    let row = sqlx::query("SELECT id FROM instance").fetch_optional(db.reader()).await?;
+    if let Some(row) = row {
+        return Ok(row.try_get::<String, _>("id")?);
+    }
+    let id = new_id().to_string();
+    let mut tx = db.begin().await?;
+    sqlx::query("INSERT INTO instance (id, name, public_key, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(id.as_str())
+        .bind(name)
+        .bind(public)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// On an empty user table, creates `admin` with a one-time password and a token.
+async fn ensure_admin(ctx: &Context) -> Result<Option<FirstAdmin>, SetupError> {
+    if users::count_users(ctx).await? > 0 {
+        return Ok(None);
+    }
+    let password = users::generate_password()?;
+    let admin = users::create_user(ctx, "admin", "Administrator", Role::Admin, password.expose(), true).await?;
+    let token = users::create_token(ctx, &admin.id, "created at first start").await?;
+    Ok(Some(FirstAdmin { username: admin.username, password, token }))
+}

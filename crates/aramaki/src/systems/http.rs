@@ -1,0 +1,323 @@
+//! `/api/v1` routes for systems, their structure, status and categories.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::model::{LabelSelector, Slug};
+use super::status::Status;
+use super::{Category, Included, Member, NewCategory, NewSystem, System, SystemError, SystemPatch};
+use crate::web::{Admin, ApiJson, ApiQuery, AppState, Problem, Viewer};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_systems, create_system))
+        .routes(routes!(get_system, update_system, delete_system))
+        .routes(routes!(list_subsystems, include_subsystem))
+        .routes(routes!(exclude_subsystem))
+        .routes(routes!(list_includers))
+        .routes(routes!(get_status))
+        .routes(routes!(list_anchors))
+        .routes(routes!(list_categories, create_category))
+}
+
+impl From<SystemError> for Problem {
+    fn from(e: SystemError) -> Problem {
+        let detail = e.to_string();
+        match e {
+            SystemError::NotFound(_) => Problem::not_found(detail),
+            SystemError::SlugTaken(_) => Problem::conflict("slug_taken", detail),
+            SystemError::CategoryTaken(_) => Problem::conflict("category_taken", detail),
+            SystemError::UnknownCategory(_) => Problem::unprocessable(detail).with("field", "category".into()),
+            SystemError::Cycle { path, .. } | SystemError::CycleByChange { path } => {
+                Problem::conflict("cycle", detail).with("path", serde_json::json!(path))
+            }
+            SystemError::NotIncluded { .. } => Problem::not_found(detail),
+            SystemError::StillIncluded { by, .. } => {
+                Problem::conflict("still_included", detail).with("included_by", serde_json::json!(by))
+            }
+            SystemError::Invalid(invalid) => invalid.into(),
+            SystemError::Db(db) => Problem::internal(&db),
+        }
+    }
+}
+
+/// Parses a slug from the path, or answers 400 naming the problem.
+pub fn path_slug(raw: &str) -> Result<Slug, Problem> {
+    Slug::try_from(raw).map_err(|e| Problem::bad_request(format!("invalid slug in path: {e}")))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SystemPage {
+    pub items: Vec<System>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberList {
+    pub items: Vec<Member>,
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only systems of this category.
+    category: Option<String>,
+    /// A label selector: `role=storage,dc=dc1`, `tier`, `!retired`, `env!=prod`.
+    label: Option<String>,
+    /// Text to find in slug, title, description or labels.
+    q: Option<String>,
+    /// From the previous page's `next`.
+    cursor: Option<String>,
+    /// Page size, 1 to 500 (default 100).
+    limit: Option<i64>,
+}
+
+/// List systems. Role: viewer.
+#[utoipa::path(get, path = "/systems", tag = "systems", params(ListQuery),
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = SystemPage), (status = 400, body = crate::web::ProblemBody)))]
+async fn list_systems(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<SystemPage>, Problem> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 500"));
+    }
+    let labels = q
+        .label
+        .as_deref()
+        .map(LabelSelector::try_from)
+        .transpose()
+        .map_err(|e| Problem::bad_request(format!("invalid label selector: {e}")))?;
+    let after_slug = q
+        .cursor
+        .as_deref()
+        .map(|c| path_slug(c).map_err(|_| Problem::bad_request(format!("invalid cursor '{c}'"))))
+        .transpose()?;
+    let filter = super::store::ListFilter {
+        category: q.category,
+        labels,
+        text: q.q.filter(|t| !t.trim().is_empty()),
+        after_slug: after_slug.map(String::from),
+    };
+    let mut conn = ctx.db.reader().acquire().await?;
+    let mut items = super::store::list(&mut conn, &filter, limit + 1).await?;
+    let next = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|s| s.slug.to_string())
+    } else {
+        None
+    };
+    Ok(Json(SystemPage { items, next }))
+}
+
+/// Create a system. Role: admin.
+#[utoipa::path(post, path = "/systems", tag = "systems", request_body = NewSystem,
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 201, body = System), (status = 409, body = crate::web::ProblemBody),
+              (status = 422, body = crate::web::ProblemBody)))]
+async fn create_system(
+    State(ctx): State<AppState>,
+    Admin(p): Admin,
+    ApiJson(new): ApiJson<NewSystem>,
+) -> Result<(StatusCode, Json<System>), Problem> {
+    let system = super::create(&ctx, &p.actor(), new).await?;
+    Ok((StatusCode::CREATED, Json(system)))
+}
+
+/// Read a system. Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}", tag = "systems",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = System), (status = 404, body = crate::web::ProblemBody)))]
+async fn get_system(State(ctx): State<AppState>, _: Viewer, Path(slug): Path<String>) -> Result<Json<System>, Problem> {
+    let slug = path_slug(&slug)?;
+    Ok(Json(super::get(&ctx, slug.as_str()).await?))
+}
+
+/// Change a system: only the fields given change. Role: admin.
+#[utoipa::path(patch, path = "/systems/{slug}", tag = "systems", request_body = SystemPatch,
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 200, body = System), (status = 404, body = crate::web::ProblemBody),
+              (status = 409, body = crate::web::ProblemBody), (status = 422, body = crate::web::ProblemBody)))]
+async fn update_system(
+    State(ctx): State<AppState>,
+    Admin(p): Admin,
+    Path(slug): Path<String>,
+    ApiJson(patch): ApiJson<SystemPatch>,
+) -> Result<Json<System>, Problem> {
+    let slug = path_slug(&slug)?;
+    Ok(Json(super::update(&ctx, &p.actor(), slug.as_str(), patch).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Exclude the system from every system that includes it, then delete.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Delete a system; refused while included somewhere unless `force`. Role: admin.
+#[utoipa::path(delete, path = "/systems/{slug}", tag = "systems", params(DeleteQuery),
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 204), (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
+async fn delete_system(
+    State(ctx): State<AppState>,
+    Admin(p): Admin,
+    Path(slug): Path<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> Result<StatusCode, Problem> {
+    let slug = path_slug(&slug)?;
+    super::delete(&ctx, &p.actor(), slug.as_str(), q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Direct subsystems: included ones and selector matches. Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}/subsystems", tag = "systems",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = MemberList), (status = 404, body = crate::web::ProblemBody)))]
+async fn list_subsystems(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(slug): Path<String>,
+) -> Result<Json<MemberList>, Problem> {
+    let slug = path_slug(&slug)?;
+    let items = super::neighbours(&ctx, slug.as_str(), true).await?;
+    Ok(Json(MemberList { items, next: None }))
+}
+
+/// The systems that include this one. Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}/includers", tag = "systems",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = MemberList), (status = 404, body = crate::web::ProblemBody)))]
+async fn list_includers(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(slug): Path<String>,
+) -> Result<Json<MemberList>, Problem> {
+    let slug = path_slug(&slug)?;
+    let items = super::neighbours(&ctx, slug.as_str(), false).await?;
+    Ok(Json(MemberList { items, next: None }))
+}
+
+/// The body of `POST /api/v1/systems/{slug}/subsystems`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncludeRequest {
+    /// Slug of the system to include.
+    pub slug: Slug,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncludeResult {
+    pub parent: String,
+    pub child: String,
+    /// False if it was included already (nothing changed).
+    pub created: bool,
+}
+
+/// Include a subsystem; a cycle is refused with its path. Role: admin.
+#[utoipa::path(post, path = "/systems/{slug}/subsystems", tag = "systems", request_body = IncludeRequest,
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 201, body = IncludeResult), (status = 200, body = IncludeResult),
+              (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
+async fn include_subsystem(
+    State(ctx): State<AppState>,
+    Admin(p): Admin,
+    Path(slug): Path<String>,
+    ApiJson(req): ApiJson<IncludeRequest>,
+) -> Result<Response, Problem> {
+    let parent = path_slug(&slug)?;
+    let outcome = super::include(&ctx, &p.actor(), parent.as_str(), req.slug.as_str()).await?;
+    let created = outcome == Included::Now;
+    let body = IncludeResult { parent: parent.to_string(), child: req.slug.to_string(), created };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(body)).into_response())
+}
+
+/// Exclude a subsystem. Role: admin.
+#[utoipa::path(delete, path = "/systems/{slug}/subsystems/{child}", tag = "systems",
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 204), (status = 404, body = crate::web::ProblemBody)))]
+async fn exclude_subsystem(
+    State(ctx): State<AppState>,
+    Admin(p): Admin,
+    Path((slug, child)): Path<(String, String)>,
+) -> Result<StatusCode, Problem> {
+    let parent = path_slug(&slug)?;
+    let child = path_slug(&child)?;
+    super::exclude(&ctx, &p.actor(), parent.as_str(), child.as_str()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The system's own state and, recursively, each layer below it. Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}/status", tag = "systems",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = Status), (status = 404, body = crate::web::ProblemBody)))]
+async fn get_status(State(ctx): State<AppState>, _: Viewer, Path(slug): Path<String>) -> Result<Json<Status>, Problem> {
+    let slug = path_slug(&slug)?;
+    Ok(Json(super::status::status(&ctx, slug.as_str()).await?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AnchorGroup {
+    pub category: String,
+    pub systems: Vec<System>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AnchorList {
+    pub items: Vec<AnchorGroup>,
+    pub next: Option<String>,
+}
+
+/// Anchors: systems that no other system includes, grouped by category. Role: viewer.
+#[utoipa::path(get, path = "/anchors", tag = "systems",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = AnchorList)))]
+async fn list_anchors(State(ctx): State<AppState>, _: Viewer) -> Result<Json<AnchorList>, Problem> {
+    let items = super::anchors(&ctx)
+        .await?
+        .into_iter()
+        .map(|(c, systems)| AnchorGroup { category: c.to_string(), systems })
+        .collect();
+    Ok(Json(AnchorList { items, next: None }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CategoryList {
+    pub items: Vec<Category>,
+    pub next: Option<String>,
+}
+
+/// List categories. Role: viewer.
+#[utoipa::path(get, path = "/categories", tag = "systems",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = CategoryList)))]
+async fn list_categories(State(ctx): State<AppState>, _: Viewer) -> Result<Json<CategoryList>, Problem> {
+    Ok(Json(CategoryList { items: super::categories(&ctx).await?, next: None }))
+}
+
+/// Add a category. Role: admin.
+#[utoipa::path(post, path = "/categories", tag = "systems", request_body = NewCategory,
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 201, body = Category), (status = 409, body = crate::web::ProblemBody)))]
+async fn create_category(
+    State(ctx): State<AppState>,
+    _: Admin,
+    ApiJson(new): ApiJson<NewCategory>,
+) -> Result<(StatusCode, Json<Category>), Problem> {
+    Ok((StatusCode::CREATED, Json(super::create_category(&ctx, new).await?)))
+}

@@ -1,0 +1,382 @@
+//! `/api/v1` routes for timelines and events, including the live tail as
+//! server-sent events.
+
+use std::collections::{HashSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use aramaki_protocol::Severity;
+use axum::extract::{Path, State};
+use axum::http::header::LOCATION;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::Stream;
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::store::{self, Cursor, Filter};
+use super::{Event, Idempotency, Kind, NewEvent, Target};
+use crate::context::Context;
+use crate::db::{is_unique_violation, to_micros};
+use crate::federation::identity::hex;
+use crate::systems::http::path_slug;
+use crate::systems::model::Slug;
+use crate::web::{ApiJson, ApiQuery, AppState, Operator, Problem, Viewer};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_timeline))
+        .routes(routes!(stream_timeline))
+        .routes(routes!(record_event))
+        .routes(routes!(get_event))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    pub items: Vec<Event>,
+    /// Pass as `cursor` for older events; null on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TimelineQuery {
+    /// From the previous page's `next`.
+    cursor: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    limit: Option<i64>,
+    /// Only events that occurred at or after this time (RFC 3339).
+    since: Option<String>,
+    /// Only events that occurred before this time (RFC 3339).
+    until: Option<String>,
+    /// Comma-separated kinds; `system.*` matches a whole namespace.
+    kind: Option<String>,
+    /// Minimum severity: info, ok, warning or critical.
+    severity: Option<String>,
+    /// Text to find in title or body.
+    q: Option<String>,
+    /// Actor name or id.
+    actor: Option<String>,
+}
+
+fn parse_time(field: &str, raw: &str) -> Result<i64, Problem> {
+    raw.parse::<Timestamp>()
+        .map(to_micros)
+        .map_err(|e| Problem::bad_request(format!("{field} must be an RFC 3339 time such as 2026-11-23T10:00:00Z: {e}")))
+}
+
+impl TimelineQuery {
+    fn filter(&self) -> Result<Filter, Problem> {
+        let mut f = Filter {
+            since: self.since.as_deref().map(|s| parse_time("since", s)).transpose()?,
+            until: self.until.as_deref().map(|s| parse_time("until", s)).transpose()?,
+            min_severity: self
+                .severity
+                .as_deref()
+                .map(|s| s.parse::<Severity>())
+                .transpose()
+                .map_err(|e| Problem::bad_request(e.to_string()))?,
+            text: self.q.clone().filter(|q| !q.trim().is_empty()),
+            actor: self.actor.clone().filter(|a| !a.is_empty()),
+            ..Filter::default()
+        };
+        for part in self.kind.iter().flat_map(|k| k.split(',')).map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, prefix) = match part.strip_suffix(".*") {
+                Some(ns) => (ns, true),
+                None => (part, false),
+            };
+            let kind = Kind::try_from(name.to_owned()).map_err(|e| Problem::bad_request(format!("invalid kind filter: {e}")))?;
+            if prefix {
+                f.kind_prefixes.push(kind.to_string());
+            } else {
+                f.kinds.push(kind.to_string());
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// A system's timeline: its own events and those of everything below it,
+/// each once, newest first. Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}/timeline", tag = "timeline", params(TimelineQuery),
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = EventPage), (status = 400, body = crate::web::ProblemBody),
+              (status = 404, body = crate::web::ProblemBody)))]
+async fn get_timeline(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(slug): Path<String>,
+    ApiQuery(q): ApiQuery<TimelineQuery>,
+) -> Result<Json<EventPage>, Problem> {
+    let slug = path_slug(&slug)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 200"));
+    }
+    let filter = q.filter()?;
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| Cursor::decode(c).ok_or_else(|| Problem::bad_request(format!("invalid cursor '{c}'"))))
+        .transpose()?;
+    let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
+    let mut items = store::page(ctx.db.reader(), &ids, &filter, before.as_ref(), limit + 1).await?;
+    let next = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|e| Cursor::of(e).encode())
+    } else {
+        None
+    };
+    Ok(Json(EventPage { items, next }))
+}
+
+/// The live tail of a system's timeline as server-sent events (`event:
+/// timeline`, `id:` the event's sequence). Send `Last-Event-ID` to resume
+/// after a reconnect without losing events. Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}/timeline/stream", tag = "timeline",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, content_type = "text/event-stream", description = "A stream of events"),
+              (status = 404, body = crate::web::ProblemBody)))]
+async fn stream_timeline(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(slug): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+    let slug = path_slug(&slug)?;
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .ok_or_else(|| Problem::bad_request("Last-Event-ID must be an event sequence number"))?,
+        ),
+        None => None,
+    };
+    // Listen first, then look: nothing committed in between is missed.
+    let rx = ctx.timeline.listen();
+    let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
+    let head = store::max_seq(ctx.db.reader()).await?;
+    let last = resume.unwrap_or(head);
+    let tail = Tail { ctx: ctx.clone(), slug, rx, ids: ids.into_iter().collect(), pending: VecDeque::new(), last, replay: resume.is_some() };
+    let stream = futures_util::stream::unfold(tail, |mut tail| async move {
+        let event = tail.next().await?;
+        let sse = SseEvent::default()
+            .event("timeline")
+            .id(event.sequence.to_string())
+            .json_data(&event)
+            .unwrap_or_else(|_| SseEvent::default().comment("unserialisable event"));
+        Some((Ok(sse), tail))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// One SSE connection's position in the timeline.
+struct Tail {
+    ctx: Arc<Context>,
+    slug: Slug,
+    rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
+    ids: HashSet<String>,
+    pending: VecDeque<Event>,
+    last: i64,
+    replay: bool,
+}
+
+impl Tail {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if self.replay && self.pending.is_empty() {
+                self.replay = false;
+                self.catch_up().await;
+            }
+            if let Some(e) = self.pending.pop_front() {
+                self.last = self.last.max(e.sequence);
+                return Some(e);
+            }
+            match self.rx.recv().await {
+                Ok(e) => {
+                    if e.kind.starts_with("system.") {
+                        self.refresh().await;
+                    }
+                    if e.sequence > self.last && self.ids.contains(&e.system_id) {
+                        self.last = e.sequence;
+                        return Some(e.as_ref().clone());
+                    }
+                }
+                // Too slow for the live feed: read what we missed from the store.
+                Err(RecvError::Lagged(_)) => self.replay = true,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    async fn catch_up(&mut self) {
+        let ids: Vec<String> = self.ids.iter().cloned().collect();
+        match store::after_seq_for(self.ctx.db.reader(), &ids, self.last, 1000).await {
+            Ok(events) => {
+                if events.len() == 1000 {
+                    self.replay = true;
+                }
+                self.pending.extend(events);
+            }
+            Err(e) => tracing::warn!(error = %e, "live tail: cannot replay from the store"),
+        }
+    }
+
+    /// The structure changed: the set of systems below may have too.
+    async fn refresh(&mut self) {
+        if let Ok((_, ids)) = crate::systems::closure(&self.ctx, self.slug.as_str()).await {
+            self.ids = ids.into_iter().collect();
+        }
+    }
+}
+
+/// The body of `POST /api/v1/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewEventRequest {
+    /// Slug of the system the event is about.
+    pub system: Slug,
+    pub kind: Kind,
+    pub title: String,
+    /// Default: info.
+    #[schema(value_type = Option<String>)]
+    pub severity: Option<Severity>,
+    /// Markdown.
+    pub body: Option<String>,
+    /// Default: now. At most one hour ahead.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub occurred_at: Option<Timestamp>,
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<serde_json::Value>,
+    /// Id of the event that caused this one.
+    pub caused_by: Option<Uuid>,
+}
+
+/// Record an external event (a deploy marker, a note). Idempotent by the
+/// optional `Idempotency-Key` header. Role: operator.
+#[utoipa::path(post, path = "/events", tag = "timeline", request_body = NewEventRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key twice records one event")),
+    extensions(("x-aramaki-role" = json!("operator"))), security(("token" = [])),
+    responses((status = 201, body = Event), (status = 200, body = Event, description = "Replayed by Idempotency-Key"),
+              (status = 422, body = crate::web::ProblemBody)))]
+async fn record_event(
+    State(ctx): State<AppState>,
+    Operator(p): Operator,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<NewEventRequest>,
+) -> Result<Response, Problem> {
+    let idempotency = match headers.get("idempotency-key") {
+        Some(v) => {
+            let key = v
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && k.len() <= 200)
+                .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters"))?;
+            let canonical = serde_json::to_string(&req).unwrap_or_default();
+            Some(Idempotency {
+                scope: p.user_id.clone(),
+                key: key.to_owned(),
+                request_hash: hex(&Sha256::digest(canonical.as_bytes())),
+            })
+        }
+        None => None,
+    };
+    if let Some(idem) = &idempotency {
+        if let Some(found) = replay(&ctx, idem).await? {
+            return Ok(found);
+        }
+    }
+    if req.kind.is_reserved() {
+        return Err(Problem::unprocessable(format!(
+            "kind '{}' is reserved for events Aramaki records itself",
+            req.kind
+        ))
+        .with("field", "kind".into()));
+    }
+    if let Some(t) = req.occurred_at {
+        if t > ctx.now().checked_add(SignedDuration::from_hours(1)).unwrap_or(t) {
+            return Err(Problem::unprocessable("occurred_at is more than an hour in the future").with("field", "occurred_at".into()));
+        }
+    }
+    let new = NewEvent {
+        kind: req.kind.clone(),
+        severity: req.severity.unwrap_or(Severity::Info),
+        title: req.title.clone(),
+        body: req.body.clone().unwrap_or_default(),
+        occurred_at: req.occurred_at,
+        data: req.data.clone().unwrap_or_else(|| serde_json::json!({})),
+        caused_by: req.caused_by,
+        idempotency: idempotency.clone(),
+    };
+    new.validate()?;
+    let mut tx = ctx.db.begin().await?;
+    let system = crate::systems::store::by_slug(&mut tx, req.system.as_str())
+        .await?
+        .ok_or_else(|| Problem::unprocessable(format!("no system '{}'", req.system)).with("field", "system".into()))?;
+    if let Some(cause) = req.caused_by {
+        if !store::exists(&mut tx, cause).await? {
+            return Err(Problem::unprocessable(format!("caused_by: no event {cause}")).with("field", "caused_by".into()));
+        }
+    }
+    let (id, slug) = (system.id.to_string(), system.slug.to_string());
+    let event = match super::append(&ctx, &mut tx, &p.actor(), Target { id: &id, slug: &slug }, new).await {
+        Ok(e) => e,
+        Err(e) if is_unique_violation(&e) && idempotency.is_some() => {
+            drop(tx);
+            // A concurrent request with the same key won the race.
+            if let Some(idem) = &idempotency {
+                if let Some(found) = replay(&ctx, idem).await? {
+                    return Ok(found);
+                }
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ctx.commit(tx).await?;
+    let mut response = (StatusCode::CREATED, Json(&event)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/events/{}", event.id)) {
+        response.headers_mut().insert(LOCATION, v);
+    }
+    Ok(response)
+}
+
+/// The answer to a repeated idempotent request, if the key was used before.
+async fn replay(ctx: &Context, idem: &Idempotency) -> Result<Option<Response>, Problem> {
+    match store::find_idempotent(ctx.db.reader(), &idem.scope, &idem.key).await? {
+        Some((event, hash)) if hash == idem.request_hash => {
+            let mut response = (StatusCode::OK, Json(event)).into_response();
+            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(Some(response))
+        }
+        Some(_) => Err(Problem::unprocessable(
+            "this Idempotency-Key was already used for a different request",
+        )
+        .with("field", "Idempotency-Key".into())),
+        None => Ok(None),
+    }
+}
+
+/// Read one event. Role: viewer.
+#[utoipa::path(get, path = "/events/{id}", tag = "timeline",
+    extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
+    responses((status = 200, body = Event), (status = 400, body = crate::web::ProblemBody),
+              (status = 404, body = crate::web::ProblemBody)))]
+async fn get_event(State(ctx): State<AppState>, _: Viewer, Path(id): Path<String>) -> Result<Json<Event>, Problem> {
+    let id = Uuid::parse_str(&id).map_err(|_| Problem::bad_request(format!("invalid event id '{id}': expected a UUID")))?;
+    store::get(ctx.db.reader(), id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no event {id}")))
+}

@@ -1,0 +1,254 @@
+//! Accounts, roles and API tokens.
+//!
+//! Passwords are argon2id hashes. API tokens are `ark_<prefix>_<secret>`: the
+//! prefix finds the row, the secret is stored only as its SHA-256 and compared
+//! in constant time.
+
+pub mod store;
+
+use std::fmt;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
+
+use crate::context::Context;
+use crate::db::{new_id, to_micros};
+use crate::federation::identity::{base32, hex};
+use crate::timeline::Actor;
+
+/// What a user may do, in increasing power. Per-system grants come with the
+/// web UI; until then a user's role holds on every system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read systems, status and timelines.
+    Viewer,
+    /// Also record events (notes, deploy markers) and, later, run actions.
+    Operator,
+    /// Also change systems, their structure and categories.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        [Role::Viewer, Role::Operator, Role::Admin].into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("username '{0}' is already taken")]
+    Taken(String),
+    #[error("username must be 1 to 64 characters of lowercase letters, digits, '.', '_' or '-'")]
+    BadUsername,
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+    #[error("no randomness available: {0}")]
+    Random(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: String,
+    pub username: String,
+    pub display_name: String,
+    pub role: Role,
+}
+
+impl Principal {
+    pub fn actor(&self) -> Actor {
+        Actor::user(&self.user_id, &self.display_name)
+    }
+
+    pub fn may(&self, needed: Role) -> bool {
+        self.role >= needed
+    }
+}
+
+/// A plaintext secret shown once; never printed by `Debug`.
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], UserError> {
+    let mut buf = [0u8; N];
+    getrandom::getrandom(&mut buf).map_err(|e| UserError::Random(e.to_string()))?;
+    Ok(buf)
+}
+
+pub fn hash_password(password: &str) -> Result<String, UserError> {
+    let salt_bytes: [u8; 16] = random_bytes()?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| UserError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| UserError::Hash(e.to_string()))
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .unwrap_or(false)
+}
+
+/// A readable random password for first logins (about 100 bits).
+pub fn generate_password() -> Result<Secret, UserError> {
+    let bytes: [u8; 12] = random_bytes()?;
+    let s = base32(&bytes).to_ascii_lowercase();
+    let groups: Vec<&str> = (0..s.len()).step_by(5).filter_map(|i| s.get(i..(i + 5).min(s.len()))).collect();
+    Ok(Secret(groups.join("-")))
+}
+
+fn check_username(name: &str) -> Result<(), UserError> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
+        return Err(UserError::BadUsername);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub display_name: String,
+    pub role: Role,
+    pub must_change_password: bool,
+}
+
+/// Creates a user with a password hash.
+pub async fn create_user(
+    ctx: &Context,
+    username: &str,
+    display_name: &str,
+    role: Role,
+    password: &str,
+    must_change_password: bool,
+) -> Result<User, UserError> {
+    check_username(username)?;
+    let user = User {
+        id: new_id().to_string(),
+        username: username.to_owned(),
+        display_name: display_name.to_owned(),
+        role,
+        must_change_password,
+    };
+    let hash = hash_password(password)?;
+    let mut tx = ctx.db.begin().await?;
+    match store::insert_user(&mut tx, &user, &hash, to_micros(ctx.now())).await {
+        Err(e) if crate::db::is_unique_violation(&e) => return Err(UserError::Taken(username.into())),
+        other => other?,
+    }
+    tx.commit().await?;
+    Ok(user)
+}
+
+/// Issues an API token for `user`; the plaintext is returned once.
+pub async fn create_token(ctx: &Context, user_id: &str, name: &str) -> Result<Secret, UserError> {
+    let prefix = base32(&random_bytes::<5>()?).to_ascii_lowercase();
+    let secret = base32(&random_bytes::<32>()?).to_ascii_lowercase();
+    let mut tx = ctx.db.begin().await?;
+    store::insert_token(
+        &mut tx,
+        &new_id().to_string(),
+        user_id,
+        name,
+        &prefix,
+        &hash_secret(&secret),
+        to_micros(ctx.now()),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Secret(format!("ark_{prefix}_{secret}")))
+}
+
+fn hash_secret(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// Who holds this bearer token, if it is valid, unexpired and not revoked.
+pub async fn authenticate(ctx: &Context, token: &str) -> Result<Option<Principal>, sqlx::Error> {
+    let Some((prefix, secret)) = token.strip_prefix("ark_").and_then(|t| t.split_once('_')) else {
+        return Ok(None);
+    };
+    if prefix.len() != 8 || secret.is_empty() || secret.len() > 128 {
+        return Ok(None);
+    }
+    let Some(row) = store::token_by_prefix(ctx.db.reader(), prefix).await? else {
+        return Ok(None);
+    };
+    let given = hash_secret(secret);
+    if !bool::from(given.as_bytes().ct_eq(row.secret_hash.as_bytes())) {
+        return Ok(None);
+    }
+    let now = to_micros(ctx.now());
+    if row.revoked || row.disabled || row.expires_at.is_some_and(|t| t <= now) {
+        return Ok(None);
+    }
+    // Note use at most once a minute: a write per request would serialise reads.
+    if row.last_used_at.is_none_or(|t| now - t > 60_000_000) {
+        let mut tx = ctx.db.begin().await?;
+        store::touch_token(&mut tx, &row.token_id, now).await?;
+        tx.commit().await?;
+    }
+    Ok(Some(row.principal))
+}
+
+pub async fn count_users(ctx: &Context) -> Result<i64, sqlx::Error> {
+    store::count_users(ctx.db.reader()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let pw = generate_password().unwrap();
+        assert!(pw.expose().len() >= 20);
+        let hash = hash_password(pw.expose()).unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password(pw.expose(), &hash));
+        assert!(!verify_password("wrong", &hash));
+        assert!(!verify_password("x", "not a hash"));
+        assert_eq!(format!("{pw:?}"), "Secret(…)");
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+        assert_eq!(Role::parse("operator"), Some(Role::Operator));
+        assert_eq!(Role::parse("root"), None);
+    }
+}

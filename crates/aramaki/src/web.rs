@@ -1,0 +1,369 @@
+//! HTTP plumbing shared by every domain: problem responses, extractors that
+//! turn bad input into 4xx problems, role extractors, router assembly,
+//! request metrics, health, metrics and the OpenAPI document.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::context::Context;
+use crate::users::{Principal, Role};
+
+pub type AppState = Arc<Context>;
+
+/// An RFC 9457 problem: what went wrong, in words that name the problem.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The body of an `application/problem+json` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProblemBody {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// Machine-readable problem code, such as `cycle` or `not_found`.
+    pub code: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Problem {
+        Problem { status, code, detail: detail.into(), extra: serde_json::Map::new() }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+
+    pub fn unprocessable(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::CONFLICT, code, detail)
+    }
+
+    pub fn with(mut self, key: &str, value: serde_json::Value) -> Problem {
+        self.extra.insert(key.to_owned(), value);
+        self
+    }
+
+    /// A failure that is ours, not the caller's: logged in full, reported
+    /// without internals.
+    pub fn internal(error: &dyn std::fmt::Display) -> Problem {
+        tracing::error!(error = %error, "internal error");
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged")
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(e: sqlx::Error) -> Problem {
+        Problem::internal(&e)
+    }
+}
+
+impl From<crate::systems::model::Invalid> for Problem {
+    fn from(e: crate::systems::model::Invalid) -> Problem {
+        Problem::unprocessable(e.to_string()).with("field", serde_json::Value::String(e.field))
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::Map::new();
+        body.insert("type".into(), "about:blank".into());
+        body.insert(
+            "title".into(),
+            self.status.canonical_reason().unwrap_or("Error").into(),
+        );
+        body.insert("status".into(), self.status.as_u16().into());
+        body.insert("detail".into(), self.detail.into());
+        body.insert("code".into(), self.code.into());
+        for (k, v) in self.extra {
+            body.insert(k, v);
+        }
+        let mut response = (self.status, Json(serde_json::Value::Object(body))).into_response();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"aramaki\""));
+        }
+        response
+    }
+}
+
+/// JSON body extractor whose rejections are problems naming what is wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_problem(rejection)),
+        }
+    }
+}
+
+fn json_problem(rejection: JsonRejection) -> Problem {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a request body with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(e) => {
+            Problem::bad_request(format!("malformed JSON: {}", e.body_text()))
+        }
+        JsonRejection::JsonDataError(e) => Problem::unprocessable(format!(
+            "invalid request body: {}",
+            e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+        )),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "request body is larger than the configured limit (api.body_limit)",
+        ),
+        other => Problem::new(other.status(), "bad_request", other.body_text()),
+    }
+}
+
+/// Query-string extractor whose rejections are problems.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => Err(Problem::bad_request(format!(
+                "invalid query string: {}",
+                e.body_text().trim_start_matches("Failed to deserialize query string: ")
+            ))),
+            Err(other) => Err(Problem::bad_request(other.body_text())),
+        }
+    }
+}
+
+/// The caller, if the request carries a valid bearer token.
+async fn principal(headers: &HeaderMap, ctx: &Context) -> Result<Option<Principal>, Problem> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("the Authorization header must be 'Bearer <token>'"))?;
+    match crate::users::authenticate(ctx, token.trim()).await? {
+        Some(p) => Ok(Some(p)),
+        None => Err(unauthorized("the API token is invalid, expired or revoked")),
+    }
+}
+
+fn unauthorized(detail: &str) -> Problem {
+    Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+}
+
+fn forbidden(needed: Role) -> Problem {
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("this needs the {needed} role"),
+    )
+}
+
+async fn require(headers: &HeaderMap, ctx: &Context, needed: Role) -> Result<Principal, Problem> {
+    let p = principal(headers, ctx)
+        .await?
+        .ok_or_else(|| unauthorized("this needs an API token: send 'Authorization: Bearer <token>'"))?;
+    if p.may(needed) {
+        Ok(p)
+    } else {
+        Err(forbidden(needed))
+    }
+}
+
+/// Role `viewer`: read access. Anonymous callers pass only when
+/// `api.public_read` is set; then the principal is `None`.
+pub struct Viewer(pub Option<Principal>);
+
+/// Role `operator`: may record events.
+pub struct Operator(pub Principal);
+
+/// Role `admin`: may change systems and structure.
+pub struct Admin(pub Principal);
+
+impl FromRequestParts<AppState> for Viewer {
+    type Rejection = Problem;
+    async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
+        match principal(&parts.headers, ctx).await? {
+            Some(p) => Ok(Viewer(Some(p))),
+            None if ctx.config.api.public_read => Ok(Viewer(None)),
+            None => Err(unauthorized("this needs an API token: send 'Authorization: Bearer <token>'")),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = Problem;
+    async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
+        require(&parts.headers, ctx, Role::Operator).await.map(Operator)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Problem;
+    async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
+        require(&parts.headers, ctx, Role::Admin).await.map(Admin)
+    }
+}
+
+/// Records count and latency of every request by its route template.
+async fn track(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    ctx.metrics
+        .observe_request(&method, &route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Aramaki API", description = "The REST API of an Aramaki instance. Errors are application/problem+json (RFC 9457). Each operation names the role it needs in x-aramaki-role."),
+    modifiers(&BearerAuth),
+    components(schemas(ProblemBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Builds the whole application router and its OpenAPI document.
+pub fn app(ctx: AppState) -> Router {
+    let api = OpenApiRouter::new()
+        .merge(crate::systems::http::routes())
+        .merge(crate::timeline::http::routes())
+        .routes(routes!(health));
+    let (api_router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", api)
+        .split_for_parts();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let doc = Arc::new(doc);
+    let body_limit = ctx.config.api.body_limit;
+    Router::new()
+        .merge(api_router)
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route("/metrics", axum::routing::get(metrics))
+        .fallback(|| async { Problem::not_found("no such resource") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this resource does not support that method")
+        })
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), track))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(ctx)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` when the instance can serve requests.
+    pub status: String,
+    /// Liveness: the process answers.
+    pub live: bool,
+    /// Readiness: the database answers.
+    pub ready: bool,
+    pub database: String,
+    pub backend: String,
+    pub version: String,
+}
+
+/// Liveness and readiness. Role: public, so load balancers can ask.
+#[utoipa::path(get, path = "/health", tag = "health",
+    extensions(("x-aramaki-role" = json!("public"))),
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn health(State(ctx): State<AppState>) -> (StatusCode, Json<Health>) {
+    let db = ctx.db.ping().await;
+    let ready = db.is_ok();
+    if let Err(e) = &db {
+        tracing::warn!(error = %e, "readiness: database does not answer");
+    }
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        status,
+        Json(Health {
+            status: if ready { "ok" } else { "unavailable" }.into(),
+            live: true,
+            ready,
+            database: if ready { "ok" } else { "unreachable" }.into(),
+            backend: ctx.db.backend().name().into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
+}
+
+/// Prometheus metrics. Role: viewer, or public when `metrics.public` is set.
+async fn metrics(State(ctx): State<AppState>, headers: HeaderMap) -> Result<Response, Problem> {
+    if !ctx.config.metrics.public {
+        require(&headers, &ctx, Role::Viewer).await?;
+    }
+    let body = ctx.metrics.render(ctx.db.pool_stats());
+    Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
