@@ -1,0 +1,11 @@
+//! Integration tests: one binary, modules by domain. Storage-touching tests
+//! run on SQLite and, when ARAMAKI_TEST_POSTGRES_URL is set, on PostgreSQL.
+
+mod support;
+
+mod auth;
+mod bad_input;
+mod binary;
+mod properties;
+mod systems;
+mod timeline;
