@@ -18,9 +18,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!(
-                "aramaki-agent: not implemented yet; this build can only print --version"
-            );
+            eprintln!("aramaki-agent: not implemented yet; this build can only print --version");
             ExitCode::from(2)
         }
     }

@@ -31,7 +31,11 @@ impl App {
     pub async fn build(ctx: Arc<Context>, listen: SocketAddr) -> std::io::Result<App> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        Ok(App { ctx, listener, addr })
+        Ok(App {
+            ctx,
+            listener,
+            addr,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -48,6 +52,7 @@ impl App {
         for sub in subs {
             tokio::spawn(subscribers::run(self.ctx.clone(), sub, stop.clone()));
         }
+        crate::timeline::batch::Appender::spawn(self.ctx.clone(), stop.clone());
         let router = crate::web::app(self.ctx.clone());
         let mut stop_http = stop.clone();
         axum::serve(self.listener, router)
@@ -63,7 +68,13 @@ impl App {
     }
 
     /// Runs in the background; returns the address and a stop handle.
-    pub fn spawn(self) -> (SocketAddr, Shutdown, tokio::task::JoinHandle<std::io::Result<()>>) {
+    pub fn spawn(
+        self,
+    ) -> (
+        SocketAddr,
+        Shutdown,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let (tx, rx) = watch::channel(false);
         let addr = self.addr;
         let handle = tokio::spawn(self.run(rx));

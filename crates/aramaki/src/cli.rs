@@ -13,7 +13,12 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Base URL of the Aramaki server.
-    #[arg(long, env = "ARAMAKI_URL", default_value = "http://127.0.0.1:8764", global = true)]
+    #[arg(
+        long,
+        env = "ARAMAKI_URL",
+        default_value = "http://127.0.0.1:8764",
+        global = true
+    )]
     pub url: String,
     /// API token (printed once at first start).
     #[arg(long, env = "ARAMAKI_TOKEN", hide_env_values = true, global = true)]
@@ -163,10 +168,21 @@ impl Client {
         let http = reqwest::Client::builder()
             .user_agent(concat!("aramaki-cli/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Client { base, token: args.token.clone(), http, json: args.json })
+        Ok(Client {
+            base,
+            token: args.token.clone(),
+            http,
+            json: args.json,
+        })
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>, headers: &[(&str, String)]) -> Result<(StatusCode, Value)> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, String)],
+    ) -> Result<(StatusCode, Value)> {
         let url = format!("{}/api/v1{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
@@ -178,14 +194,33 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await?;
-        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         if status.is_client_error() || status.is_server_error() {
-            let detail = value.get("detail").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| value.to_string());
-            let hint = if status == StatusCode::UNAUTHORIZED && self.token.is_none() { " (set ARAMAKI_TOKEN or --token)" } else { "" };
-            bail!("{} {}: {detail}{hint}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+            let detail = value
+                .get("detail")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            let hint = if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
+                " (set ARAMAKI_TOKEN or --token)"
+            } else {
+                ""
+            };
+            bail!(
+                "{} {}: {detail}{hint}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            );
         }
         Ok((status, value))
     }
@@ -214,7 +249,9 @@ fn label_map(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 fn parse_link(s: &str) -> Result<Value> {
     let parts: Vec<&str> = s.splitn(3, '|').collect();
     match parts.as_slice() {
-        [kind, title, url] => Ok(json!({"kind": kind.trim(), "title": title.trim(), "url": url.trim()})),
+        [kind, title, url] => {
+            Ok(json!({"kind": kind.trim(), "title": title.trim(), "url": url.trim()}))
+        }
         _ => bail!("link {s:?} must be kind|title|url"),
     }
 }
@@ -222,8 +259,12 @@ fn parse_link(s: &str) -> Result<Value> {
 fn parse_contact(s: &str) -> Result<Value> {
     let parts: Vec<&str> = s.split('|').collect();
     let order = |p: Option<&&str>| -> Result<u32> {
-        p.map(|v| v.trim().parse::<u32>().map_err(|_| anyhow!("escalation order in {s:?} must be a number")))
-            .unwrap_or(Ok(1))
+        p.map(|v| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| anyhow!("escalation order in {s:?} must be a number"))
+        })
+        .unwrap_or(Ok(1))
     };
     match parts.as_slice() {
         [name, rest @ ..] if !name.trim().is_empty() && rest.len() <= 3 => Ok(json!({
@@ -253,7 +294,12 @@ fn s(v: &Value, key: &str) -> String {
 fn labels_text(v: &Value) -> String {
     v.get("labels")
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(","))
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default()
 }
 
@@ -291,7 +337,11 @@ fn query_string(pairs: &[(&str, Option<String>)]) -> String {
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
         .collect();
-    if encoded.is_empty() { String::new() } else { format!("?{}", encoded.join("&")) }
+    if encoded.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", encoded.join("&"))
+    }
 }
 
 /// Percent-encodes a query or path component.
@@ -309,7 +359,17 @@ pub fn encode(s: &str) -> String {
 
 pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
     match cmd {
-        SystemCommand::Add { slug, title, category, description, handbook_file, labels, selector, links, contacts } => {
+        SystemCommand::Add {
+            slug,
+            title,
+            category,
+            description,
+            handbook_file,
+            labels,
+            selector,
+            links,
+            contacts,
+        } => {
             let mut body = json!({"slug": slug, "title": title, "category": category, "labels": label_map(&labels)?});
             if let Some(d) = description {
                 body["description"] = json!(d);
@@ -320,18 +380,41 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
             if let Some(sel) = selector {
                 body["selector"] = json!(sel);
             }
-            body["links"] = Value::Array(links.iter().map(|l| parse_link(l)).collect::<Result<_>>()?);
-            body["contacts"] = Value::Array(contacts.iter().map(|c| parse_contact(c)).collect::<Result<_>>()?);
-            let (_, v) = client.call(Method::POST, "/systems", Some(body), &[]).await?;
-            if client.json { client.print_json(&v) } else { println!("created {}", s(&v, "slug")); Ok(()) }
+            body["links"] =
+                Value::Array(links.iter().map(|l| parse_link(l)).collect::<Result<_>>()?);
+            body["contacts"] = Value::Array(
+                contacts
+                    .iter()
+                    .map(|c| parse_contact(c))
+                    .collect::<Result<_>>()?,
+            );
+            let (_, v) = client
+                .call(Method::POST, "/systems", Some(body), &[])
+                .await?;
+            if client.json {
+                client.print_json(&v)
+            } else {
+                println!("created {}", s(&v, "slug"));
+                Ok(())
+            }
         }
         SystemCommand::List { category, label, q } => {
             let mut items = Vec::new();
             let mut cursor: Option<String> = None;
             loop {
-                let qs = query_string(&[("category", category.clone()), ("label", label.clone()), ("q", q.clone()), ("cursor", cursor.clone())]);
+                let qs = query_string(&[
+                    ("category", category.clone()),
+                    ("label", label.clone()),
+                    ("q", q.clone()),
+                    ("cursor", cursor.clone()),
+                ]);
                 let page = client.get(&format!("/systems{qs}")).await?;
-                items.extend(page.get("items").and_then(Value::as_array).cloned().unwrap_or_default());
+                items.extend(
+                    page.get("items")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default(),
+                );
                 cursor = page.get("next").and_then(Value::as_str).map(str::to_owned);
                 if cursor.is_none() {
                     break;
@@ -342,9 +425,20 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
             }
             let rows: Vec<Vec<String>> = items
                 .iter()
-                .map(|v| vec![s(v, "slug"), s(v, "category"), s(v, "title"), labels_text(v), s(v, "selector")])
+                .map(|v| {
+                    vec![
+                        s(v, "slug"),
+                        s(v, "category"),
+                        s(v, "title"),
+                        labels_text(v),
+                        s(v, "selector"),
+                    ]
+                })
                 .collect();
-            print!("{}", table(&["slug", "category", "title", "labels", "selector"], &rows));
+            print!(
+                "{}",
+                table(&["slug", "category", "title", "labels", "selector"], &rows)
+            );
             Ok(())
         }
         SystemCommand::Show { slug } => {
@@ -353,9 +447,16 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
             let subs = client.get(&format!("{path}/subsystems")).await?;
             let ups = client.get(&format!("{path}/includers")).await?;
             if client.json {
-                return client.print_json(&json!({"system": v, "subsystems": subs["items"], "includers": ups["items"]}));
+                return client.print_json(
+                    &json!({"system": v, "subsystems": subs["items"], "includers": ups["items"]}),
+                );
             }
-            println!("{} — {} ({})", s(&v, "slug"), s(&v, "title"), s(&v, "category"));
+            println!(
+                "{} — {} ({})",
+                s(&v, "slug"),
+                s(&v, "title"),
+                s(&v, "category")
+            );
             if !labels_text(&v).is_empty() {
                 println!("labels:    {}", labels_text(&v));
             }
@@ -363,14 +464,38 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
                 println!("selector:  {}", s(&v, "selector"));
             }
             let list = |v: &Value| -> String {
-                v.get("items").and_then(Value::as_array).map(|a| a.iter().map(|m| format!("{} ({})", s(m, "slug"), s(m, "via"))).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+                v.get("items")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|m| format!("{} ({})", s(m, "slug"), s(m, "via")))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
             };
             println!("includes:  {}", list(&subs));
             println!("included by: {}", list(&ups));
-            for c in v.get("contacts").and_then(Value::as_array).into_iter().flatten() {
-                println!("contact {}: {} — {} — {}", s(c, "escalation"), s(c, "name"), s(c, "role"), s(c, "reach"));
+            for c in v
+                .get("contacts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                println!(
+                    "contact {}: {} — {} — {}",
+                    s(c, "escalation"),
+                    s(c, "name"),
+                    s(c, "role"),
+                    s(c, "reach")
+                );
             }
-            for l in v.get("links").and_then(Value::as_array).into_iter().flatten() {
+            for l in v
+                .get("links")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 println!("link [{}] {}: {}", s(l, "kind"), s(l, "title"), s(l, "url"));
             }
             if !s(&v, "description").is_empty() {
@@ -381,19 +506,45 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
             }
             Ok(())
         }
-        SystemCommand::Edit { slug, new_slug, title, category, description, handbook_file, labels, remove_labels, selector, no_selector } => {
+        SystemCommand::Edit {
+            slug,
+            new_slug,
+            title,
+            category,
+            description,
+            handbook_file,
+            labels,
+            remove_labels,
+            selector,
+            no_selector,
+        } => {
             let path = format!("/systems/{}", encode(&slug));
             let mut patch = serde_json::Map::new();
-            if let Some(v) = new_slug { patch.insert("slug".into(), json!(v)); }
-            if let Some(v) = title { patch.insert("title".into(), json!(v)); }
-            if let Some(v) = category { patch.insert("category".into(), json!(v)); }
-            if let Some(v) = description { patch.insert("description".into(), json!(v)); }
-            if let Some(v) = read_file(&handbook_file)? { patch.insert("handbook".into(), json!(v)); }
-            if let Some(v) = selector { patch.insert("selector".into(), json!(v)); }
-            if no_selector { patch.insert("selector".into(), Value::Null); }
+            if let Some(v) = new_slug {
+                patch.insert("slug".into(), json!(v));
+            }
+            if let Some(v) = title {
+                patch.insert("title".into(), json!(v));
+            }
+            if let Some(v) = category {
+                patch.insert("category".into(), json!(v));
+            }
+            if let Some(v) = description {
+                patch.insert("description".into(), json!(v));
+            }
+            if let Some(v) = read_file(&handbook_file)? {
+                patch.insert("handbook".into(), json!(v));
+            }
+            if let Some(v) = selector {
+                patch.insert("selector".into(), json!(v));
+            }
+            if no_selector {
+                patch.insert("selector".into(), Value::Null);
+            }
             if !labels.is_empty() || !remove_labels.is_empty() {
                 let current = client.get(&path).await?;
-                let mut map: BTreeMap<String, String> = serde_json::from_value(current["labels"].clone()).unwrap_or_default();
+                let mut map: BTreeMap<String, String> =
+                    serde_json::from_value(current["labels"].clone()).unwrap_or_default();
                 map.extend(label_map(&labels)?);
                 for k in &remove_labels {
                     map.remove(k);
@@ -403,29 +554,71 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
             if patch.is_empty() {
                 bail!("nothing to change: give at least one option such as --title");
             }
-            let (_, v) = client.call(Method::PATCH, &path, Some(Value::Object(patch)), &[]).await?;
-            if client.json { client.print_json(&v) } else { println!("updated {} (version {})", s(&v, "slug"), s(&v, "version")); Ok(()) }
+            let (_, v) = client
+                .call(Method::PATCH, &path, Some(Value::Object(patch)), &[])
+                .await?;
+            if client.json {
+                client.print_json(&v)
+            } else {
+                println!("updated {} (version {})", s(&v, "slug"), s(&v, "version"));
+                Ok(())
+            }
         }
         SystemCommand::Include { parent, child } => {
-            let (status, v) = client.call(Method::POST, &format!("/systems/{}/subsystems", encode(&parent)), Some(json!({"slug": child})), &[]).await?;
-            if client.json { return client.print_json(&v); }
-            if status == StatusCode::CREATED { println!("{parent} now includes {child}"); } else { println!("{parent} already includes {child}"); }
+            let (status, v) = client
+                .call(
+                    Method::POST,
+                    &format!("/systems/{}/subsystems", encode(&parent)),
+                    Some(json!({"slug": child})),
+                    &[],
+                )
+                .await?;
+            if client.json {
+                return client.print_json(&v);
+            }
+            if status == StatusCode::CREATED {
+                println!("{parent} now includes {child}");
+            } else {
+                println!("{parent} already includes {child}");
+            }
             Ok(())
         }
         SystemCommand::Exclude { parent, child } => {
-            client.call(Method::DELETE, &format!("/systems/{}/subsystems/{}", encode(&parent), encode(&child)), None, &[]).await?;
-            if !client.json { println!("{parent} no longer includes {child}"); }
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/systems/{}/subsystems/{}", encode(&parent), encode(&child)),
+                    None,
+                    &[],
+                )
+                .await?;
+            if !client.json {
+                println!("{parent} no longer includes {child}");
+            }
             Ok(())
         }
         SystemCommand::Delete { slug, force } => {
             let qs = if force { "?force=true" } else { "" };
-            client.call(Method::DELETE, &format!("/systems/{}{qs}", encode(&slug)), None, &[]).await?;
-            if !client.json { println!("deleted {slug}"); }
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/systems/{}{qs}", encode(&slug)),
+                    None,
+                    &[],
+                )
+                .await?;
+            if !client.json {
+                println!("deleted {slug}");
+            }
             Ok(())
         }
         SystemCommand::Status { slug } => {
-            let v = client.get(&format!("/systems/{}/status", encode(&slug))).await?;
-            if client.json { return client.print_json(&v); }
+            let v = client
+                .get(&format!("/systems/{}/status", encode(&slug)))
+                .await?;
+            if client.json {
+                return client.print_json(&v);
+            }
             let mut out = String::new();
             status_lines(&v, 0, &mut out);
             print!("{out}");
@@ -435,7 +628,10 @@ pub async fn system(client: &Client, cmd: SystemCommand) -> Result<()> {
 }
 
 fn status_lines(layer: &Value, depth: usize, out: &mut String) {
-    let via = match s(layer, "via").as_str() { "selector" => " (by selector)", _ => "" };
+    let via = match s(layer, "via").as_str() {
+        "selector" => " (by selector)",
+        _ => "",
+    };
     out.push_str(&format!(
         "{}{:<10} {}{via}  [worst below: {}]\n",
         "  ".repeat(depth),
@@ -443,32 +639,80 @@ fn status_lines(layer: &Value, depth: usize, out: &mut String) {
         s(layer, "slug"),
         s(layer, "worst")
     ));
-    for src in layer.get("sources").and_then(Value::as_array).into_iter().flatten() {
-        out.push_str(&format!("{}  · {}: {} — {}\n", "  ".repeat(depth), s(src, "source"), s(src, "state"), s(src, "summary")));
+    for src in layer
+        .get("sources")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "{}  · {}: {} — {}\n",
+            "  ".repeat(depth),
+            s(src, "source"),
+            s(src, "state"),
+            s(src, "summary")
+        ));
     }
-    for sub in layer.get("layers").and_then(Value::as_array).into_iter().flatten() {
+    for sub in layer
+        .get("layers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         status_lines(sub, depth + 1, out);
     }
 }
 
 pub async fn event(client: &Client, cmd: EventCommand) -> Result<()> {
-    let EventCommand::Add { system, kind, title, severity, body, occurred_at, data, idempotency_key } = cmd;
+    let EventCommand::Add {
+        system,
+        kind,
+        title,
+        severity,
+        body,
+        occurred_at,
+        data,
+        idempotency_key,
+    } = cmd;
     let mut req = json!({"system": system, "kind": kind, "title": title, "severity": severity});
-    if let Some(b) = body { req["body"] = json!(b); }
-    if let Some(t) = occurred_at { req["occurred_at"] = json!(t); }
+    if let Some(b) = body {
+        req["body"] = json!(b);
+    }
+    if let Some(t) = occurred_at {
+        req["occurred_at"] = json!(t);
+    }
     if let Some(d) = data {
         req["data"] = serde_json::from_str(&d).context("--data must be a JSON object")?;
     }
-    let headers: Vec<(&str, String)> = idempotency_key.into_iter().map(|k| ("Idempotency-Key", k)).collect();
-    let (status, v) = client.call(Method::POST, "/events", Some(req), &headers).await?;
-    if client.json { return client.print_json(&v); }
-    if status == StatusCode::OK { println!("already recorded as {}", s(&v, "id")); } else { println!("recorded {}", s(&v, "id")); }
+    let headers: Vec<(&str, String)> = idempotency_key
+        .into_iter()
+        .map(|k| ("Idempotency-Key", k))
+        .collect();
+    let (status, v) = client
+        .call(Method::POST, "/events", Some(req), &headers)
+        .await?;
+    if client.json {
+        return client.print_json(&v);
+    }
+    if status == StatusCode::OK {
+        println!("already recorded as {}", s(&v, "id"));
+    } else {
+        println!("recorded {}", s(&v, "id"));
+    }
     Ok(())
 }
 
 fn event_line(e: &Value) -> String {
     let actor = e.get("actor").map(|a| s(a, "name")).unwrap_or_default();
-    format!("{}  {:<8} {:<14} {:<18} {} — {}", s(e, "occurred_at"), s(e, "severity"), s(e, "system"), s(e, "kind"), s(e, "title"), actor)
+    format!(
+        "{}  {:<8} {:<14} {:<18} {} — {}",
+        s(e, "occurred_at"),
+        s(e, "severity"),
+        s(e, "system"),
+        s(e, "kind"),
+        s(e, "title"),
+        actor
+    )
 }
 
 pub async fn timeline(client: &Client, args: TimelineArgs) -> Result<()> {
@@ -480,11 +724,19 @@ pub async fn timeline(client: &Client, args: TimelineArgs) -> Result<()> {
         ("q", args.q.clone()),
     ]);
     let page = client.get(&format!("{path}{qs}")).await?;
-    let mut items = page.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut items = page
+        .get("items")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     items.reverse();
     let mut stdout = std::io::stdout();
     for e in &items {
-        if client.json { writeln!(stdout, "{e}")?; } else { writeln!(stdout, "{}", event_line(e))?; }
+        if client.json {
+            writeln!(stdout, "{e}")?;
+        } else {
+            writeln!(stdout, "{}", event_line(e))?;
+        }
     }
     if !args.follow {
         return Ok(());
@@ -499,11 +751,22 @@ async fn follow(client: &Client, path: &str) -> Result<()> {
     let mut last: Option<String> = None;
     loop {
         let mut req = client.http.get(&url).header("Accept", "text/event-stream");
-        if let Some(t) = &client.token { req = req.bearer_auth(t); }
-        if let Some(id) = &last { req = req.header("Last-Event-ID", id); }
-        let resp = req.send().await.with_context(|| format!("cannot reach {}", client.base))?;
+        if let Some(t) = &client.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(id) = &last {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", client.base))?;
         if !resp.status().is_success() {
-            bail!("{}: {}", resp.status(), resp.text().await.unwrap_or_default());
+            bail!(
+                "{}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
         }
         let mut stream = resp.bytes_stream();
         let mut buf = String::new();
@@ -514,12 +777,22 @@ async fn follow(client: &Client, path: &str) -> Result<()> {
                 let block: String = buf.drain(..end + 2).collect();
                 let mut data = String::new();
                 for line in block.lines() {
-                    if let Some(d) = line.strip_prefix("data:") { data.push_str(d.trim_start()); }
-                    if let Some(id) = line.strip_prefix("id:") { last = Some(id.trim().to_owned()); }
+                    if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                    if let Some(id) = line.strip_prefix("id:") {
+                        last = Some(id.trim().to_owned());
+                    }
                 }
-                if data.is_empty() { continue; }
+                if data.is_empty() {
+                    continue;
+                }
                 let e: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                if client.json { println!("{e}"); } else { println!("{}", event_line(&e)); }
+                if client.json {
+                    println!("{e}");
+                } else {
+                    println!("{}", event_line(&e));
+                }
             }
         }
         eprintln!("stream closed; reconnecting");
@@ -533,13 +806,22 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(&["slug", "title"], &[vec!["a".into(), "Alpha".into()], vec!["long-slug".into(), "B".into()]]);
+        let t = table(
+            &["slug", "title"],
+            &[
+                vec!["a".into(), "Alpha".into()],
+                vec!["long-slug".into(), "B".into()],
+            ],
+        );
         assert_eq!(t, "SLUG       TITLE\na          Alpha\nlong-slug  B\n");
     }
 
     #[test]
     fn links_and_contacts_parse() {
-        assert_eq!(parse_link("dashboard|Grafana|https://g.example/d").unwrap()["kind"], "dashboard");
+        assert_eq!(
+            parse_link("dashboard|Grafana|https://g.example/d").unwrap()["kind"],
+            "dashboard"
+        );
         assert!(parse_link("Grafana https://x").is_err());
         let c = parse_contact("Ada|on-call|+49 30 1234|2").unwrap();
         assert_eq!(c["escalation"], 2);

@@ -175,7 +175,10 @@ impl Config {
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         if let Some(url) = &self.database.url {
-            if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
                 return Err(ConfigError::Invalid(format!(
                     "invalid value for key `database.url` in {}: expected a URL starting with sqlite: or postgres://, found {url:?}",
                     file.display()
@@ -207,7 +210,10 @@ impl Config {
     pub fn database_url(&self, data_dir: &Path) -> String {
         match &self.database.url {
             Some(url) => url.clone(),
-            None => format!("sqlite://{}?mode=rwc", data_dir.join("aramaki.db").display()),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("aramaki.db").display()
+            ),
         }
     }
 }
@@ -370,9 +376,15 @@ mod tests {
         let path = dir.path().join(CONFIG_FILE);
         write_default_file(&path).unwrap();
         let env = vec![
-            ("ARAMAKI_SERVER__LISTEN".to_owned(), "127.0.0.1:9999".to_owned()),
+            (
+                "ARAMAKI_SERVER__LISTEN".to_owned(),
+                "127.0.0.1:9999".to_owned(),
+            ),
             ("ARAMAKI_API__PUBLIC_READ".to_owned(), "true".to_owned()),
-            ("ARAMAKI_TOKEN".to_owned(), "client side, ignored".to_owned()),
+            (
+                "ARAMAKI_TOKEN".to_owned(),
+                "client side, ignored".to_owned(),
+            ),
         ];
         let config = Config::load(&path, &env).unwrap();
         assert_eq!(config.server.listen.port(), 9999);

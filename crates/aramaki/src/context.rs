@@ -64,6 +64,7 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     pub identity: Identity,
     pub timeline: TimelineHub,
+    pub appender: crate::timeline::batch::Appender,
     pub metrics: Metrics,
 }
 

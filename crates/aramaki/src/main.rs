@@ -11,7 +11,11 @@ use aramaki::setup::{self, Setup};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "aramaki", version, about = "Aramaki: a federated DevOps control plane")]
+#[command(
+    name = "aramaki",
+    version,
+    about = "Aramaki: a federated DevOps control plane"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,13 +67,17 @@ enum Command {
 }
 
 fn environment() -> Vec<(String, String)> {
-    std::env::vars().filter(|(k, _)| k.starts_with("ARAMAKI_")).collect()
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("ARAMAKI_"))
+        .collect()
 }
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
@@ -83,15 +91,26 @@ fn announce(setup: &Setup) {
         println!("wrote {dir}/aramaki.toml");
     }
     if setup.created_key {
-        println!("created the instance identity key {dir}/instance.key (fingerprint {})", ctx.identity.fingerprint());
+        println!(
+            "created the instance identity key {dir}/instance.key (fingerprint {})",
+            ctx.identity.fingerprint()
+        );
     }
     if let Some(admin) = &setup.first_admin {
         println!();
-        println!("  First start: an administrator was created. These are shown ONCE; keep them safe.");
+        println!(
+            "  First start: an administrator was created. These are shown ONCE; keep them safe."
+        );
         println!("    user:      {}", admin.username);
-        println!("    password:  {}   (must be changed at first login)", admin.password.expose());
+        println!(
+            "    password:  {}   (must be changed at first login)",
+            admin.password.expose()
+        );
         println!("    API token: {}", admin.token.expose());
-        println!("  Try:  ARAMAKI_TOKEN={} aramaki system list", admin.token.expose());
+        println!(
+            "  Try:  ARAMAKI_TOKEN={} aramaki system list",
+            admin.token.expose()
+        );
         println!();
     }
 }
@@ -102,17 +121,30 @@ async fn serve(args: ServerArgs) -> Result<()> {
         config.server.listen = listen;
     }
     if let Some(f) = &args.log_format {
-        config.log.format = if f == "json" { LogFormat::Json } else { LogFormat::Human };
+        config.log.format = if f == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Human
+        };
     }
     init_logging(&config);
     let listen = config.server.listen;
-    let mut setup = setup::init(&args.data_dir, config, std::sync::Arc::new(aramaki::context::SystemClock)).await?;
+    let mut setup = setup::init(
+        &args.data_dir,
+        config,
+        std::sync::Arc::new(aramaki::context::SystemClock),
+    )
+    .await?;
     setup.wrote_config = wrote;
     announce(&setup);
     let app = aramaki::app::App::build(setup.context.clone(), listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    println!("aramaki {} listening on http://{}", env!("CARGO_PKG_VERSION"), app.addr());
+    println!(
+        "aramaki {} listening on http://{}",
+        env!("CARGO_PKG_VERSION"),
+        app.addr()
+    );
     tracing::info!(addr = %app.addr(), backend = setup.context.db.backend().name(), instance = %setup.context.identity.fingerprint(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -135,15 +167,24 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::System { client, command } => cli::system(&cli::Client::new(&client)?, command).await,
-        Command::Event { client, command } => cli::event(&cli::Client::new(&client)?, command).await,
-        Command::Timeline { client, args } => cli::timeline(&cli::Client::new(&client)?, args).await,
+        Command::System { client, command } => {
+            cli::system(&cli::Client::new(&client)?, command).await
+        }
+        Command::Event { client, command } => {
+            cli::event(&cli::Client::new(&client)?, command).await
+        }
+        Command::Timeline { client, args } => {
+            cli::timeline(&cli::Client::new(&client)?, args).await
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("aramaki: cannot start the runtime: {e}");

@@ -37,7 +37,9 @@ impl Metrics {
     /// Records one HTTP request by method, route template (never the raw
     /// path, to keep label cardinality bounded) and status.
     pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let Ok(mut http) = self.http.lock() else { return };
+        let Ok(mut http) = self.http.lock() else {
+            return;
+        };
         *http
             .requests
             .entry((method.to_owned(), route.to_owned(), status))
@@ -62,9 +64,15 @@ impl Metrics {
 
     pub fn render(&self, pool: PoolStats) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP aramaki_http_requests_total HTTP requests by method, route and status.");
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_http_requests_total HTTP requests by method, route and status."
+        );
         let _ = writeln!(out, "# TYPE aramaki_http_requests_total counter");
-        let http = self.http.lock().map(|h| (h.requests.clone(), h.latency.clone()));
+        let http = self
+            .http
+            .lock()
+            .map(|h| (h.requests.clone(), h.latency.clone()));
         let (requests, latency) = http.unwrap_or_default();
         for ((method, route, status), n) in &requests {
             let _ = writeln!(
@@ -74,8 +82,14 @@ impl Metrics {
                 escape(route)
             );
         }
-        let _ = writeln!(out, "# HELP aramaki_http_request_duration_seconds HTTP request latency.");
-        let _ = writeln!(out, "# TYPE aramaki_http_request_duration_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_http_request_duration_seconds HTTP request latency."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE aramaki_http_request_duration_seconds histogram"
+        );
         for ((method, route), h) in &latency {
             let labels = format!("method=\"{}\",route=\"{}\"", escape(method), escape(route));
             for (i, bound) in BUCKETS.iter().enumerate() {
@@ -90,20 +104,37 @@ impl Metrics {
                 "aramaki_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
                 h.count
             );
-            let _ = writeln!(out, "aramaki_http_request_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(out, "aramaki_http_request_duration_seconds_count{{{labels}}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "aramaki_http_request_duration_seconds_sum{{{labels}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "aramaki_http_request_duration_seconds_count{{{labels}}} {}",
+                h.count
+            );
         }
-        let _ = writeln!(out, "# HELP aramaki_events_recorded_total Timeline events recorded by this process.");
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_events_recorded_total Timeline events recorded by this process."
+        );
         let _ = writeln!(out, "# TYPE aramaki_events_recorded_total counter");
         let _ = writeln!(
             out,
             "aramaki_events_recorded_total {}",
             self.events_recorded.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP aramaki_db_pool_connections Open database connections.");
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_db_pool_connections Open database connections."
+        );
         let _ = writeln!(out, "# TYPE aramaki_db_pool_connections gauge");
         let _ = writeln!(out, "aramaki_db_pool_connections {}", pool.size);
-        let _ = writeln!(out, "# HELP aramaki_db_pool_idle_connections Idle database connections.");
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_db_pool_idle_connections Idle database connections."
+        );
         let _ = writeln!(out, "# TYPE aramaki_db_pool_idle_connections gauge");
         let _ = writeln!(out, "aramaki_db_pool_idle_connections {}", pool.idle);
         out
@@ -111,7 +142,9 @@ impl Metrics {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

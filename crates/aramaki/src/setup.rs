@@ -18,7 +18,10 @@ use crate::users::{self, Role, Secret};
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
@@ -50,7 +53,10 @@ pub struct Setup {
 
 /// Creates the data directory (mode 0700) if needed.
 pub fn ensure_data_dir(dir: &Path) -> Result<(), SetupError> {
-    let err = |source| SetupError::DataDir { path: dir.to_owned(), source };
+    let err = |source| SetupError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(err)?;
         #[cfg(unix)]
@@ -64,7 +70,10 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), SetupError> {
 
 /// Loads the configuration of `data_dir`, writing the commented default
 /// first if there is none.
-pub fn load_config(data_dir: &Path, env: &[(String, String)]) -> Result<(Config, bool), SetupError> {
+pub fn load_config(
+    data_dir: &Path,
+    env: &[(String, String)],
+) -> Result<(Config, bool), SetupError> {
     ensure_data_dir(data_dir)?;
     let path = data_dir.join(config::CONFIG_FILE);
     let wrote = config::write_default_file(&path)?;
@@ -72,11 +81,20 @@ pub fn load_config(data_dir: &Path, env: &[(String, String)]) -> Result<(Config,
 }
 
 /// Builds a Context on `config`, creating whatever is missing.
-pub async fn init(data_dir: &Path, config: Config, clock: Arc<dyn Clock>) -> Result<Setup, SetupError> {
+pub async fn init(
+    data_dir: &Path,
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> Result<Setup, SetupError> {
     ensure_data_dir(data_dir)?;
     let (key, created_key) = identity::load_or_create_key(data_dir)?;
-    let db = Db::connect(&config.database_url(data_dir), config.database.max_connections).await?;
-    let instance_id = ensure_instance(&db, &config.instance.name, &key, to_micros(clock.now())).await?;
+    let db = Db::connect(
+        &config.database_url(data_dir),
+        config.database.max_connections,
+    )
+    .await?;
+    let instance_id =
+        ensure_instance(&db, &config.instance.name, &key, to_micros(clock.now())).await?;
     let identity = Identity::new(instance_id, config.instance.name.clone(), key);
     let context = Arc::new(Context {
         config,
@@ -85,10 +103,16 @@ pub async fn init(data_dir: &Path, config: Config, clock: Arc<dyn Clock>) -> Res
         clock,
         identity,
         timeline: TimelineHub::new(),
+        appender: crate::timeline::batch::Appender::new(),
         metrics: Metrics::default(),
     });
     let first_admin = ensure_admin(&context).await?;
-    Ok(Setup { context, wrote_config: false, created_key, first_admin })
+    Ok(Setup {
+        context,
+        wrote_config: false,
+        created_key,
+        first_admin,
+    })
 }
 
 /// Convenience for `main`: configuration, then [`init`] with the real clock.
@@ -99,9 +123,16 @@ pub async fn init_from_dir(data_dir: &Path, env: &[(String, String)]) -> Result<
     Ok(setup)
 }
 
-async fn ensure_instance(db: &Db, name: &str, key: &ed25519_dalek::SigningKey, now: i64) -> Result<String, SetupError> {
+async fn ensure_instance(
+    db: &Db,
+    name: &str,
+    key: &ed25519_dalek::SigningKey,
+    now: i64,
+) -> Result<String, SetupError> {
     let public = identity::hex(key.verifying_key().as_bytes());
-    let row = sqlx::query("SELECT id FROM instance").fetch_optional(db.reader()).await?;
+    let row = sqlx::query("SELECT id FROM instance")
+        .fetch_optional(db.reader())
+        .await?;
     if let Some(row) = row {
         return Ok(row.try_get::<String, _>("id")?);
     }
@@ -124,7 +155,19 @@ async fn ensure_admin(ctx: &Context) -> Result<Option<FirstAdmin>, SetupError> {
         return Ok(None);
     }
     let password = users::generate_password()?;
-    let admin = users::create_user(ctx, "admin", "Administrator", Role::Admin, password.expose(), true).await?;
+    let admin = users::create_user(
+        ctx,
+        "admin",
+        "Administrator",
+        Role::Admin,
+        password.expose(),
+        true,
+    )
+    .await?;
     let token = users::create_token(ctx, &admin.id, "created at first start").await?;
-    Ok(Some(FirstAdmin { username: admin.username, password, token }))
+    Ok(Some(FirstAdmin {
+        username: admin.username,
+        password,
+        token,
+    }))
 }

@@ -48,7 +48,12 @@ pub struct ProblemBody {
 
 impl Problem {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Problem {
-        Problem { status, code, detail: detail.into(), extra: serde_json::Map::new() }
+        Problem {
+            status,
+            code,
+            detail: detail.into(),
+            extra: serde_json::Map::new(),
+        }
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Problem {
@@ -76,7 +81,11 @@ impl Problem {
     /// without internals.
     pub fn internal(error: &dyn std::fmt::Display) -> Problem {
         tracing::error!(error = %error, "internal error");
-        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged")
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred; it has been logged",
+        )
     }
 }
 
@@ -107,13 +116,15 @@ impl IntoResponse for Problem {
             body.insert(k, v);
         }
         let mut response = (self.status, Json(serde_json::Value::Object(body))).into_response();
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"aramaki\""));
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"aramaki\""),
+            );
         }
         response
     }
@@ -149,13 +160,16 @@ fn json_problem(rejection: JsonRejection) -> Problem {
         }
         JsonRejection::JsonDataError(e) => Problem::unprocessable(format!(
             "invalid request body: {}",
-            e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+            e.body_text()
+                .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
         )),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            "request body is larger than the configured limit (api.body_limit)",
-        ),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is larger than the configured limit (api.body_limit)",
+            )
+        }
         other => Problem::new(other.status(), "bad_request", other.body_text()),
     }
 }
@@ -173,10 +187,13 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(QueryRejection::FailedToDeserializeQueryString(e)) => Err(Problem::bad_request(format!(
-                "invalid query string: {}",
-                e.body_text().trim_start_matches("Failed to deserialize query string: ")
-            ))),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(Problem::bad_request(format!(
+                    "invalid query string: {}",
+                    e.body_text()
+                        .trim_start_matches("Failed to deserialize query string: ")
+                )))
+            }
             Err(other) => Err(Problem::bad_request(other.body_text())),
         }
     }
@@ -211,9 +228,9 @@ fn forbidden(needed: Role) -> Problem {
 }
 
 async fn require(headers: &HeaderMap, ctx: &Context, needed: Role) -> Result<Principal, Problem> {
-    let p = principal(headers, ctx)
-        .await?
-        .ok_or_else(|| unauthorized("this needs an API token: send 'Authorization: Bearer <token>'"))?;
+    let p = principal(headers, ctx).await?.ok_or_else(|| {
+        unauthorized("this needs an API token: send 'Authorization: Bearer <token>'")
+    })?;
     if p.may(needed) {
         Ok(p)
     } else {
@@ -237,7 +254,9 @@ impl FromRequestParts<AppState> for Viewer {
         match principal(&parts.headers, ctx).await? {
             Some(p) => Ok(Viewer(Some(p))),
             None if ctx.config.api.public_read => Ok(Viewer(None)),
-            None => Err(unauthorized("this needs an API token: send 'Authorization: Bearer <token>'")),
+            None => Err(unauthorized(
+                "this needs an API token: send 'Authorization: Bearer <token>'",
+            )),
         }
     }
 }
@@ -245,7 +264,9 @@ impl FromRequestParts<AppState> for Viewer {
 impl FromRequestParts<AppState> for Operator {
     type Rejection = Problem;
     async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
-        require(&parts.headers, ctx, Role::Operator).await.map(Operator)
+        require(&parts.headers, ctx, Role::Operator)
+            .await
+            .map(Operator)
     }
 }
 
@@ -266,8 +287,12 @@ async fn track(State(ctx): State<AppState>, req: Request, next: Next) -> Respons
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(req).await;
-    ctx.metrics
-        .observe_request(&method, &route, response.status().as_u16(), started.elapsed());
+    ctx.metrics.observe_request(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 
@@ -315,7 +340,11 @@ pub fn app(ctx: AppState) -> Router {
         .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this resource does not support that method")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this resource does not support that method",
+            )
         })
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), track))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -345,7 +374,11 @@ async fn health(State(ctx): State<AppState>) -> (StatusCode, Json<Health>) {
     if let Err(e) = &db {
         tracing::warn!(error = %e, "readiness: database does not answer");
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         Json(Health {

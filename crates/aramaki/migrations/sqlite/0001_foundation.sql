@@ -82,7 +82,11 @@ CREATE TABLE events (
     idem_key     TEXT,
     idem_hash    TEXT
 );
+-- A timeline page is a merge of short newest-first probes, one per system
+-- (and per kind and severity when filtered); each probe is one index range.
 CREATE INDEX events_system_time ON events (system_id, occurred_at, id);
+CREATE INDEX events_system_severity ON events (system_id, severity, occurred_at, id);
+CREATE INDEX events_system_kind ON events (system_id, kind, severity, occurred_at, id);
 CREATE INDEX events_time ON events (occurred_at, id);
 CREATE UNIQUE INDEX events_idempotency ON events (idem_scope, idem_key);
 

@@ -43,7 +43,11 @@ impl fmt::Debug for Identity {
 
 impl Identity {
     pub fn new(instance_id: String, name: String, key: SigningKey) -> Identity {
-        Identity { instance_id, name, key }
+        Identity {
+            instance_id,
+            name,
+            key,
+        }
     }
 
     pub fn public_key(&self) -> VerifyingKey {
@@ -82,7 +86,9 @@ pub fn load_or_create_key(dir: &Path) -> Result<(SigningKey, bool), IdentityErro
             path: shown.clone(),
             source,
         })?;
-        let bytes = unhex(text.trim()).ok_or(IdentityError::Damaged { path: shown.clone() })?;
+        let bytes = unhex(text.trim()).ok_or(IdentityError::Damaged {
+            path: shown.clone(),
+        })?;
         let seed: [u8; 32] = bytes
             .try_into()
             .map_err(|_| IdentityError::Damaged { path: shown })?;
@@ -91,7 +97,10 @@ pub fn load_or_create_key(dir: &Path) -> Result<(SigningKey, bool), IdentityErro
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
     write_private(&path, format!("{}\n", hex(&seed)).as_bytes()).map_err(|source| {
-        IdentityError::Io { path: shown, source }
+        IdentityError::Io {
+            path: shown,
+            source,
+        }
     })?;
     Ok((SigningKey::from_bytes(&seed), true))
 }
@@ -162,7 +171,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let (again, created) = load_or_create_key(dir.path()).unwrap();
@@ -174,7 +186,10 @@ mod tests {
     fn damaged_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(KEY_FILE), "zz").unwrap();
-        assert!(matches!(load_or_create_key(dir.path()), Err(IdentityError::Damaged { .. })));
+        assert!(matches!(
+            load_or_create_key(dir.path()),
+            Err(IdentityError::Damaged { .. })
+        ));
     }
 
     #[test]

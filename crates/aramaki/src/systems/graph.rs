@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use super::model::{LabelSelector, Labels};
 
 /// How a subsystem is reached from its parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     /// Included explicitly.
@@ -47,7 +49,10 @@ impl Graph {
     }
 
     pub fn add_edge(&mut self, parent: &str, child: &str) {
-        self.children.entry(parent.to_owned()).or_default().insert(child.to_owned());
+        self.children
+            .entry(parent.to_owned())
+            .or_default()
+            .insert(child.to_owned());
     }
 
     pub fn remove_edge(&mut self, parent: &str, child: &str) {
@@ -222,8 +227,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn node(slug: &str, labels: &[(&str, &str)], selector: Option<&str>) -> Node {
-        let map: BTreeMap<String, String> =
-            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Node {
             slug: slug.to_owned(),
             labels: Labels::try_from(map).unwrap(),
@@ -234,8 +241,14 @@ mod tests {
     fn sample() -> Graph {
         let mut g = Graph::new();
         g.add_node("dc1".into(), node("dc1", &[], None));
-        g.add_node("st1".into(), node("st1", &[("role", "storage"), ("dc", "dc1")], None));
-        g.add_node("st2".into(), node("st2", &[("role", "storage"), ("dc", "dc2")], None));
+        g.add_node(
+            "st1".into(),
+            node("st1", &[("role", "storage"), ("dc", "dc1")], None),
+        );
+        g.add_node(
+            "st2".into(),
+            node("st2", &[("role", "storage"), ("dc", "dc2")], None),
+        );
         g.add_node("h1".into(), node("h1", &[], None));
         g.add_node("all".into(), node("all-storage", &[], Some("role=storage")));
         g.add_edge("dc1", "st1");
@@ -263,7 +276,10 @@ mod tests {
             Some(vec!["h1".into(), "dc1".into(), "st1".into(), "h1".into()])
         );
         assert_eq!(g.cycle_if_included("dc1", "st2"), None);
-        assert_eq!(g.cycle_if_included("h1", "h1"), Some(vec!["h1".into(), "h1".into()]));
+        assert_eq!(
+            g.cycle_if_included("h1", "h1"),
+            Some(vec!["h1".into(), "h1".into()])
+        );
     }
 
     #[test]

@@ -33,14 +33,15 @@ impl From<SystemError> for Problem {
             SystemError::NotFound(_) => Problem::not_found(detail),
             SystemError::SlugTaken(_) => Problem::conflict("slug_taken", detail),
             SystemError::CategoryTaken(_) => Problem::conflict("category_taken", detail),
-            SystemError::UnknownCategory(_) => Problem::unprocessable(detail).with("field", "category".into()),
+            SystemError::UnknownCategory(_) => {
+                Problem::unprocessable(detail).with("field", "category".into())
+            }
             SystemError::Cycle { path, .. } | SystemError::CycleByChange { path } => {
                 Problem::conflict("cycle", detail).with("path", serde_json::json!(path))
             }
             SystemError::NotIncluded { .. } => Problem::not_found(detail),
-            SystemError::StillIncluded { by, .. } => {
-                Problem::conflict("still_included", detail).with("included_by", serde_json::json!(by))
-            }
+            SystemError::StillIncluded { by, .. } => Problem::conflict("still_included", detail)
+                .with("included_by", serde_json::json!(by)),
             SystemError::Invalid(invalid) => invalid.into(),
             SystemError::Db(db) => Problem::internal(&db),
         }
@@ -140,7 +141,11 @@ async fn create_system(
 #[utoipa::path(get, path = "/systems/{slug}", tag = "systems",
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = System), (status = 404, body = crate::web::ProblemBody)))]
-async fn get_system(State(ctx): State<AppState>, _: Viewer, Path(slug): Path<String>) -> Result<Json<System>, Problem> {
+async fn get_system(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(slug): Path<String>,
+) -> Result<Json<System>, Problem> {
     let slug = path_slug(&slug)?;
     Ok(Json(super::get(&ctx, slug.as_str()).await?))
 }
@@ -157,7 +162,9 @@ async fn update_system(
     ApiJson(patch): ApiJson<SystemPatch>,
 ) -> Result<Json<System>, Problem> {
     let slug = path_slug(&slug)?;
-    Ok(Json(super::update(&ctx, &p.actor(), slug.as_str(), patch).await?))
+    Ok(Json(
+        super::update(&ctx, &p.actor(), slug.as_str(), patch).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -242,8 +249,16 @@ async fn include_subsystem(
     let parent = path_slug(&slug)?;
     let outcome = super::include(&ctx, &p.actor(), parent.as_str(), req.slug.as_str()).await?;
     let created = outcome == Included::Now;
-    let body = IncludeResult { parent: parent.to_string(), child: req.slug.to_string(), created };
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let body = IncludeResult {
+        parent: parent.to_string(),
+        child: req.slug.to_string(),
+        created,
+    };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(body)).into_response())
 }
 
@@ -266,7 +281,11 @@ async fn exclude_subsystem(
 #[utoipa::path(get, path = "/systems/{slug}/status", tag = "systems",
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = Status), (status = 404, body = crate::web::ProblemBody)))]
-async fn get_status(State(ctx): State<AppState>, _: Viewer, Path(slug): Path<String>) -> Result<Json<Status>, Problem> {
+async fn get_status(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(slug): Path<String>,
+) -> Result<Json<Status>, Problem> {
     let slug = path_slug(&slug)?;
     Ok(Json(super::status::status(&ctx, slug.as_str()).await?))
 }
@@ -291,7 +310,10 @@ async fn list_anchors(State(ctx): State<AppState>, _: Viewer) -> Result<Json<Anc
     let items = super::anchors(&ctx)
         .await?
         .into_iter()
-        .map(|(c, systems)| AnchorGroup { category: c.to_string(), systems })
+        .map(|(c, systems)| AnchorGroup {
+            category: c.to_string(),
+            systems,
+        })
         .collect();
     Ok(Json(AnchorList { items, next: None }))
 }
@@ -306,8 +328,14 @@ pub struct CategoryList {
 #[utoipa::path(get, path = "/categories", tag = "systems",
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = CategoryList)))]
-async fn list_categories(State(ctx): State<AppState>, _: Viewer) -> Result<Json<CategoryList>, Problem> {
-    Ok(Json(CategoryList { items: super::categories(&ctx).await?, next: None }))
+async fn list_categories(
+    State(ctx): State<AppState>,
+    _: Viewer,
+) -> Result<Json<CategoryList>, Problem> {
+    Ok(Json(CategoryList {
+        items: super::categories(&ctx).await?,
+        next: None,
+    }))
 }
 
 /// Add a category. Role: admin.
@@ -319,5 +347,8 @@ async fn create_category(
     _: Admin,
     ApiJson(new): ApiJson<NewCategory>,
 ) -> Result<(StatusCode, Json<Category>), Problem> {
-    Ok((StatusCode::CREATED, Json(super::create_category(&ctx, new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(super::create_category(&ctx, new).await?),
+    ))
 }

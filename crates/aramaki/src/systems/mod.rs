@@ -20,7 +20,9 @@ use crate::context::Context;
 use crate::db::{is_unique_violation, new_id, to_micros, Tx};
 use crate::timeline::{self, Actor, NewEvent, Target};
 use graph::{Graph, Via};
-use model::{check_text, CategoryName, Contact, Invalid, LabelSelector, Labels, Link, Slug, MAX_MARKDOWN};
+use model::{
+    check_text, CategoryName, Contact, Invalid, LabelSelector, Labels, Link, Slug, MAX_MARKDOWN,
+};
 
 /// A system as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -131,7 +133,11 @@ pub enum SystemError {
     #[error("category '{0}' already exists")]
     CategoryTaken(String),
     #[error("including '{child}' in '{parent}' would close a cycle: {}", path.join(" → "))]
-    Cycle { parent: String, child: String, path: Vec<String> },
+    Cycle {
+        parent: String,
+        child: String,
+        path: Vec<String>,
+    },
     #[error("this change would close a cycle: {}", path.join(" → "))]
     CycleByChange { path: Vec<String> },
     #[error("'{parent}' does not include '{child}'")]
@@ -175,7 +181,9 @@ fn sorted_contacts(mut contacts: Vec<Contact>) -> Vec<Contact> {
 }
 
 async fn load(tx: &mut Tx, slug: &str) -> Result<System, SystemError> {
-    store::by_slug(tx, slug).await?.ok_or_else(|| SystemError::NotFound(slug.to_owned()))
+    store::by_slug(tx, slug)
+        .await?
+        .ok_or_else(|| SystemError::NotFound(slug.to_owned()))
 }
 
 async fn check_category(tx: &mut Tx, c: &CategoryName) -> Result<(), SystemError> {
@@ -200,8 +208,17 @@ async fn record(
     data: serde_json::Value,
 ) -> Result<(), SystemError> {
     let (id, slug) = target(on);
-    timeline::append(ctx, tx, actor, Target { id: &id, slug: &slug }, NewEvent::internal(kind, Severity::Info, title, data))
-        .await?;
+    timeline::append(
+        ctx,
+        tx,
+        actor,
+        Target {
+            id: &id,
+            slug: &slug,
+        },
+        NewEvent::internal(kind, Severity::Info, title, data),
+    )
+    .await?;
     Ok(())
 }
 
@@ -228,7 +245,11 @@ pub async fn create(ctx: &Context, actor: &Actor, new: NewSystem) -> Result<Syst
     let mut tx = ctx.db.begin().await?;
     check_category(&mut tx, &system.category).await?;
     if let Err(e) = store::insert(&mut tx, &system).await {
-        return Err(if is_unique_violation(&e) { SystemError::SlugTaken(system.slug.to_string()) } else { e.into() });
+        return Err(if is_unique_violation(&e) {
+            SystemError::SlugTaken(system.slug.to_string())
+        } else {
+            e.into()
+        });
     }
     if system.selector.is_some() || !system.labels.is_empty() {
         let graph = store::load_graph(&mut tx).await?;
@@ -237,13 +258,27 @@ pub async fn create(ctx: &Context, actor: &Actor, new: NewSystem) -> Result<Syst
         }
     }
     let title = format!("Created {} '{}'", system.category, system.title);
-    record(ctx, &mut tx, actor, &system, "system.created", title, json!({ "after": system })).await?;
+    record(
+        ctx,
+        &mut tx,
+        actor,
+        &system,
+        "system.created",
+        title,
+        json!({ "after": system }),
+    )
+    .await?;
     ctx.commit(tx).await?;
     Ok(system)
 }
 
 /// Applies a patch; records the fields that changed, before and after.
-pub async fn update(ctx: &Context, actor: &Actor, slug: &str, patch: SystemPatch) -> Result<System, SystemError> {
+pub async fn update(
+    ctx: &Context,
+    actor: &Actor,
+    slug: &str,
+    patch: SystemPatch,
+) -> Result<System, SystemError> {
     let mut tx = ctx.db.begin().await?;
     let before = load(&mut tx, slug).await?;
     let mut after = before.clone();
@@ -297,12 +332,20 @@ pub async fn update(ctx: &Context, actor: &Actor, slug: &str, patch: SystemPatch
     after.version += 1;
     after.updated_at = ctx.now();
     if let Err(e) = store::update(&mut tx, &after).await {
-        return Err(if is_unique_violation(&e) { SystemError::SlugTaken(after.slug.to_string()) } else { e.into() });
+        return Err(if is_unique_violation(&e) {
+            SystemError::SlugTaken(after.slug.to_string())
+        } else {
+            e.into()
+        });
     }
     let fields: Vec<&String> = changed_after.keys().collect();
     let title = format!(
         "Changed {} of '{}'",
-        fields.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+        fields
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         after.title
     );
     let data = json!({ "before": changed_before, "after": changed_after });
@@ -327,7 +370,10 @@ fn diff(before: &System, after: &System) -> (Fields, Fields) {
             continue;
         }
         if a.get(k) != Some(v) {
-            old.insert(k.clone(), a.get(k).cloned().unwrap_or(serde_json::Value::Null));
+            old.insert(
+                k.clone(),
+                a.get(k).cloned().unwrap_or(serde_json::Value::Null),
+            );
             new.insert(k.clone(), v.clone());
         }
     }
@@ -337,7 +383,12 @@ fn diff(before: &System, after: &System) -> (Fields, Fields) {
 /// Deletes a system. Refused while other systems include it, unless forced,
 /// in which case it is excluded from them first (each on their timelines).
 /// Its events stay on the record.
-pub async fn delete(ctx: &Context, actor: &Actor, slug: &str, force: bool) -> Result<(), SystemError> {
+pub async fn delete(
+    ctx: &Context,
+    actor: &Actor,
+    slug: &str,
+    force: bool,
+) -> Result<(), SystemError> {
     let mut tx = ctx.db.begin().await?;
     let system = load(&mut tx, slug).await?;
     let id = system.id.to_string();
@@ -350,7 +401,10 @@ pub async fn delete(ctx: &Context, actor: &Actor, slug: &str, force: bool) -> Re
         .collect();
     if !includers.is_empty() && !force {
         let by = includers.iter().map(|p| graph.slug(p).to_owned()).collect();
-        return Err(SystemError::StillIncluded { slug: slug.to_owned(), by });
+        return Err(SystemError::StillIncluded {
+            slug: slug.to_owned(),
+            by,
+        });
     }
     let parents = store::by_ids(&mut tx, &includers).await?;
     for parent in &parents {
@@ -360,7 +414,16 @@ pub async fn delete(ctx: &Context, actor: &Actor, slug: &str, force: bool) -> Re
     }
     store::mark_deleted(&mut tx, &id, to_micros(ctx.now())).await?;
     let title = format!("Deleted {} '{}'", system.category, system.title);
-    record(ctx, &mut tx, actor, &system, "system.deleted", title, json!({ "before": system })).await?;
+    record(
+        ctx,
+        &mut tx,
+        actor,
+        &system,
+        "system.deleted",
+        title,
+        json!({ "before": system }),
+    )
+    .await?;
     ctx.commit(tx).await?;
     Ok(())
 }
@@ -373,7 +436,12 @@ pub enum Included {
 }
 
 /// Includes `child` in `parent`; refuses a cycle with the path it would close.
-pub async fn include(ctx: &Context, actor: &Actor, parent: &str, child: &str) -> Result<Included, SystemError> {
+pub async fn include(
+    ctx: &Context,
+    actor: &Actor,
+    parent: &str,
+    child: &str,
+) -> Result<Included, SystemError> {
     let mut tx = ctx.db.begin().await?;
     let p = load(&mut tx, parent).await?;
     let c = load(&mut tx, child).await?;
@@ -383,32 +451,64 @@ pub async fn include(ctx: &Context, actor: &Actor, parent: &str, child: &str) ->
         return Ok(Included::Already);
     }
     if let Some(path) = graph.cycle_if_included(&pid, &cid) {
-        return Err(SystemError::Cycle { parent: parent.to_owned(), child: child.to_owned(), path });
+        return Err(SystemError::Cycle {
+            parent: parent.to_owned(),
+            child: child.to_owned(),
+            path,
+        });
     }
     store::include(&mut tx, &pid, &cid, to_micros(ctx.now())).await?;
     let title = format!("Included '{}'", c.slug);
-    record(ctx, &mut tx, actor, &p, "system.included", title, json!({ "child": c.slug, "child_id": cid })).await?;
+    record(
+        ctx,
+        &mut tx,
+        actor,
+        &p,
+        "system.included",
+        title,
+        json!({ "child": c.slug, "child_id": cid }),
+    )
+    .await?;
     ctx.commit(tx).await?;
     Ok(Included::Now)
 }
 
-pub async fn exclude(ctx: &Context, actor: &Actor, parent: &str, child: &str) -> Result<(), SystemError> {
+pub async fn exclude(
+    ctx: &Context,
+    actor: &Actor,
+    parent: &str,
+    child: &str,
+) -> Result<(), SystemError> {
     let mut tx = ctx.db.begin().await?;
     let p = load(&mut tx, parent).await?;
     let c = load(&mut tx, child).await?;
     let cid = c.id.to_string();
     if !store::exclude(&mut tx, &p.id.to_string(), &cid).await? {
-        return Err(SystemError::NotIncluded { parent: parent.to_owned(), child: child.to_owned() });
+        return Err(SystemError::NotIncluded {
+            parent: parent.to_owned(),
+            child: child.to_owned(),
+        });
     }
     let title = format!("Excluded '{}'", c.slug);
-    record(ctx, &mut tx, actor, &p, "system.excluded", title, json!({ "child": c.slug, "child_id": cid })).await?;
+    record(
+        ctx,
+        &mut tx,
+        actor,
+        &p,
+        "system.excluded",
+        title,
+        json!({ "child": c.slug, "child_id": cid }),
+    )
+    .await?;
     ctx.commit(tx).await?;
     Ok(())
 }
 
 pub async fn get(ctx: &Context, slug: &str) -> Result<System, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
-    store::by_slug(&mut conn, slug).await?.ok_or_else(|| SystemError::NotFound(slug.to_owned()))
+    store::by_slug(&mut conn, slug)
+        .await?
+        .ok_or_else(|| SystemError::NotFound(slug.to_owned()))
 }
 
 /// A system seen from a neighbour, and how it is connected.
@@ -420,19 +520,32 @@ pub struct Member {
 }
 
 /// Direct subsystems (`below = true`) or includers of a system.
-pub async fn neighbours(ctx: &Context, slug: &str, below: bool) -> Result<Vec<Member>, SystemError> {
+pub async fn neighbours(
+    ctx: &Context,
+    slug: &str,
+    below: bool,
+) -> Result<Vec<Member>, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
-    let system = store::by_slug(&mut conn, slug).await?.ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
+    let system = store::by_slug(&mut conn, slug)
+        .await?
+        .ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
     let graph = store::load_graph(&mut conn).await?;
     let id = system.id.to_string();
-    let edges = if below { graph.members(&id) } else { graph.parents(&id) };
+    let edges = if below {
+        graph.members(&id)
+    } else {
+        graph.parents(&id)
+    };
     let ids: Vec<String> = edges.iter().map(|(i, _)| i.clone()).collect();
     let mut systems = store::by_ids(&mut conn, &ids).await?;
     systems.sort_by(|a, b| a.slug.cmp(&b.slug));
     Ok(systems
         .into_iter()
         .filter_map(|s| {
-            let via = edges.iter().find(|(i, _)| *i == s.id.to_string()).map(|(_, v)| *v)?;
+            let via = edges
+                .iter()
+                .find(|(i, _)| *i == s.id.to_string())
+                .map(|(_, v)| *v)?;
             Some(Member { system: s, via })
         })
         .collect())
@@ -442,7 +555,11 @@ pub async fn neighbours(ctx: &Context, slug: &str, below: bool) -> Result<Vec<Me
 pub async fn anchors(ctx: &Context) -> Result<Vec<(CategoryName, Vec<System>)>, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
     let graph = store::load_graph(&mut conn).await?;
-    let ids: Vec<String> = graph.ids().filter(|id| graph.is_anchor(id)).cloned().collect();
+    let ids: Vec<String> = graph
+        .ids()
+        .filter(|id| graph.is_anchor(id))
+        .cloned()
+        .collect();
     let mut systems = store::by_ids(&mut conn, &ids).await?;
     systems.sort_by(|a, b| (&a.category, &a.slug).cmp(&(&b.category, &b.slug)));
     let mut groups: Vec<(CategoryName, Vec<System>)> = Vec::new();
@@ -458,7 +575,9 @@ pub async fn anchors(ctx: &Context) -> Result<Vec<(CategoryName, Vec<System>)>, 
 /// The ids a system's timeline rolls up: itself and everything below it.
 pub async fn closure(ctx: &Context, slug: &str) -> Result<(System, Vec<String>), SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
-    let system = store::by_slug(&mut conn, slug).await?.ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
+    let system = store::by_slug(&mut conn, slug)
+        .await?
+        .ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
     let graph: Graph = store::load_graph(&mut conn).await?;
     let ids = graph.closure(&system.id.to_string());
     Ok((system, ids))
@@ -481,7 +600,11 @@ pub async fn create_category(ctx: &Context, new: NewCategory) -> Result<Category
     };
     let mut tx = ctx.db.begin().await?;
     if let Err(e) = store::insert_category(&mut tx, &category, to_micros(ctx.now())).await {
-        return Err(if is_unique_violation(&e) { SystemError::CategoryTaken(category.name.to_string()) } else { e.into() });
+        return Err(if is_unique_violation(&e) {
+            SystemError::CategoryTaken(category.name.to_string())
+        } else {
+            e.into()
+        });
     }
     tx.commit().await?;
     Ok(category)

@@ -18,7 +18,10 @@ pub struct Invalid {
 
 impl Invalid {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-        Invalid { field: field.into(), message: message.into() }
+        Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -29,7 +32,10 @@ fn is_name_char(c: char) -> bool {
 /// Checks the shape shared by slugs and category names.
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
-        return Err(format!("{what} must be 1 to 63 characters long, got {}", s.len()));
+        return Err(format!(
+            "{what} must be 1 to 63 characters long, got {}",
+            s.len()
+        ));
     }
     if !s.chars().all(is_name_char) {
         return Err(format!(
@@ -115,9 +121,14 @@ impl fmt::Display for CategoryName {
 
 /// Label keys look like `role` or `app.kubernetes.io/name`.
 pub fn check_label_key(k: &str) -> Result<(), String> {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_' | '/');
+    let ok_char = |c: char| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_' | '/')
+    };
     if k.is_empty() || k.len() > 63 {
-        return Err(format!("label key must be 1 to 63 characters long, got {}", k.len()));
+        return Err(format!(
+            "label key must be 1 to 63 characters long, got {}",
+            k.len()
+        ));
     }
     if !k.chars().all(ok_char) {
         return Err(format!(
@@ -130,9 +141,12 @@ pub fn check_label_key(k: &str) -> Result<(), String> {
 /// Label values are short words: no spaces, commas, '=' or '!', which the
 /// selector syntax uses.
 pub fn check_label_value(k: &str, v: &str) -> Result<(), String> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '/' | ':' | '@' | '+');
+    let ok_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '/' | ':' | '@' | '+');
     if v.is_empty() || v.len() > 128 {
-        return Err(format!("value of label '{k}' must be 1 to 128 characters long"));
+        return Err(format!(
+            "value of label '{k}' must be 1 to 128 characters long"
+        ));
     }
     if !v.chars().all(ok_char) {
         return Err(format!(
@@ -144,7 +158,10 @@ pub fn check_label_value(k: &str, v: &str) -> Result<(), String> {
 
 /// `key=value` pairs that describe a system and drive dynamic aggregates.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
 #[schema(value_type = BTreeMap<String, String>, example = json!({"role": "storage", "dc": "dc1"}))]
 pub struct Labels(BTreeMap<String, String>);
 
@@ -328,7 +345,10 @@ impl Link {
             ));
         }
         if url.len() > 2000 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Invalid::new(format!("{at}.url"), "URL is too long or contains spaces"));
+            return Err(Invalid::new(
+                format!("{at}.url"),
+                "URL is too long or contains spaces",
+            ));
         }
         Ok(())
     }
@@ -359,7 +379,10 @@ impl Contact {
         check_text(&format!("{at}.role"), &self.role, 0, 200)?;
         check_text(&format!("{at}.reach"), &self.reach, 0, 500)?;
         if self.escalation == 0 || self.escalation > 100 {
-            return Err(Invalid::new(format!("{at}.escalation"), "must be between 1 and 100"));
+            return Err(Invalid::new(
+                format!("{at}.escalation"),
+                "must be between 1 and 100",
+            ));
         }
         Ok(())
     }
@@ -369,10 +392,20 @@ impl Contact {
 pub fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), Invalid> {
     let n = value.trim().chars().count();
     if n < min {
-        return Err(Invalid::new(field, if min == 1 { "must not be empty".to_owned() } else { format!("needs at least {min} characters") }));
+        return Err(Invalid::new(
+            field,
+            if min == 1 {
+                "must not be empty".to_owned()
+            } else {
+                format!("needs at least {min} characters")
+            },
+        ));
     }
     if value.chars().count() > max {
-        return Err(Invalid::new(field, format!("must be at most {max} characters")));
+        return Err(Invalid::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     Ok(())
 }
@@ -387,7 +420,16 @@ mod tests {
     fn slugs_are_lowercase_words() {
         assert!(Slug::try_from("storage-dc1").is_ok());
         assert!(Slug::try_from("a").is_ok());
-        for bad in ["", "Storage", "a b", "-a", "a-", "a_b", "ä", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "Storage",
+            "a b",
+            "-a",
+            "a-",
+            "a_b",
+            "ä",
+            &"x".repeat(64),
+        ] {
             assert!(Slug::try_from(bad).is_err(), "{bad:?} accepted");
         }
         let err = Slug::try_from("Storage DC").unwrap_err();
@@ -400,13 +442,28 @@ mod tests {
         assert_eq!(sel.to_string(), "role=storage,dc!=dc2,tier,!retired");
         let labels = |pairs: &[(&str, &str)]| {
             Labels::try_from(
-                pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
             )
             .unwrap()
         };
-        assert!(sel.matches(&labels(&[("role", "storage"), ("dc", "dc1"), ("tier", "1")])));
-        assert!(!sel.matches(&labels(&[("role", "storage"), ("dc", "dc2"), ("tier", "1")])));
-        assert!(!sel.matches(&labels(&[("role", "storage"), ("tier", "1"), ("retired", "yes")])));
+        assert!(sel.matches(&labels(&[
+            ("role", "storage"),
+            ("dc", "dc1"),
+            ("tier", "1")
+        ])));
+        assert!(!sel.matches(&labels(&[
+            ("role", "storage"),
+            ("dc", "dc2"),
+            ("tier", "1")
+        ])));
+        assert!(!sel.matches(&labels(&[
+            ("role", "storage"),
+            ("tier", "1"),
+            ("retired", "yes")
+        ])));
         assert!(!sel.matches(&labels(&[("role", "storage")])));
         for bad in ["", "role=", "=x", "role=a b", "a,,b", "Role=x"] {
             assert!(LabelSelector::try_from(bad).is_err(), "{bad:?} accepted");
@@ -415,9 +472,17 @@ mod tests {
 
     #[test]
     fn links_must_be_web_urls() {
-        let link = |url: &str| Link { title: "x".into(), url: url.into(), kind: LinkKind::Docs };
-        assert!(link("https://grafana.example/d/1").validate("links[0]").is_ok());
-        let err = link("javascript:alert(1)").validate("links[0]").unwrap_err();
+        let link = |url: &str| Link {
+            title: "x".into(),
+            url: url.into(),
+            kind: LinkKind::Docs,
+        };
+        assert!(link("https://grafana.example/d/1")
+            .validate("links[0]")
+            .is_ok());
+        let err = link("javascript:alert(1)")
+            .validate("links[0]")
+            .unwrap_err();
         assert_eq!(err.field, "links[0].url");
         assert!(link("https://a b.example").validate("l").is_err());
     }

@@ -118,7 +118,11 @@ impl Builder<'_> {
                     .collect()
             })
             .unwrap_or_default();
-        let state = sources.iter().map(|s| s.state).max().unwrap_or(State::Unknown);
+        let state = sources
+            .iter()
+            .map(|s| s.state)
+            .max()
+            .unwrap_or(State::Unknown);
         let mut layers = Vec::new();
         for (kid, kid_via) in self.graph.members(id) {
             if self.nodes >= MAX_NODES {
@@ -133,13 +137,25 @@ impl Builder<'_> {
         }
         let worst = layers.iter().map(|l| l.worst).fold(state, State::worse);
         let (title, category) = self.meta.get(id).cloned().unwrap_or_default();
-        Layer { slug, title, category, path, via, state, sources, worst, layers }
+        Layer {
+            slug,
+            title,
+            category,
+            path,
+            via,
+            state,
+            sources,
+            worst,
+            layers,
+        }
     }
 }
 
 pub async fn status(ctx: &Context, slug: &str) -> Result<Status, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
-    let system = store::by_slug(&mut conn, slug).await?.ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
+    let system = store::by_slug(&mut conn, slug)
+        .await?
+        .ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
     let graph = store::load_graph(&mut conn).await?;
     let id = system.id.to_string();
     let ids = graph.closure(&id);
@@ -150,9 +166,18 @@ pub async fn status(ctx: &Context, slug: &str) -> Result<Status, SystemError> {
         .collect();
     drop(conn);
     let states = states_for(ctx.db.reader(), &ids).await?;
-    let mut b = Builder { graph: &graph, meta, states, nodes: 0, truncated: false };
+    let mut b = Builder {
+        graph: &graph,
+        meta,
+        states,
+        nodes: 0,
+        truncated: false,
+    };
     let top = b.layer(&id, &[], None);
-    Ok(Status { top, truncated: b.truncated })
+    Ok(Status {
+        top,
+        truncated: b.truncated,
+    })
 }
 
 #[cfg(test)]

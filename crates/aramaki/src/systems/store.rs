@@ -10,11 +10,15 @@ use super::model::{CategoryName, LabelSelector, Labels, Slug, Term};
 use super::{Category, System};
 use crate::db::{from_micros, like_escape, to_micros, Sql};
 
-const COLUMNS: &str = "s.id, s.slug, s.title, s.category, s.description, s.handbook, s.links, s.contacts, \
+const COLUMNS: &str =
+    "s.id, s.slug, s.title, s.category, s.description, s.handbook, s.links, s.contacts, \
     s.selector, s.instance_id, s.version, s.created_at, s.updated_at";
 
 fn decode_err(col: &str, msg: impl ToString) -> sqlx::Error {
-    sqlx::Error::ColumnDecode { index: col.to_owned(), source: msg.to_string().into() }
+    sqlx::Error::ColumnDecode {
+        index: col.to_owned(),
+        source: msg.to_string().into(),
+    }
 }
 
 fn system_from_row(row: &AnyRow, labels: Labels) -> Result<System, sqlx::Error> {
@@ -45,10 +49,14 @@ fn system_from_row(row: &AnyRow, labels: Labels) -> Result<System, sqlx::Error> 
     })
 }
 
-async fn labels_of(conn: &mut AnyConnection, ids: &[String]) -> Result<HashMap<String, Labels>, sqlx::Error> {
+async fn labels_of(
+    conn: &mut AnyConnection,
+    ids: &[String],
+) -> Result<HashMap<String, Labels>, sqlx::Error> {
     let mut maps: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     for chunk in ids.chunks(500) {
-        let mut sql = Sql::new("SELECT system_id, key, value FROM system_labels WHERE system_id IN ");
+        let mut sql =
+            Sql::new("SELECT system_id, key, value FROM system_labels WHERE system_id IN ");
         sql.bind_list(chunk.iter());
         for row in sql.query().fetch_all(&mut *conn).await? {
             maps.entry(row.try_get("system_id")?)
@@ -56,11 +64,20 @@ async fn labels_of(conn: &mut AnyConnection, ids: &[String]) -> Result<HashMap<S
                 .insert(row.try_get("key")?, row.try_get("value")?);
         }
     }
-    Ok(maps.into_iter().map(|(k, v)| (k, Labels::from_trusted(v))).collect())
+    Ok(maps
+        .into_iter()
+        .map(|(k, v)| (k, Labels::from_trusted(v)))
+        .collect())
 }
 
-async fn with_labels(conn: &mut AnyConnection, rows: Vec<AnyRow>) -> Result<Vec<System>, sqlx::Error> {
-    let ids: Vec<String> = rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>()?;
+async fn with_labels(
+    conn: &mut AnyConnection,
+    rows: Vec<AnyRow>,
+) -> Result<Vec<System>, sqlx::Error> {
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()?;
     let mut labels = labels_of(conn, &ids).await?;
     rows.iter()
         .zip(ids)
@@ -74,10 +91,29 @@ pub async fn by_slug(conn: &mut AnyConnection, slug: &str) -> Result<Option<Syst
     Ok(with_labels(conn, rows).await?.into_iter().next())
 }
 
+/// Ids of the live systems with these slugs, by slug.
+pub async fn ids_by_slugs(
+    conn: &mut AnyConnection,
+    slugs: &[String],
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in slugs.chunks(500) {
+        let mut sql =
+            Sql::new("SELECT id, slug FROM systems WHERE deleted_at IS NULL AND slug IN ");
+        sql.bind_list(chunk.iter());
+        for row in sql.query().fetch_all(&mut *conn).await? {
+            out.insert(row.try_get("slug")?, row.try_get("id")?);
+        }
+    }
+    Ok(out)
+}
+
 pub async fn by_ids(conn: &mut AnyConnection, ids: &[String]) -> Result<Vec<System>, sqlx::Error> {
     let mut out = Vec::new();
     for chunk in ids.chunks(500) {
-        let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM systems s WHERE s.deleted_at IS NULL AND s.id IN "));
+        let mut sql = Sql::new(&format!(
+            "SELECT {COLUMNS} FROM systems s WHERE s.deleted_at IS NULL AND s.id IN "
+        ));
         sql.bind_list(chunk.iter());
         let rows = sql.query().fetch_all(&mut *conn).await?;
         out.extend(with_labels(conn, rows).await?);
@@ -94,8 +130,14 @@ pub struct ListFilter {
     pub after_slug: Option<String>,
 }
 
-pub async fn list(conn: &mut AnyConnection, f: &ListFilter, limit: i64) -> Result<Vec<System>, sqlx::Error> {
-    let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM systems s WHERE s.deleted_at IS NULL"));
+pub async fn list(
+    conn: &mut AnyConnection,
+    f: &ListFilter,
+    limit: i64,
+) -> Result<Vec<System>, sqlx::Error> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM systems s WHERE s.deleted_at IS NULL"
+    ));
     if let Some(c) = &f.category {
         sql.push(" AND s.category = ").bind(c.as_str());
     }
@@ -110,8 +152,13 @@ pub async fn list(conn: &mut AnyConnection, f: &ListFilter, limit: i64) -> Resul
                 Term::Exists(k) => (false, k, None),
                 Term::Absent(k) => (true, k, None),
             };
-            sql.push(if negate { " AND NOT EXISTS" } else { " AND EXISTS" });
-            sql.push(" (SELECT 1 FROM system_labels l WHERE l.system_id = s.id AND l.key = ").bind(key.as_str());
+            sql.push(if negate {
+                " AND NOT EXISTS"
+            } else {
+                " AND EXISTS"
+            });
+            sql.push(" (SELECT 1 FROM system_labels l WHERE l.system_id = s.id AND l.key = ")
+                .bind(key.as_str());
             if let Some(v) = value {
                 sql.push(" AND l.value = ").bind(v.as_str());
             }
@@ -120,9 +167,15 @@ pub async fn list(conn: &mut AnyConnection, f: &ListFilter, limit: i64) -> Resul
     }
     if let Some(text) = &f.text {
         let p = format!("%{}%", like_escape(&text.to_lowercase()));
-        sql.push(" AND (lower(s.slug) LIKE ").bind(p.clone()).push(" ESCAPE '\\'");
-        sql.push(" OR lower(s.title) LIKE ").bind(p.clone()).push(" ESCAPE '\\'");
-        sql.push(" OR lower(s.description) LIKE ").bind(p.clone()).push(" ESCAPE '\\'");
+        sql.push(" AND (lower(s.slug) LIKE ")
+            .bind(p.clone())
+            .push(" ESCAPE '\\'");
+        sql.push(" OR lower(s.title) LIKE ")
+            .bind(p.clone())
+            .push(" ESCAPE '\\'");
+        sql.push(" OR lower(s.description) LIKE ")
+            .bind(p.clone())
+            .push(" ESCAPE '\\'");
         sql.push(" OR EXISTS (SELECT 1 FROM system_labels l WHERE l.system_id = s.id AND (lower(l.key) LIKE ")
             .bind(p.clone())
             .push(" ESCAPE '\\' OR lower(l.value) LIKE ")
@@ -182,8 +235,15 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".to_owned())
 }
 
-async fn replace_labels(conn: &mut AnyConnection, id: &str, labels: &Labels) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM system_labels WHERE system_id = $1").bind(id).execute(&mut *conn).await?;
+async fn replace_labels(
+    conn: &mut AnyConnection,
+    id: &str,
+    labels: &Labels,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM system_labels WHERE system_id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
     for (k, v) in labels.iter() {
         sqlx::query("INSERT INTO system_labels (system_id, key, value) VALUES ($1, $2, $3)")
             .bind(id)
@@ -208,7 +268,12 @@ pub async fn mark_deleted(conn: &mut AnyConnection, id: &str, now: i64) -> Resul
     Ok(())
 }
 
-pub async fn include(conn: &mut AnyConnection, parent: &str, child: &str, now: i64) -> Result<(), sqlx::Error> {
+pub async fn include(
+    conn: &mut AnyConnection,
+    parent: &str,
+    child: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO inclusions (parent_id, child_id, created_at) VALUES ($1, $2, $3)")
         .bind(parent)
         .bind(child)
@@ -218,7 +283,11 @@ pub async fn include(conn: &mut AnyConnection, parent: &str, child: &str, now: i
     Ok(())
 }
 
-pub async fn exclude(conn: &mut AnyConnection, parent: &str, child: &str) -> Result<bool, sqlx::Error> {
+pub async fn exclude(
+    conn: &mut AnyConnection,
+    parent: &str,
+    child: &str,
+) -> Result<bool, sqlx::Error> {
     let done = sqlx::query("DELETE FROM inclusions WHERE parent_id = $1 AND child_id = $2")
         .bind(parent)
         .bind(child)
@@ -257,7 +326,10 @@ pub async fn load_graph(conn: &mut AnyConnection) -> Result<Graph, sqlx::Error> 
         };
         graph.add_node(id, node);
     }
-    for row in sqlx::query("SELECT parent_id, child_id FROM inclusions").fetch_all(&mut *conn).await? {
+    for row in sqlx::query("SELECT parent_id, child_id FROM inclusions")
+        .fetch_all(&mut *conn)
+        .await?
+    {
         let parent: String = row.try_get("parent_id")?;
         let child: String = row.try_get("child_id")?;
         graph.add_edge(&parent, &child);
@@ -295,7 +367,11 @@ pub async fn category_exists(conn: &mut AnyConnection, name: &str) -> Result<boo
     Ok(row.is_some())
 }
 
-pub async fn insert_category(conn: &mut AnyConnection, c: &Category, now: i64) -> Result<(), sqlx::Error> {
+pub async fn insert_category(
+    conn: &mut AnyConnection,
+    c: &Category,
+    now: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO categories (name, title, description, builtin, created_at) VALUES ($1, $2, $3, 0, $4)")
         .bind(c.name.as_str())
         .bind(c.title.as_str())

@@ -22,10 +22,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use super::batch::{BatchError, Outcome, Request};
 use super::store::{self, Cursor, Filter};
-use super::{Event, Idempotency, Kind, NewEvent, Target};
+use super::{Event, Idempotency, Kind, NewEvent};
 use crate::context::Context;
-use crate::db::{is_unique_violation, to_micros};
+use crate::db::to_micros;
 use crate::federation::identity::hex;
 use crate::systems::http::path_slug;
 use crate::systems::model::Slug;
@@ -36,6 +37,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_timeline))
         .routes(routes!(stream_timeline))
         .routes(routes!(record_event))
+        .routes(routes!(record_events))
         .routes(routes!(get_event))
 }
 
@@ -69,16 +71,26 @@ pub struct TimelineQuery {
 }
 
 fn parse_time(field: &str, raw: &str) -> Result<i64, Problem> {
-    raw.parse::<Timestamp>()
-        .map(to_micros)
-        .map_err(|e| Problem::bad_request(format!("{field} must be an RFC 3339 time such as 2026-11-23T10:00:00Z: {e}")))
+    raw.parse::<Timestamp>().map(to_micros).map_err(|e| {
+        Problem::bad_request(format!(
+            "{field} must be an RFC 3339 time such as 2026-11-23T10:00:00Z: {e}"
+        ))
+    })
 }
 
 impl TimelineQuery {
     fn filter(&self) -> Result<Filter, Problem> {
         let mut f = Filter {
-            since: self.since.as_deref().map(|s| parse_time("since", s)).transpose()?,
-            until: self.until.as_deref().map(|s| parse_time("until", s)).transpose()?,
+            since: self
+                .since
+                .as_deref()
+                .map(|s| parse_time("since", s))
+                .transpose()?,
+            until: self
+                .until
+                .as_deref()
+                .map(|s| parse_time("until", s))
+                .transpose()?,
             min_severity: self
                 .severity
                 .as_deref()
@@ -89,12 +101,19 @@ impl TimelineQuery {
             actor: self.actor.clone().filter(|a| !a.is_empty()),
             ..Filter::default()
         };
-        for part in self.kind.iter().flat_map(|k| k.split(',')).map(str::trim).filter(|p| !p.is_empty()) {
+        for part in self
+            .kind
+            .iter()
+            .flat_map(|k| k.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let (name, prefix) = match part.strip_suffix(".*") {
                 Some(ns) => (ns, true),
                 None => (part, false),
             };
-            let kind = Kind::try_from(name.to_owned()).map_err(|e| Problem::bad_request(format!("invalid kind filter: {e}")))?;
+            let kind = Kind::try_from(name.to_owned())
+                .map_err(|e| Problem::bad_request(format!("invalid kind filter: {e}")))?;
             if prefix {
                 f.kind_prefixes.push(kind.to_string());
             } else {
@@ -126,7 +145,9 @@ async fn get_timeline(
     let before = q
         .cursor
         .as_deref()
-        .map(|c| Cursor::decode(c).ok_or_else(|| Problem::bad_request(format!("invalid cursor '{c}'"))))
+        .map(|c| {
+            Cursor::decode(c).ok_or_else(|| Problem::bad_request(format!("invalid cursor '{c}'")))
+        })
         .transpose()?;
     let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
     let mut items = store::page(ctx.db.reader(), &ids, &filter, before.as_ref(), limit + 1).await?;
@@ -158,7 +179,9 @@ async fn stream_timeline(
             v.to_str()
                 .ok()
                 .and_then(|s| s.trim().parse::<i64>().ok())
-                .ok_or_else(|| Problem::bad_request("Last-Event-ID must be an event sequence number"))?,
+                .ok_or_else(|| {
+                    Problem::bad_request("Last-Event-ID must be an event sequence number")
+                })?,
         ),
         None => None,
     };
@@ -167,7 +190,15 @@ async fn stream_timeline(
     let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
     let head = store::max_seq(ctx.db.reader()).await?;
     let last = resume.unwrap_or(head);
-    let tail = Tail { ctx: ctx.clone(), slug, rx, ids: ids.into_iter().collect(), pending: VecDeque::new(), last, replay: resume.is_some() };
+    let tail = Tail {
+        ctx: ctx.clone(),
+        slug,
+        rx,
+        ids: ids.into_iter().collect(),
+        pending: VecDeque::new(),
+        last,
+        replay: resume.is_some(),
+    };
     let stream = futures_util::stream::unfold(tail, |mut tail| async move {
         let event = tail.next().await?;
         let sse = SseEvent::default()
@@ -240,7 +271,7 @@ impl Tail {
     }
 }
 
-/// The body of `POST /api/v1/events`.
+/// The body of `POST /api/v1/events`, and one item of a batch.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEventRequest {
@@ -260,6 +291,135 @@ pub struct NewEventRequest {
     pub data: Option<serde_json::Value>,
     /// Id of the event that caused this one.
     pub caused_by: Option<Uuid>,
+    /// Record at most once under this key (the `Idempotency-Key` header does
+    /// the same for a single event).
+    pub idempotency_key: Option<String>,
+}
+
+/// The body of `POST /api/v1/events/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventBatch {
+    /// 1 to 1000 events, recorded all or none, in one transaction.
+    pub events: Vec<NewEventRequest>,
+}
+
+/// One answer of a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchItem {
+    #[serde(flatten)]
+    pub event: Event,
+    /// True if an earlier request already recorded it under its key.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResult {
+    pub items: Vec<BatchItem>,
+}
+
+fn idempotency_key(raw: &str) -> Result<String, Problem> {
+    let key = raw.trim();
+    if key.is_empty() || key.len() > 200 || !key.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err(Problem::bad_request(
+            "an idempotency key must be 1 to 200 visible ASCII characters",
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+/// Checks one request and turns it into a queued append. `at` prefixes the
+/// field names in problems (`events[3].`).
+fn prepare(
+    ctx: &Context,
+    p: &crate::users::Principal,
+    mut req: NewEventRequest,
+    header_key: Option<String>,
+    at: &str,
+) -> Result<Request, Problem> {
+    let field = |f: &str| serde_json::Value::String(format!("{at}{f}"));
+    if req.kind.is_reserved() {
+        return Err(Problem::unprocessable(format!(
+            "{at}kind '{}' is reserved for events Aramaki records itself",
+            req.kind
+        ))
+        .with("field", field("kind")));
+    }
+    if let Some(t) = req.occurred_at {
+        if t > ctx
+            .now()
+            .checked_add(SignedDuration::from_hours(1))
+            .unwrap_or(t)
+        {
+            return Err(Problem::unprocessable(format!(
+                "{at}occurred_at is more than an hour in the future"
+            ))
+            .with("field", field("occurred_at")));
+        }
+    }
+    let key = match (header_key, req.idempotency_key.take()) {
+        (Some(h), Some(b)) if idempotency_key(&b)? != h => {
+            return Err(Problem::bad_request(
+                "the Idempotency-Key header and idempotency_key differ",
+            ));
+        }
+        (Some(h), _) => Some(h),
+        (None, Some(b)) => Some(idempotency_key(&b)?),
+        (None, None) => None,
+    };
+    // The key stays out of the hash: it names the request, the rest is it.
+    let canonical = serde_json::to_string(&req).unwrap_or_default();
+    let idempotency = key.map(|key| Idempotency {
+        scope: p.user_id.clone(),
+        key,
+        request_hash: hex(&Sha256::digest(canonical.as_bytes())),
+    });
+    let new = NewEvent {
+        kind: req.kind,
+        severity: req.severity.unwrap_or(Severity::Info),
+        title: req.title,
+        body: req.body.unwrap_or_default(),
+        occurred_at: req.occurred_at,
+        data: req.data.unwrap_or_else(|| serde_json::json!({})),
+        caused_by: req.caused_by,
+        idempotency,
+    };
+    new.validate()
+        .map_err(|e| Problem::unprocessable(format!("{at}{e}")).with("field", field(&e.field)))?;
+    Ok(Request {
+        actor: p.actor(),
+        system: req.system.to_string(),
+        event: new,
+    })
+}
+
+/// Turns a refused outcome into the problem that explains it.
+fn refusal(outcome: &Outcome, at: &str) -> Option<Problem> {
+    let field = |f: &str| serde_json::Value::String(format!("{at}{f}"));
+    match outcome {
+        Outcome::KeyReused => Some(
+            Problem::unprocessable(format!(
+                "{at}this idempotency key was already used for a different event"
+            ))
+            .with("field", field("idempotency_key")),
+        ),
+        Outcome::UnknownSystem(slug) => Some(
+            Problem::unprocessable(format!("{at}no system '{slug}'"))
+                .with("field", field("system")),
+        ),
+        Outcome::UnknownCause(id) => Some(
+            Problem::unprocessable(format!("{at}caused_by: no event {id}"))
+                .with("field", field("caused_by")),
+        ),
+        _ => None,
+    }
+}
+
+fn batch_problem(e: BatchError) -> Problem {
+    match e {
+        BatchError::Db(e) => e.into(),
+        e @ BatchError::Stopped => Problem::internal(&e),
+    }
 }
 
 /// Record an external event (a deploy marker, a note). Idempotent by the
@@ -275,97 +435,90 @@ async fn record_event(
     headers: HeaderMap,
     ApiJson(req): ApiJson<NewEventRequest>,
 ) -> Result<Response, Problem> {
-    let idempotency = match headers.get("idempotency-key") {
-        Some(v) => {
-            let key = v
-                .to_str()
-                .ok()
-                .map(str::trim)
-                .filter(|k| !k.is_empty() && k.len() <= 200)
-                .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters"))?;
-            let canonical = serde_json::to_string(&req).unwrap_or_default();
-            Some(Idempotency {
-                scope: p.user_id.clone(),
-                key: key.to_owned(),
-                request_hash: hex(&Sha256::digest(canonical.as_bytes())),
-            })
-        }
+    let header_key = match headers.get("idempotency-key") {
+        Some(v) => Some(idempotency_key(v.to_str().map_err(|_| {
+            Problem::bad_request("Idempotency-Key must be visible ASCII")
+        })?)?),
         None => None,
     };
-    if let Some(idem) = &idempotency {
-        if let Some(found) = replay(&ctx, idem).await? {
-            return Ok(found);
-        }
-    }
-    if req.kind.is_reserved() {
-        return Err(Problem::unprocessable(format!(
-            "kind '{}' is reserved for events Aramaki records itself",
-            req.kind
-        ))
-        .with("field", "kind".into()));
-    }
-    if let Some(t) = req.occurred_at {
-        if t > ctx.now().checked_add(SignedDuration::from_hours(1)).unwrap_or(t) {
-            return Err(Problem::unprocessable("occurred_at is more than an hour in the future").with("field", "occurred_at".into()));
-        }
-    }
-    let new = NewEvent {
-        kind: req.kind.clone(),
-        severity: req.severity.unwrap_or(Severity::Info),
-        title: req.title.clone(),
-        body: req.body.clone().unwrap_or_default(),
-        occurred_at: req.occurred_at,
-        data: req.data.clone().unwrap_or_else(|| serde_json::json!({})),
-        caused_by: req.caused_by,
-        idempotency: idempotency.clone(),
-    };
-    new.validate()?;
-    let mut tx = ctx.db.begin().await?;
-    let system = crate::systems::store::by_slug(&mut tx, req.system.as_str())
-        .await?
-        .ok_or_else(|| Problem::unprocessable(format!("no system '{}'", req.system)).with("field", "system".into()))?;
-    if let Some(cause) = req.caused_by {
-        if !store::exists(&mut tx, cause).await? {
-            return Err(Problem::unprocessable(format!("caused_by: no event {cause}")).with("field", "caused_by".into()));
-        }
-    }
-    let (id, slug) = (system.id.to_string(), system.slug.to_string());
-    let event = match super::append(&ctx, &mut tx, &p.actor(), Target { id: &id, slug: &slug }, new).await {
-        Ok(e) => e,
-        Err(e) if is_unique_violation(&e) && idempotency.is_some() => {
-            drop(tx);
-            // A concurrent request with the same key won the race.
-            if let Some(idem) = &idempotency {
-                if let Some(found) = replay(&ctx, idem).await? {
-                    return Ok(found);
-                }
+    let request = prepare(&ctx, &p, req, header_key, "")?;
+    let outcome = ctx
+        .appender
+        .append(&ctx, vec![request])
+        .await
+        .map_err(batch_problem)?
+        .pop();
+    match outcome {
+        Some(Outcome::Appended(event)) => {
+            let mut response = (StatusCode::CREATED, Json(&event)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/events/{}", event.id)) {
+                response.headers_mut().insert(LOCATION, v);
             }
-            return Err(e.into());
+            Ok(response)
         }
-        Err(e) => return Err(e.into()),
-    };
-    ctx.commit(tx).await?;
-    let mut response = (StatusCode::CREATED, Json(&event)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/events/{}", event.id)) {
-        response.headers_mut().insert(LOCATION, v);
+        Some(Outcome::Replayed(event)) => {
+            let mut response = (StatusCode::OK, Json(event)).into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(response)
+        }
+        Some(other) => {
+            Err(refusal(&other, "").unwrap_or_else(|| Problem::internal(&"event not written")))
+        }
+        None => Err(Problem::internal(&"the event writer gave no answer")),
     }
-    Ok(response)
 }
 
-/// The answer to a repeated idempotent request, if the key was used before.
-async fn replay(ctx: &Context, idem: &Idempotency) -> Result<Option<Response>, Problem> {
-    match store::find_idempotent(ctx.db.reader(), &idem.scope, &idem.key).await? {
-        Some((event, hash)) if hash == idem.request_hash => {
-            let mut response = (StatusCode::OK, Json(event)).into_response();
-            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Ok(Some(response))
-        }
-        Some(_) => Err(Problem::unprocessable(
-            "this Idempotency-Key was already used for a different request",
-        )
-        .with("field", "Idempotency-Key".into())),
-        None => Ok(None),
+/// Record up to 1000 events at once, all or none. Each may carry its own
+/// `idempotency_key`. Role: operator.
+#[utoipa::path(post, path = "/events/batch", tag = "timeline", request_body = EventBatch,
+    extensions(("x-aramaki-role" = json!("operator"))), security(("token" = [])),
+    responses((status = 201, body = BatchResult), (status = 422, body = crate::web::ProblemBody)))]
+async fn record_events(
+    State(ctx): State<AppState>,
+    Operator(p): Operator,
+    ApiJson(batch): ApiJson<EventBatch>,
+) -> Result<(StatusCode, Json<BatchResult>), Problem> {
+    if batch.events.is_empty() || batch.events.len() > 1000 {
+        return Err(
+            Problem::unprocessable("events: a batch holds 1 to 1000 events")
+                .with("field", "events".into()),
+        );
     }
+    let requests = batch
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, req)| prepare(&ctx, &p, req, None, &format!("events[{i}].")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcomes = ctx
+        .appender
+        .append(&ctx, requests)
+        .await
+        .map_err(batch_problem)?;
+    if let Some(problem) = outcomes
+        .iter()
+        .enumerate()
+        .find_map(|(i, o)| refusal(o, &format!("events[{i}].")))
+    {
+        return Err(problem);
+    }
+    let items = outcomes
+        .into_iter()
+        .filter_map(|o| match o {
+            Outcome::Appended(event) => Some(BatchItem {
+                event,
+                replayed: false,
+            }),
+            Outcome::Replayed(event) => Some(BatchItem {
+                event,
+                replayed: true,
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(BatchResult { items })))
 }
 
 /// Read one event. Role: viewer.
@@ -373,8 +526,13 @@ async fn replay(ctx: &Context, idem: &Idempotency) -> Result<Option<Response>, P
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = Event), (status = 400, body = crate::web::ProblemBody),
               (status = 404, body = crate::web::ProblemBody)))]
-async fn get_event(State(ctx): State<AppState>, _: Viewer, Path(id): Path<String>) -> Result<Json<Event>, Problem> {
-    let id = Uuid::parse_str(&id).map_err(|_| Problem::bad_request(format!("invalid event id '{id}': expected a UUID")))?;
+async fn get_event(
+    State(ctx): State<AppState>,
+    _: Viewer,
+    Path(id): Path<String>,
+) -> Result<Json<Event>, Problem> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| Problem::bad_request(format!("invalid event id '{id}': expected a UUID")))?;
     store::get(ctx.db.reader(), id)
         .await?
         .map(Json)

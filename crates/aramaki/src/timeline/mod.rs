@@ -2,6 +2,7 @@
 //! system. It doubles as the outbox: `seq` orders events by commit, and
 //! subscribers follow it by cursor after commit (see [`subscribers`]).
 
+pub mod batch;
 pub mod http;
 pub mod hub;
 pub mod store;
@@ -31,11 +32,19 @@ pub struct Actor {
 
 impl Actor {
     pub fn user(id: &str, name: &str) -> Actor {
-        Actor { kind: ActorKind::User, id: Some(id.to_owned()), name: name.to_owned() }
+        Actor {
+            kind: ActorKind::User,
+            id: Some(id.to_owned()),
+            name: name.to_owned(),
+        }
     }
 
     pub fn instance(id: &str, name: &str) -> Actor {
-        Actor { kind: ActorKind::Instance, id: Some(id.to_owned()), name: name.to_owned() }
+        Actor {
+            kind: ActorKind::Instance,
+            id: Some(id.to_owned()),
+            name: name.to_owned(),
+        }
     }
 }
 
@@ -81,8 +90,17 @@ impl Kind {
 
     /// Kinds that only Aramaki itself records; clients cannot forge them.
     pub fn is_reserved(&self) -> bool {
-        const RESERVED: [&str; 9] =
-            ["system", "user", "token", "alert", "action", "check", "agent", "peer", "federation"];
+        const RESERVED: [&str; 9] = [
+            "system",
+            "user",
+            "token",
+            "alert",
+            "action",
+            "check",
+            "agent",
+            "peer",
+            "federation",
+        ];
         let ns = self.0.split('.').next().unwrap_or("");
         self.0.contains('.') && RESERVED.contains(&ns)
     }
@@ -137,7 +155,12 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event recorded by Aramaki itself (kind must be valid by construction).
-    pub fn internal(kind: &str, severity: Severity, title: String, data: serde_json::Value) -> NewEvent {
+    pub fn internal(
+        kind: &str,
+        severity: Severity,
+        title: String,
+        data: serde_json::Value,
+    ) -> NewEvent {
         NewEvent {
             kind: Kind(kind.to_owned()),
             severity,
@@ -234,7 +257,13 @@ mod tests {
 
     #[test]
     fn kinds_are_namespaced_words() {
-        for ok in ["deploy", "note", "system.updated", "ci.pipeline_done", "check.state_changed"] {
+        for ok in [
+            "deploy",
+            "note",
+            "system.updated",
+            "ci.pipeline_done",
+            "check.state_changed",
+        ] {
             assert!(Kind::try_from(ok.to_owned()).is_ok(), "{ok}");
         }
         for bad in ["", "Deploy", "a..b", ".a", "a.", "1a", "a b", "a-b"] {

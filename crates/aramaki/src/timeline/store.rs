@@ -1,6 +1,6 @@
 //! SQL for the timeline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use aramaki_protocol::{ActorKind, Severity};
 use sqlx::any::AnyRow;
@@ -14,7 +14,11 @@ const COLUMNS: &str = "e.seq, e.id, e.system_id, s.slug, e.occurred_at, e.record
     e.severity, e.title, e.body, e.actor_kind, e.actor_id, e.actor_name, e.data, e.origin, e.caused_by";
 
 /// Inserts the event and returns its sequence number.
-pub async fn insert(tx: &mut Tx, e: &Event, idem: Option<&Idempotency>) -> Result<i64, sqlx::Error> {
+pub async fn insert(
+    tx: &mut Tx,
+    e: &Event,
+    idem: Option<&Idempotency>,
+) -> Result<i64, sqlx::Error> {
     let row = sqlx::query(
         "INSERT INTO events (id, system_id, occurred_at, recorded_at, kind, severity, title, body, \
          actor_kind, actor_id, actor_name, data, origin, caused_by, idem_scope, idem_key, idem_hash) \
@@ -42,6 +46,99 @@ pub async fn insert(tx: &mut Tx, e: &Event, idem: Option<&Idempotency>) -> Resul
     row.try_get::<i64, _>(0)
 }
 
+/// Inserts events in one statement; returns their sequence numbers by id.
+pub async fn insert_many(
+    tx: &mut Tx,
+    rows: &[(&Event, Option<&Idempotency>)],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let mut out = HashMap::new();
+    // 17 parameters a row; stay far below SQLite's limit of 32766.
+    for chunk in rows.chunks(500) {
+        let mut sql = Sql::new(
+            "INSERT INTO events (id, system_id, occurred_at, recorded_at, kind, severity, title, body, \
+             actor_kind, actor_id, actor_name, data, origin, caused_by, idem_scope, idem_key, idem_hash) VALUES ",
+        );
+        for (i, (e, idem)) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(e.id.to_string())
+                .push(", ")
+                .bind(e.system_id.as_str())
+                .push(", ");
+            sql.bind(to_micros(e.occurred_at))
+                .push(", ")
+                .bind(to_micros(e.recorded_at))
+                .push(", ");
+            sql.bind(e.kind.as_str())
+                .push(", ")
+                .bind(e.severity.rank())
+                .push(", ");
+            sql.bind(e.title.as_str())
+                .push(", ")
+                .bind(e.body.as_str())
+                .push(", ");
+            sql.bind(e.actor.kind.as_str())
+                .push(", ")
+                .bind(e.actor.id.clone())
+                .push(", ");
+            sql.bind(e.actor.name.as_str())
+                .push(", ")
+                .bind(e.data.to_string())
+                .push(", ");
+            sql.bind(e.origin.as_str())
+                .push(", ")
+                .bind(e.caused_by.map(|c| c.to_string()))
+                .push(", ");
+            sql.bind(idem.map(|i| i.scope.clone()))
+                .push(", ")
+                .bind(idem.map(|i| i.key.clone()))
+                .push(", ");
+            sql.bind(idem.map(|i| i.request_hash.clone())).push(")");
+        }
+        sql.query().execute(&mut **tx).await?;
+        let mut select = Sql::new("SELECT seq, id FROM events WHERE id IN ");
+        select.bind_list(chunk.iter().map(|(e, _)| e.id.to_string()));
+        for row in select.query().fetch_all(&mut **tx).await? {
+            out.insert(row.try_get("id")?, row.try_get("seq")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Events recorded earlier under these idempotency keys, with their
+/// request hashes, by (scope, key).
+pub async fn find_keys(
+    tx: &mut Tx,
+    keys: &[(String, String)],
+) -> Result<HashMap<(String, String), (String, Event)>, sqlx::Error> {
+    let mut by_scope: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (scope, key) in keys {
+        by_scope
+            .entry(scope.as_str())
+            .or_default()
+            .push(key.as_str());
+    }
+    let mut out = HashMap::new();
+    for (scope, keys) in by_scope {
+        for chunk in keys.chunks(400) {
+            let mut sql = Sql::new(&format!(
+                "SELECT {COLUMNS}, e.idem_key, e.idem_hash FROM events e \
+                 JOIN systems s ON s.id = e.system_id WHERE e.idem_scope = "
+            ));
+            sql.bind(scope)
+                .push(" AND e.idem_key IN ")
+                .bind_list(chunk.iter().copied());
+            for row in sql.query().fetch_all(&mut **tx).await? {
+                let key: String = row.try_get("idem_key")?;
+                out.insert(
+                    (scope.to_owned(), key),
+                    (row.try_get("idem_hash")?, event_from_row(&row)?),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Records the state a state event sets, per (system, source).
 pub async fn set_state(tx: &mut Tx, e: &Event, source: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -61,38 +158,31 @@ pub async fn set_state(tx: &mut Tx, e: &Event, source: &str) -> Result<(), sqlx:
     Ok(())
 }
 
-/// The event recorded earlier under this idempotency key, with its request hash.
-pub async fn find_idempotent(
-    pool: &AnyPool,
-    scope: &str,
-    key: &str,
-) -> Result<Option<(Event, String)>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS}, e.idem_hash FROM events e JOIN systems s ON s.id = e.system_id \
-         WHERE e.idem_scope = $1 AND e.idem_key = $2"
-    );
-    let row = sqlx::query(&sql).bind(scope).bind(key).fetch_optional(pool).await?;
-    match row {
-        Some(row) => {
-            let hash: String = row.try_get("idem_hash")?;
-            Ok(Some((event_from_row(&row)?, hash)))
-        }
-        None => Ok(None),
-    }
-}
-
 pub async fn get(pool: &AnyPool, id: Uuid) -> Result<Option<Event>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM events e JOIN systems s ON s.id = e.system_id WHERE e.id = $1");
-    let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(pool).await?;
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events e JOIN systems s ON s.id = e.system_id WHERE e.id = $1"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await?;
     row.as_ref().map(event_from_row).transpose()
 }
 
-pub async fn exists(tx: &mut Tx, id: Uuid) -> Result<bool, sqlx::Error> {
-    let row = sqlx::query("SELECT 1 FROM events WHERE id = $1")
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(row.is_some())
+/// Which of these event ids exist.
+pub async fn existing_ids(tx: &mut Tx, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let mut out = HashSet::new();
+    for chunk in ids.chunks(500) {
+        let mut sql = Sql::new("SELECT id FROM events WHERE id IN ");
+        sql.bind_list(chunk.iter().map(|u| u.to_string()));
+        for row in sql.query().fetch_all(&mut **tx).await? {
+            let id: String = row.try_get("id")?;
+            if let Ok(u) = Uuid::parse_str(&id) {
+                out.insert(u);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Events committed after `after`, in commit order.
@@ -101,7 +191,11 @@ pub async fn after_seq(pool: &AnyPool, after: i64, limit: i64) -> Result<Vec<Eve
         "SELECT {COLUMNS} FROM events e JOIN systems s ON s.id = e.system_id \
          WHERE e.seq > $1 ORDER BY e.seq LIMIT $2"
     );
-    let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(pool).await?;
+    let rows = sqlx::query(&sql)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     rows.iter().map(event_from_row).collect()
 }
 
@@ -118,14 +212,18 @@ pub async fn after_seq_for(
     let mut sql = Sql::new(&format!(
         "SELECT {COLUMNS} FROM events e JOIN systems s ON s.id = e.system_id WHERE e.seq > "
     ));
-    sql.bind(after).push(" AND e.system_id IN ").bind_list(system_ids.iter());
+    sql.bind(after)
+        .push(" AND e.system_id IN ")
+        .bind_list(system_ids.iter());
     sql.push(" ORDER BY e.seq LIMIT ").bind(limit);
     let rows = sql.query().fetch_all(pool).await?;
     rows.iter().map(event_from_row).collect()
 }
 
 pub async fn max_seq(pool: &AnyPool) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events").fetch_one(pool).await?;
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events")
+        .fetch_one(pool)
+        .await?;
     row.try_get::<i64, _>(0)
 }
 
@@ -157,18 +255,74 @@ impl Cursor {
         let (t, id) = s.split_once('_')?;
         let occurred_at = t.parse().ok()?;
         let id = Uuid::parse_str(id).ok()?;
-        Some(Cursor { occurred_at, id: id.to_string() })
+        Some(Cursor {
+            occurred_at,
+            id: id.to_string(),
+        })
     }
 
     pub fn of(e: &Event) -> Cursor {
-        Cursor { occurred_at: to_micros(e.occurred_at), id: e.id.to_string() }
+        Cursor {
+            occurred_at: to_micros(e.occurred_at),
+            id: e.id.to_string(),
+        }
     }
 }
 
-/// Above this many systems, one IN query beats a union of per-system scans.
-const UNION_LIMIT: usize = 64;
+/// One newest-first index range: a system, narrowed to one kind and one
+/// severity when the filter names them.
+#[derive(Debug, Clone)]
+struct Probe<'a> {
+    system_id: &'a str,
+    kind: Option<&'a str>,
+    severity: Option<i64>,
+}
+
+/// Above this many probes, one IN query beats a merge of index ranges.
+const MAX_PROBES: usize = 4000;
+/// SQLite allows 500 terms in a compound SELECT; stay well below.
+const PROBES_PER_STATEMENT: usize = 200;
+
+fn probes<'a>(system_ids: &'a [String], f: &'a Filter) -> Vec<Probe<'a>> {
+    let severities: Vec<Option<i64>> = match f.min_severity {
+        Some(min) => Severity::ALL
+            .iter()
+            .filter(|s| **s >= min)
+            .map(|s| Some(s.rank()))
+            .collect(),
+        None if !f.kinds.is_empty() => Severity::ALL.iter().map(|s| Some(s.rank())).collect(),
+        None => vec![None],
+    };
+    let mut out = Vec::new();
+    for system_id in system_ids {
+        for severity in &severities {
+            for kind in &f.kinds {
+                out.push(Probe {
+                    system_id,
+                    kind: Some(kind),
+                    severity: *severity,
+                });
+            }
+            // Namespace filters cannot be expanded into kinds: they ride along
+            // as a residual condition on a per-system (and severity) probe.
+            if f.kinds.is_empty() || !f.kind_prefixes.is_empty() {
+                out.push(Probe {
+                    system_id,
+                    kind: None,
+                    severity: *severity,
+                });
+            }
+        }
+    }
+    out
+}
 
 /// Newest-first page of the events of `system_ids`, `limit` items at most.
+///
+/// Each probe reads at most `limit` keys from one index range, so a page
+/// costs about (number of probes × limit) index entries, whatever the total
+/// size of the timeline. The keys are merged here and only the winning rows
+/// are read in full.
 pub async fn page(
     pool: &AnyPool,
     system_ids: &[String],
@@ -179,30 +333,72 @@ pub async fn page(
     if system_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM ("));
-    if system_ids.len() <= UNION_LIMIT {
-        // Each system's newest rows come straight from its index; the merge
-        // of a few short lists is cheap whatever the total size.
-        for (i, id) in system_ids.iter().enumerate() {
-            if i > 0 {
-                sql.push(" UNION ALL ");
-            }
-            sql.push("SELECT * FROM (SELECT * FROM events WHERE system_id = ").bind(id);
-            push_filters(&mut sql, filter, before);
-            sql.push(" ORDER BY occurred_at DESC, id DESC LIMIT ").bind(limit);
-            sql.push(&format!(") AS p{i}"));
-        }
+    let probes = probes(system_ids, filter);
+    let mut keys: Vec<(i64, String, i64)> = Vec::new();
+    if probes.len() > MAX_PROBES {
+        let mut sql = Sql::new("SELECT seq, occurred_at, id FROM events WHERE system_id IN ");
+        sql.bind_list(system_ids.iter());
+        push_filters(&mut sql, filter, before, true);
+        sql.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+            .bind(limit);
+        keys.extend(read_keys(pool, &sql).await?);
     } else {
-        sql.push("SELECT * FROM events WHERE system_id IN ").bind_list(system_ids.iter());
-        push_filters(&mut sql, filter, before);
+        for chunk in probes.chunks(PROBES_PER_STATEMENT) {
+            let mut sql = Sql::new("");
+            for (i, p) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" UNION ALL ");
+                }
+                sql.push(
+                    "SELECT * FROM (SELECT seq, occurred_at, id FROM events WHERE system_id = ",
+                )
+                .bind(p.system_id);
+                if let Some(kind) = p.kind {
+                    sql.push(" AND kind = ").bind(kind);
+                }
+                if let Some(sev) = p.severity {
+                    sql.push(" AND severity = ").bind(sev);
+                }
+                push_filters(&mut sql, filter, before, p.kind.is_none());
+                sql.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+                    .bind(limit);
+                sql.push(&format!(") AS p{i}"));
+            }
+            keys.extend(read_keys(pool, &sql).await?);
+        }
     }
-    sql.push(") AS e JOIN systems s ON s.id = e.system_id ORDER BY e.occurred_at DESC, e.id DESC LIMIT ")
-        .bind(limit);
+    keys.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+    keys.dedup_by(|a, b| a.2 == b.2);
+    keys.truncate(usize::try_from(limit).unwrap_or(0));
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM events e JOIN systems s ON s.id = e.system_id WHERE e.seq IN "
+    ));
+    sql.bind_list(keys.iter().map(|k| k.2));
     let rows = sql.query().fetch_all(pool).await?;
-    rows.iter().map(event_from_row).collect()
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect::<Result<_, _>>()?;
+    events.sort_by_key(|e| std::cmp::Reverse((e.occurred_at, e.id)));
+    Ok(events)
 }
 
-fn push_filters(sql: &mut Sql, f: &Filter, before: Option<&Cursor>) {
+async fn read_keys(pool: &AnyPool, sql: &Sql) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
+    let rows = sql.query().fetch_all(pool).await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("occurred_at")?,
+                r.try_get("id")?,
+                r.try_get("seq")?,
+            ))
+        })
+        .collect()
+}
+
+/// Adds the cursor and the residual filters; `kinds` says whether the kind
+/// filter still has to be applied here (it has not been expanded into probes).
+fn push_filters(sql: &mut Sql, f: &Filter, before: Option<&Cursor>, kinds: bool) {
     if let Some(c) = before {
         sql.push(" AND occurred_at <= ").bind(c.occurred_at);
         sql.push(" AND (occurred_at < ").bind(c.occurred_at);
@@ -214,7 +410,7 @@ fn push_filters(sql: &mut Sql, f: &Filter, before: Option<&Cursor>) {
     if let Some(t) = f.until {
         sql.push(" AND occurred_at < ").bind(t);
     }
-    if !f.kinds.is_empty() || !f.kind_prefixes.is_empty() {
+    if kinds && (!f.kinds.is_empty() || !f.kind_prefixes.is_empty()) {
         sql.push(" AND (");
         let mut first = true;
         if !f.kinds.is_empty() {
@@ -225,18 +421,25 @@ fn push_filters(sql: &mut Sql, f: &Filter, before: Option<&Cursor>) {
             if !first {
                 sql.push(" OR ");
             }
-            sql.push("kind LIKE ").bind(format!("{}.%", like_escape(p))).push(" ESCAPE '\\'");
+            sql.push("kind LIKE ")
+                .bind(format!("{}.%", like_escape(p)))
+                .push(" ESCAPE '\\'");
             first = false;
         }
         sql.push(")");
     }
     if let Some(s) = f.min_severity {
+        // Redundant inside a severity probe, needed in the IN fallback.
         sql.push(" AND severity >= ").bind(s.rank());
     }
     if let Some(text) = &f.text {
         let pattern = format!("%{}%", like_escape(&text.to_lowercase()));
-        sql.push(" AND (lower(title) LIKE ").bind(pattern.clone()).push(" ESCAPE '\\'");
-        sql.push(" OR lower(body) LIKE ").bind(pattern).push(" ESCAPE '\\')");
+        sql.push(" AND (lower(title) LIKE ")
+            .bind(pattern.clone())
+            .push(" ESCAPE '\\'");
+        sql.push(" OR lower(body) LIKE ")
+            .bind(pattern)
+            .push(" ESCAPE '\\')");
     }
     if let Some(actor) = &f.actor {
         sql.push(" AND (actor_name = ").bind(actor.as_str());
@@ -305,13 +508,15 @@ pub async fn states_for(
         sql.bind_list(chunk.iter()).push(" ORDER BY source");
         for row in sql.query().fetch_all(pool).await? {
             let rank: i64 = row.try_get("severity")?;
-            out.entry(row.try_get("system_id")?).or_default().push(StateRow {
-                source: row.try_get("source")?,
-                severity: Severity::from_rank(rank).unwrap_or(Severity::Info),
-                summary: row.try_get("summary")?,
-                event_id: row.try_get("event_id")?,
-                since: row.try_get("since")?,
-            });
+            out.entry(row.try_get("system_id")?)
+                .or_default()
+                .push(StateRow {
+                    source: row.try_get("source")?,
+                    severity: Severity::from_rank(rank).unwrap_or(Severity::Info),
+                    summary: row.try_get("summary")?,
+                    event_id: row.try_get("event_id")?,
+                    since: row.try_get("since")?,
+                });
         }
     }
     Ok(out)

@@ -28,7 +28,11 @@ pub trait Subscriber: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Keep the cursor across restarts?
     fn durable(&self) -> bool;
-    fn handle<'a>(&'a self, ctx: &'a Context, events: &'a [Event]) -> BoxFuture<'a, Result<(), HandleError>>;
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a Context,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), HandleError>>;
 }
 
 const BATCH: i64 = 500;
@@ -77,14 +81,20 @@ pub async fn run(ctx: Arc<Context>, sub: Arc<dyn Subscriber>, mut stop: watch::R
 
 async fn start_cursor(ctx: &Context, sub: &dyn Subscriber) -> Result<i64, sqlx::Error> {
     if sub.durable() {
-        Ok(store::load_cursor(ctx.db.reader(), sub.name()).await?.unwrap_or(0))
+        Ok(store::load_cursor(ctx.db.reader(), sub.name())
+            .await?
+            .unwrap_or(0))
     } else {
         store::max_seq(ctx.db.reader()).await
     }
 }
 
 /// Handles one batch after `cursor`; returns the new cursor if there was one.
-pub async fn step(ctx: &Context, sub: &dyn Subscriber, cursor: i64) -> Result<Option<i64>, HandleError> {
+pub async fn step(
+    ctx: &Context,
+    sub: &dyn Subscriber,
+    cursor: i64,
+) -> Result<Option<i64>, HandleError> {
     let events = store::after_seq(ctx.db.reader(), cursor, BATCH)
         .await
         .map_err(|e| HandleError(e.to_string()))?;
@@ -98,7 +108,8 @@ pub async fn step(ctx: &Context, sub: &dyn Subscriber, cursor: i64) -> Result<Op
             store::save_cursor(&mut tx, sub.name(), last, to_micros(ctx.now())).await?;
             tx.commit().await
         };
-        save.await.map_err(|e: sqlx::Error| HandleError(e.to_string()))?;
+        save.await
+            .map_err(|e: sqlx::Error| HandleError(e.to_string()))?;
     }
     Ok(Some(last))
 }
@@ -116,7 +127,11 @@ impl Subscriber for LiveTail {
         false
     }
 
-    fn handle<'a>(&'a self, ctx: &'a Context, events: &'a [Event]) -> BoxFuture<'a, Result<(), HandleError>> {
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a Context,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), HandleError>> {
         Box::pin(async move {
             for e in events {
                 ctx.timeline.publish(Arc::new(e.clone()));

@@ -43,7 +43,9 @@ impl Role {
     }
 
     pub fn parse(s: &str) -> Option<Role> {
-        [Role::Viewer, Role::Operator, Role::Admin].into_iter().find(|r| r.as_str() == s)
+        [Role::Viewer, Role::Operator, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == s)
     }
 }
 
@@ -118,7 +120,11 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
 
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -126,7 +132,10 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
 pub fn generate_password() -> Result<Secret, UserError> {
     let bytes: [u8; 12] = random_bytes()?;
     let s = base32(&bytes).to_ascii_lowercase();
-    let groups: Vec<&str> = (0..s.len()).step_by(5).filter_map(|i| s.get(i..(i + 5).min(s.len()))).collect();
+    let groups: Vec<&str> = (0..s.len())
+        .step_by(5)
+        .filter_map(|i| s.get(i..(i + 5).min(s.len())))
+        .collect();
     Ok(Secret(groups.join("-")))
 }
 
@@ -167,7 +176,9 @@ pub async fn create_user(
     let hash = hash_password(password)?;
     let mut tx = ctx.db.begin().await?;
     match store::insert_user(&mut tx, &user, &hash, to_micros(ctx.now())).await {
-        Err(e) if crate::db::is_unique_violation(&e) => return Err(UserError::Taken(username.into())),
+        Err(e) if crate::db::is_unique_violation(&e) => {
+            return Err(UserError::Taken(username.into()))
+        }
         other => other?,
     }
     tx.commit().await?;

@@ -5,7 +5,12 @@ use sqlx::{AnyPool, Row};
 use super::{Principal, Role, User};
 use crate::db::Tx;
 
-pub async fn insert_user(tx: &mut Tx, u: &User, password_hash: &str, now: i64) -> Result<(), sqlx::Error> {
+pub async fn insert_user(
+    tx: &mut Tx,
+    u: &User,
+    password_hash: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO users (id, username, display_name, password_hash, must_change_password, role, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -55,7 +60,10 @@ pub struct TokenRow {
     pub principal: Principal,
 }
 
-pub async fn token_by_prefix(pool: &AnyPool, prefix: &str) -> Result<Option<TokenRow>, sqlx::Error> {
+pub async fn token_by_prefix(
+    pool: &AnyPool,
+    prefix: &str,
+) -> Result<Option<TokenRow>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT t.id, t.secret_hash, t.revoked_at, t.expires_at, t.last_used_at, \
          u.id AS user_id, u.username, u.display_name, u.role, u.disabled_at \
@@ -93,5 +101,8 @@ pub async fn touch_token(tx: &mut Tx, id: &str, now: i64) -> Result<(), sqlx::Er
 }
 
 pub async fn count_users(pool: &AnyPool) -> Result<i64, sqlx::Error> {
-    sqlx::query("SELECT COUNT(*) FROM users").fetch_one(pool).await?.try_get::<i64, _>(0)
+    sqlx::query("SELECT COUNT(*) FROM users")
+        .fetch_one(pool)
+        .await?
+        .try_get::<i64, _>(0)
 }

@@ -20,30 +20,54 @@ fn aramaki() -> Command {
 fn init_creates_everything_once_and_shows_secrets_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = aramaki().args(["init", "--data-dir"]).arg(&data).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = aramaki()
+        .args(["init", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("password:"), "{text}");
-    let token_line = text.lines().find(|l| l.contains("API token:")).expect("token printed");
+    let token_line = text
+        .lines()
+        .find(|l| l.contains("API token:"))
+        .expect("token printed");
     assert!(token_line.contains("ark_"));
 
     let config = std::fs::read_to_string(data.join("aramaki.toml")).unwrap();
-    assert!(config.starts_with("# Aramaki configuration."), "the config is commented");
+    assert!(
+        config.starts_with("# Aramaki configuration."),
+        "the config is commented"
+    );
     assert!(config.contains("listen = \"127.0.0.1:8764\""));
     assert!(data.join("aramaki.db").exists());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join("instance.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(data.join("instance.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let mode = std::fs::metadata(&data).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "the data directory is private");
     }
 
-    let again = aramaki().args(["init", "--data-dir"]).arg(&data).output().unwrap();
+    let again = aramaki()
+        .args(["init", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(again.status.success());
     let text = String::from_utf8_lossy(&again.stdout);
-    assert!(!text.contains("password:") && !text.contains("ark_"), "secrets are shown once: {text}");
+    assert!(
+        !text.contains("password:") && !text.contains("ark_"),
+        "secrets are shown once: {text}"
+    );
     assert!(text.contains("already initialised"));
 }
 
@@ -51,7 +75,11 @@ fn init_creates_everything_once_and_shows_secrets_once() {
 fn a_bad_configuration_value_stops_start_up_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("aramaki.toml"), "[server]\nlisten = 8764\n").unwrap();
-    let out = aramaki().args(["init", "--data-dir"]).arg(dir.path()).output().unwrap();
+    let out = aramaki()
+        .args(["init", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.listen"), "{err}");
@@ -104,9 +132,19 @@ async fn server_starts_on_a_fresh_data_directory_and_serves() {
     })
     .await
     .unwrap();
-    assert!(dir.path().join("aramaki-data/aramaki.toml").exists(), "default data dir is ./aramaki-data");
+    assert!(
+        dir.path().join("aramaki-data/aramaki.toml").exists(),
+        "default data dir is ./aramaki-data"
+    );
     let http = reqwest::Client::new();
-    let health: Value = http.get(format!("{url}/api/v1/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = http
+        .get(format!("{url}/api/v1/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     let (status, body) = {
         let r = http
@@ -132,8 +170,17 @@ async fn the_command_line_drives_the_api() {
         let token = token.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                let out = aramaki().args(&args).env("ARAMAKI_URL", base).env("ARAMAKI_TOKEN", token).output().unwrap();
-                (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+                let out = aramaki()
+                    .args(&args)
+                    .env("ARAMAKI_URL", base)
+                    .env("ARAMAKI_TOKEN", token)
+                    .output()
+                    .unwrap();
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
             })
             .await
             .unwrap()
@@ -144,19 +191,28 @@ async fn the_command_line_drives_the_api() {
     let (ok, out, err) = run(args("system add dc1 --title DataCenter --category infrastructure --label dc=dc1 --link dashboard|Grafana|https://grafana.example/d/1 --contact Ada|on-call|+4930|1")).await;
     assert!(ok, "{out}{err}");
     assert!(out.contains("created dc1"));
-    let (ok, _, _) = run(args("system add rack-1 --title Rack --category infrastructure")).await;
+    let (ok, _, _) = run(args(
+        "system add rack-1 --title Rack --category infrastructure",
+    ))
+    .await;
     assert!(ok);
     let (ok, out, _) = run(args("system include dc1 rack-1")).await;
     assert!(ok && out.contains("dc1 now includes rack-1"), "{out}");
     let (ok, _, err) = run(args("system include rack-1 dc1")).await;
     assert!(!ok);
-    assert!(err.contains("409") && err.contains("rack-1 → dc1 → rack-1"), "{err}");
+    assert!(
+        err.contains("409") && err.contains("rack-1 → dc1 → rack-1"),
+        "{err}"
+    );
 
     let (ok, out, _) = run(args("system list")).await;
     assert!(ok);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("SLUG"), "{out}");
-    assert!(lines[1].starts_with("dc1 ") && lines[1].contains("dc=dc1"), "{out}");
+    assert!(
+        lines[1].starts_with("dc1 ") && lines[1].contains("dc=dc1"),
+        "{out}"
+    );
     let (ok, out, _) = run(args("system list --json --category infrastructure")).await;
     assert!(ok);
     let list: Value = serde_json::from_str(&out).unwrap();
@@ -165,23 +221,41 @@ async fn the_command_line_drives_the_api() {
     let (ok, out, err) = run(args("system edit rack-1 --label row=a --title Rack-A")).await;
     assert!(ok, "{err}");
     assert!(out.contains("version 2"), "{out}");
-    let (ok, out, _) = run(args("event add rack-1 --kind deploy --title Firmware-upgraded --idempotency-key fw-1")).await;
+    let (ok, out, _) = run(args(
+        "event add rack-1 --kind deploy --title Firmware-upgraded --idempotency-key fw-1",
+    ))
+    .await;
     assert!(ok && out.starts_with("recorded"), "{out}");
-    let (ok, out, _) = run(args("event add rack-1 --kind deploy --title Firmware-upgraded --idempotency-key fw-1")).await;
+    let (ok, out, _) = run(args(
+        "event add rack-1 --kind deploy --title Firmware-upgraded --idempotency-key fw-1",
+    ))
+    .await;
     assert!(ok && out.starts_with("already recorded"), "{out}");
     let (ok, out, _) = run(args("timeline dc1 --kind deploy")).await;
     assert!(ok);
     assert_eq!(out.lines().count(), 1, "{out}");
-    assert!(out.contains("Firmware-upgraded") && out.contains("rack-1"), "{out}");
+    assert!(
+        out.contains("Firmware-upgraded") && out.contains("rack-1"),
+        "{out}"
+    );
     let (ok, out, _) = run(args("system status dc1")).await;
     assert!(ok && out.contains("rack-1"), "{out}");
     let (ok, out, _) = run(args("system show dc1")).await;
-    assert!(ok && out.contains("Grafana") && out.contains("Ada"), "{out}");
+    assert!(
+        ok && out.contains("Grafana") && out.contains("Ada"),
+        "{out}"
+    );
     let (ok, _, err) = run(args("system delete rack-1")).await;
     assert!(!ok && err.contains("still included by dc1"), "{err}");
     let (ok, _, _) = run(args("system delete rack-1 --force")).await;
     assert!(ok);
 
-    let (ok, _, err) = run(vec!["system".into(), "list".into(), "--token".into(), "ark_bad_token".into()]).await;
+    let (ok, _, err) = run(vec![
+        "system".into(),
+        "list".into(),
+        "--token".into(),
+        "ark_bad_token".into(),
+    ])
+    .await;
     assert!(!ok && err.contains("401"), "{err}");
 }

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 //! Integration tests: one binary, modules by domain. Storage-touching tests
 //! run on SQLite and, when ARAMAKI_TEST_POSTGRES_URL is set, on PostgreSQL.
 

@@ -55,7 +55,9 @@ async fn context(postgres: bool) -> (Arc<Context>, tempfile::TempDir) {
         config.database.url = fresh_postgres_schema().await;
     }
     config.database.max_connections = 2;
-    let setup = aramaki::setup::init(dir.path(), config, Arc::new(TestClock::new(start_time()))).await.unwrap();
+    let setup = aramaki::setup::init(dir.path(), config, Arc::new(TestClock::new(start_time())))
+        .await
+        .unwrap();
     (setup.context, dir)
 }
 
@@ -79,7 +81,9 @@ async fn check(ops: Vec<Op>, postgres: bool) {
         let (id, sl) = (s.id.to_string(), s.slug.to_string());
         let mut tx = ctx.db.begin().await.unwrap();
         let e = NewEvent::internal("note", Severity::Info, slug(i), serde_json::json!({}));
-        timeline::append(&ctx, &mut tx, &actor, Target { id: &id, slug: &sl }, e).await.unwrap();
+        timeline::append(&ctx, &mut tx, &actor, Target { id: &id, slug: &sl }, e)
+            .await
+            .unwrap();
         ctx.commit(tx).await.unwrap();
         ids.push(id);
     }
@@ -95,7 +99,9 @@ async fn check(ops: Vec<Op>, postgres: bool) {
                             assert_eq!(path.last(), Some(&slug(a)));
                             assert!(path.len() >= 2);
                         }
-                        other => panic!("include {a} → {b} must be refused as a cycle, got {other:?}"),
+                        other => {
+                            panic!("include {a} → {b} must be refused as a cycle, got {other:?}")
+                        }
                     }
                 } else {
                     assert!(result.is_ok(), "include {a} → {b}: {result:?}");
@@ -107,25 +113,50 @@ async fn check(ops: Vec<Op>, postgres: bool) {
                 if edges.remove(&(a, b)) {
                     assert!(result.is_ok(), "{result:?}");
                 } else {
-                    assert!(matches!(result, Err(SystemError::NotIncluded { .. })), "{result:?}");
+                    assert!(
+                        matches!(result, Err(SystemError::NotIncluded { .. })),
+                        "{result:?}"
+                    );
                 }
             }
         }
     }
-    let filter = Filter { kinds: vec!["note".into()], ..Filter::default() };
+    let filter = Filter {
+        kinds: vec!["note".into()],
+        ..Filter::default()
+    };
     for i in 0..N {
         let (_, closure) = systems::closure(&ctx, &slug(i)).await.unwrap();
-        let events = page(ctx.db.reader(), &closure, &filter, None, 100).await.unwrap();
+        let events = page(ctx.db.reader(), &closure, &filter, None, 100)
+            .await
+            .unwrap();
         let got: Vec<String> = events.iter().map(|e| e.title.clone()).collect();
         let unique: BTreeSet<String> = got.iter().cloned().collect();
-        assert_eq!(got.len(), unique.len(), "an event appeared twice in {}'s timeline: {got:?}", slug(i));
-        let expected: BTreeSet<String> = (0..N).filter(|&j| reaches(&edges, i, j)).map(slug).collect();
-        assert_eq!(unique, expected, "rollup of {} with edges {edges:?}", slug(i));
+        assert_eq!(
+            got.len(),
+            unique.len(),
+            "an event appeared twice in {}'s timeline: {got:?}",
+            slug(i)
+        );
+        let expected: BTreeSet<String> = (0..N)
+            .filter(|&j| reaches(&edges, i, j))
+            .map(slug)
+            .collect();
+        assert_eq!(
+            unique,
+            expected,
+            "rollup of {} with edges {edges:?}",
+            slug(i)
+        );
     }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 proptest! {

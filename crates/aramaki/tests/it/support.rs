@@ -60,7 +60,9 @@ impl Drop for TestApp {
 }
 
 pub fn postgres_url() -> Option<String> {
-    std::env::var("ARAMAKI_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
+    std::env::var("ARAMAKI_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
 }
 
 /// A fresh schema for one test, so tests can run in parallel.
@@ -68,8 +70,13 @@ pub async fn fresh_postgres_schema() -> Option<String> {
     let url = postgres_url()?;
     sqlx::any::install_default_drivers();
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let pool = sqlx::AnyPool::connect(&url).await.expect("connect to ARAMAKI_TEST_POSTGRES_URL");
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
+    let pool = sqlx::AnyPool::connect(&url)
+        .await
+        .expect("connect to ARAMAKI_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .expect("create schema");
     pool.close().await;
     let sep = if url.contains('?') { '&' } else { '?' };
     Some(format!("{url}{sep}options[search_path]={schema}"))
@@ -93,14 +100,20 @@ impl TestApp {
         Some(TestApp::start(Backend::Postgres).await)
     }
 
-    pub async fn start_with(backend: Backend, url: Option<String>, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    pub async fn start_with(
+        backend: Backend,
+        url: Option<String>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::default();
         config.database.url = url;
         config.database.max_connections = 4;
         tweak(&mut config);
         let clock = Arc::new(TestClock::new(start_time()));
-        let setup = setup::init(dir.path(), config, clock.clone()).await.expect("init");
+        let setup = setup::init(dir.path(), config, clock.clone())
+            .await
+            .expect("init");
         let admin = setup.first_admin.expect("first start creates an admin");
         let app = App::build(setup.context.clone(), "127.0.0.1:0".parse().expect("addr"))
             .await
@@ -124,11 +137,22 @@ impl TestApp {
     }
 
     /// A request as the admin.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         self.call_as(&self.token.clone(), method, path, body).await
     }
 
-    pub async fn call_as(&self, token: &str, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
@@ -136,7 +160,11 @@ impl TestApp {
         let resp = req.send().await.expect("request");
         let status = resp.status();
         let text = resp.text().await.expect("body");
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, value)
     }
 
@@ -160,7 +188,11 @@ impl TestApp {
     }
 
     pub async fn include(&self, parent: &str, child: &str) -> (StatusCode, Value) {
-        self.post(&format!("/api/v1/systems/{parent}/subsystems"), serde_json::json!({"slug": child})).await
+        self.post(
+            &format!("/api/v1/systems/{parent}/subsystems"),
+            serde_json::json!({"slug": child}),
+        )
+        .await
     }
 
     /// Records an event and asserts it worked.
@@ -178,22 +210,41 @@ impl TestApp {
 
     /// A user with `role` and a token for them.
     pub async fn user(&self, name: &str, role: Role) -> String {
-        let u = users::create_user(&self.ctx, name, name, role, "a long test password", false).await.expect("user");
-        users::create_token(&self.ctx, &u.id, "test").await.expect("token").expose().to_owned()
+        let u = users::create_user(&self.ctx, name, name, role, "a long test password", false)
+            .await
+            .expect("user");
+        users::create_token(&self.ctx, &u.id, "test")
+            .await
+            .expect("token")
+            .expose()
+            .to_owned()
     }
 
     /// Titles of a timeline page, newest first.
     pub async fn titles(&self, path: &str) -> Vec<String> {
         let v = self.get(path).await;
-        v["items"].as_array().expect("items").iter().map(|e| e["title"].as_str().unwrap_or("").to_owned()).collect()
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|e| e["title"].as_str().unwrap_or("").to_owned())
+            .collect()
     }
 
     /// Number of events and of live systems, to prove that refused requests wrote nothing.
     pub async fn counts(&self) -> (i64, i64) {
         use sqlx::Row;
         let pool = self.ctx.db.reader();
-        let e: i64 = sqlx::query("SELECT COUNT(*) FROM events").fetch_one(pool).await.expect("count").get(0);
-        let s: i64 = sqlx::query("SELECT COUNT(*) FROM systems WHERE deleted_at IS NULL").fetch_one(pool).await.expect("count").get(0);
+        let e: i64 = sqlx::query("SELECT COUNT(*) FROM events")
+            .fetch_one(pool)
+            .await
+            .expect("count")
+            .get(0);
+        let s: i64 = sqlx::query("SELECT COUNT(*) FROM systems WHERE deleted_at IS NULL")
+            .fetch_one(pool)
+            .await
+            .expect("count")
+            .get(0);
         (e, s)
     }
 }

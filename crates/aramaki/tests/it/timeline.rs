@@ -27,76 +27,183 @@ async fn diamond(app: &TestApp) {
     app.include("compute", "host-a").await;
 }
 
-both!(rollup_contains_each_subsystem_event_once_newest_first, |app| async move {
-    diamond(&app).await;
-    app.event("host-a", "note", "on the host", json!({"occurred_at": "2026-11-23T09:00:00Z"})).await;
-    app.event("storage", "deploy", "on storage", json!({"occurred_at": "2026-11-23T09:01:00Z"})).await;
-    app.event("dc1", "note", "on dc1", json!({"occurred_at": "2026-11-23T09:02:00Z"})).await;
-    app.event("elsewhere", "note", "not ours", json!({"occurred_at": "2026-11-23T09:03:00Z"})).await;
-    let titles = app.titles("/api/v1/systems/dc1/timeline?kind=note,deploy").await;
-    assert_eq!(titles, ["on dc1", "on storage", "on the host"], "host-a appears once although reached twice");
-    let titles = app.titles("/api/v1/systems/compute/timeline?kind=note,deploy").await;
-    assert_eq!(titles, ["on the host"]);
-    let e = app.get("/api/v1/systems/dc1/timeline?kind=note&limit=1").await;
-    assert_eq!(e["items"][0]["system"], "dc1");
-    assert_eq!(e["items"][0]["origin"], app.ctx.identity.instance_id.as_str());
-    assert_eq!(e["items"][0]["occurred_at"], "2026-11-23T09:02:00Z");
-});
+both!(
+    rollup_contains_each_subsystem_event_once_newest_first,
+    |app| async move {
+        diamond(&app).await;
+        app.event(
+            "host-a",
+            "note",
+            "on the host",
+            json!({"occurred_at": "2026-11-23T09:00:00Z"}),
+        )
+        .await;
+        app.event(
+            "storage",
+            "deploy",
+            "on storage",
+            json!({"occurred_at": "2026-11-23T09:01:00Z"}),
+        )
+        .await;
+        app.event(
+            "dc1",
+            "note",
+            "on dc1",
+            json!({"occurred_at": "2026-11-23T09:02:00Z"}),
+        )
+        .await;
+        app.event(
+            "elsewhere",
+            "note",
+            "not ours",
+            json!({"occurred_at": "2026-11-23T09:03:00Z"}),
+        )
+        .await;
+        let titles = app
+            .titles("/api/v1/systems/dc1/timeline?kind=note,deploy")
+            .await;
+        assert_eq!(
+            titles,
+            ["on dc1", "on storage", "on the host"],
+            "host-a appears once although reached twice"
+        );
+        let titles = app
+            .titles("/api/v1/systems/compute/timeline?kind=note,deploy")
+            .await;
+        assert_eq!(titles, ["on the host"]);
+        let e = app
+            .get("/api/v1/systems/dc1/timeline?kind=note&limit=1")
+            .await;
+        assert_eq!(e["items"][0]["system"], "dc1");
+        assert_eq!(
+            e["items"][0]["origin"],
+            app.ctx.identity.instance_id.as_str()
+        );
+        assert_eq!(e["items"][0]["occurred_at"], "2026-11-23T09:02:00Z");
+    }
+);
 
-both!(pages_follow_the_cursor_without_gaps_or_repeats, |app| async move {
-    diamond(&app).await;
-    let systems = ["dc1", "storage", "compute", "host-a"];
-    for i in 0..23 {
-        // Several events share a time: the id breaks the tie.
-        let at = format!("2026-11-23T10:{:02}:00Z", i / 3);
-        app.event(systems[i % 4], "note", &format!("n{i:02}"), json!({"occurred_at": at})).await;
-    }
-    let mut seen = Vec::new();
-    let mut path = "/api/v1/systems/dc1/timeline?kind=note&limit=5".to_owned();
-    loop {
-        let page = app.get(&path).await;
-        seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["title"].as_str().unwrap().to_owned()));
-        match page["next"].as_str() {
-            Some(next) => path = format!("/api/v1/systems/dc1/timeline?kind=note&limit=5&cursor={next}"),
-            None => break,
+both!(
+    pages_follow_the_cursor_without_gaps_or_repeats,
+    |app| async move {
+        diamond(&app).await;
+        let systems = ["dc1", "storage", "compute", "host-a"];
+        for i in 0..23 {
+            // Several events share a time: the id breaks the tie.
+            let at = format!("2026-11-23T10:{:02}:00Z", i / 3);
+            app.event(
+                systems[i % 4],
+                "note",
+                &format!("n{i:02}"),
+                json!({"occurred_at": at}),
+            )
+            .await;
         }
+        let mut seen = Vec::new();
+        let mut path = "/api/v1/systems/dc1/timeline?kind=note&limit=5".to_owned();
+        loop {
+            let page = app.get(&path).await;
+            seen.extend(
+                page["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["title"].as_str().unwrap().to_owned()),
+            );
+            match page["next"].as_str() {
+                Some(next) => {
+                    path = format!("/api/v1/systems/dc1/timeline?kind=note&limit=5&cursor={next}")
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 23);
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 23, "no event twice");
+        // Newest first by occurrence.
+        let minutes: Vec<usize> = seen
+            .iter()
+            .map(|t| t[1..].parse::<usize>().unwrap() / 3)
+            .collect();
+        assert!(minutes.windows(2).all(|w| w[0] >= w[1]), "{seen:?}");
     }
-    assert_eq!(seen.len(), 23);
-    let mut sorted = seen.clone();
-    sorted.sort();
-    sorted.dedup();
-    assert_eq!(sorted.len(), 23, "no event twice");
-    // Newest first by occurrence.
-    let minutes: Vec<usize> = seen.iter().map(|t| t[1..].parse::<usize>().unwrap() / 3).collect();
-    assert!(minutes.windows(2).all(|w| w[0] >= w[1]), "{seen:?}");
-});
+);
 
 both!(filters_narrow_the_timeline, |app| async move {
     diamond(&app).await;
     let ops = app.user("olga", aramaki::users::Role::Operator).await;
-    app.event("storage", "deploy", "Deployed storage v2", json!({"occurred_at": "2026-11-23T07:00:00Z", "severity": "ok"})).await;
-    app.event("host-a", "note", "Disk replaced", json!({"occurred_at": "2026-11-23T07:30:00Z", "body": "The *sdb* drive was swapped"})).await;
-    app.event("host-a", "state", "Disk failing", json!({"occurred_at": "2026-11-23T07:10:00Z", "severity": "critical"})).await;
+    app.event(
+        "storage",
+        "deploy",
+        "Deployed storage v2",
+        json!({"occurred_at": "2026-11-23T07:00:00Z", "severity": "ok"}),
+    )
+    .await;
+    app.event(
+        "host-a",
+        "note",
+        "Disk replaced",
+        json!({"occurred_at": "2026-11-23T07:30:00Z", "body": "The *sdb* drive was swapped"}),
+    )
+    .await;
+    app.event(
+        "host-a",
+        "state",
+        "Disk failing",
+        json!({"occurred_at": "2026-11-23T07:10:00Z", "severity": "critical"}),
+    )
+    .await;
     let (status, _) = app
         .call_as(&ops, Method::POST, "/api/v1/events", Some(json!({"system": "compute", "kind": "ci.pipeline", "title": "Pipeline 42 green", "occurred_at": "2026-11-23T07:20:00Z"})))
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let base = "/api/v1/systems/dc1/timeline";
-    assert_eq!(app.titles(&format!("{base}?severity=critical")).await, ["Disk failing"]);
-    assert_eq!(app.titles(&format!("{base}?severity=ok&kind=deploy,state")).await, ["Disk failing", "Deployed storage v2"]);
-    assert_eq!(app.titles(&format!("{base}?kind=ci.*")).await, ["Pipeline 42 green"]);
-    assert_eq!(app.titles(&format!("{base}?q=SDB")).await, ["Disk replaced"], "text search covers the body, ignoring case");
-    assert_eq!(app.titles(&format!("{base}?actor=olga")).await, ["Pipeline 42 green"]);
     assert_eq!(
-        app.titles(&format!("{base}?since=2026-11-23T07:05:00Z&until=2026-11-23T07:25:00Z")).await,
+        app.titles(&format!("{base}?severity=critical")).await,
+        ["Disk failing"]
+    );
+    assert_eq!(
+        app.titles(&format!("{base}?severity=ok&kind=deploy,state"))
+            .await,
+        ["Disk failing", "Deployed storage v2"]
+    );
+    assert_eq!(
+        app.titles(&format!("{base}?kind=ci.*")).await,
+        ["Pipeline 42 green"]
+    );
+    assert_eq!(
+        app.titles(&format!("{base}?q=SDB")).await,
+        ["Disk replaced"],
+        "text search covers the body, ignoring case"
+    );
+    assert_eq!(
+        app.titles(&format!("{base}?actor=olga")).await,
+        ["Pipeline 42 green"]
+    );
+    assert_eq!(
+        app.titles(&format!(
+            "{base}?since=2026-11-23T07:05:00Z&until=2026-11-23T07:25:00Z"
+        ))
+        .await,
         ["Pipeline 42 green", "Disk failing"]
     );
-    let (status, p) = app.call(Method::GET, &format!("{base}?severity=fatal"), None).await;
+    let (status, p) = app
+        .call(Method::GET, &format!("{base}?severity=fatal"), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(p["detail"].as_str().unwrap().contains("unknown severity 'fatal'"));
-    let (status, _) = app.call(Method::GET, &format!("{base}?since=yesterday"), None).await;
+    assert!(p["detail"]
+        .as_str()
+        .unwrap()
+        .contains("unknown severity 'fatal'"));
+    let (status, _) = app
+        .call(Method::GET, &format!("{base}?since=yesterday"), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = app.call(Method::GET, &format!("{base}?cursor=nonsense"), None).await;
+    let (status, _) = app
+        .call(Method::GET, &format!("{base}?cursor=nonsense"), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 });
 
@@ -120,39 +227,82 @@ both!(an_idempotency_key_records_one_event, |app| async move {
     assert_eq!(second.headers().get("idempotent-replayed").unwrap(), "true");
     let second: serde_json::Value = second.json().await.unwrap();
     assert_eq!(first["id"], second["id"]);
-    assert_eq!(app.titles("/api/v1/systems/shop/timeline?kind=deploy").await.len(), 1);
+    assert_eq!(
+        app.titles("/api/v1/systems/shop/timeline?kind=deploy")
+            .await
+            .len(),
+        1
+    );
 
     let mut other = body.clone();
     other["title"] = json!("Deployed 1.4.3");
     let third = send(other).await.unwrap();
     assert_eq!(third.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(app.titles("/api/v1/systems/shop/timeline?kind=deploy").await.len(), 1);
+    assert_eq!(
+        app.titles("/api/v1/systems/shop/timeline?kind=deploy")
+            .await
+            .len(),
+        1
+    );
 
-    let got = app.get(&format!("/api/v1/events/{}", first["id"].as_str().unwrap())).await;
+    let got = app
+        .get(&format!("/api/v1/events/{}", first["id"].as_str().unwrap()))
+        .await;
     assert_eq!(got["data"]["version"], "1.4.2");
 });
 
-both!(reserved_kinds_and_bad_events_are_refused, |app| async move {
-    app.system("shop", "project", json!({})).await;
-    let before = app.counts().await;
-    for (body, field) in [
-        (json!({"system": "shop", "kind": "system.updated", "title": "forged"}), "kind"),
-        (json!({"system": "nope", "kind": "note", "title": "x"}), "system"),
-        (json!({"system": "shop", "kind": "state", "title": "x", "severity": "info"}), "severity"),
-        (json!({"system": "shop", "kind": "note", "title": "  "}), "title"),
-        (json!({"system": "shop", "kind": "note", "title": "x", "data": [1, 2]}), "data"),
-        (json!({"system": "shop", "kind": "note", "title": "x", "occurred_at": "2027-01-01T00:00:00Z"}), "occurred_at"),
-        (json!({"system": "shop", "kind": "note", "title": "x", "caused_by": "01900000-0000-7000-8000-000000000000"}), "caused_by"),
-    ] {
-        let (status, p) = app.post("/api/v1/events", body.clone()).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {p}");
-        assert_eq!(p["field"], field, "{p}");
+both!(
+    reserved_kinds_and_bad_events_are_refused,
+    |app| async move {
+        app.system("shop", "project", json!({})).await;
+        let before = app.counts().await;
+        for (body, field) in [
+            (
+                json!({"system": "shop", "kind": "system.updated", "title": "forged"}),
+                "kind",
+            ),
+            (
+                json!({"system": "nope", "kind": "note", "title": "x"}),
+                "system",
+            ),
+            (
+                json!({"system": "shop", "kind": "state", "title": "x", "severity": "info"}),
+                "severity",
+            ),
+            (
+                json!({"system": "shop", "kind": "note", "title": "  "}),
+                "title",
+            ),
+            (
+                json!({"system": "shop", "kind": "note", "title": "x", "data": [1, 2]}),
+                "data",
+            ),
+            (
+                json!({"system": "shop", "kind": "note", "title": "x", "occurred_at": "2027-01-01T00:00:00Z"}),
+                "occurred_at",
+            ),
+            (
+                json!({"system": "shop", "kind": "note", "title": "x", "caused_by": "01900000-0000-7000-8000-000000000000"}),
+                "caused_by",
+            ),
+        ] {
+            let (status, p) = app.post("/api/v1/events", body.clone()).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {p}");
+            assert_eq!(p["field"], field, "{p}");
+        }
+        assert_eq!(app.counts().await, before);
+        let cause = app.event("shop", "deploy", "Deployed", json!({})).await;
+        let effect = app
+            .event(
+                "shop",
+                "note",
+                "Rolled back",
+                json!({"caused_by": cause["id"]}),
+            )
+            .await;
+        assert_eq!(effect["caused_by"], cause["id"]);
     }
-    assert_eq!(app.counts().await, before);
-    let cause = app.event("shop", "deploy", "Deployed", json!({})).await;
-    let effect = app.event("shop", "note", "Rolled back", json!({"caused_by": cause["id"]})).await;
-    assert_eq!(effect["caused_by"], cause["id"]);
-});
+);
 
 /// Reads server-sent events until `n` `data:` payloads arrived.
 async fn read_sse(resp: reqwest::Response, n: usize) -> Vec<serde_json::Value> {
@@ -178,35 +328,47 @@ async fn read_sse(resp: reqwest::Response, n: usize) -> Vec<serde_json::Value> {
     out
 }
 
-both!(the_live_tail_streams_subsystem_events_and_resumes, |app| async move {
-    diamond(&app).await;
-    let open = |last: Option<String>| {
-        let mut req = app.http.get(app.url("/api/v1/systems/dc1/timeline/stream")).bearer_auth(&app.token);
-        if let Some(id) = last {
-            req = req.header("Last-Event-ID", id);
-        }
-        req.send()
-    };
-    let resp = open(None).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    app.event("elsewhere", "note", "not for dc1", json!({})).await;
-    let first = app.event("host-a", "note", "first", json!({})).await;
-    app.event("dc1", "note", "second", json!({})).await;
-    let got = read_sse(resp, 2).await;
-    assert_eq!(got[0]["title"], "first");
-    assert_eq!(got[1]["title"], "second");
+both!(
+    the_live_tail_streams_subsystem_events_and_resumes,
+    |app| async move {
+        diamond(&app).await;
+        let open = |last: Option<String>| {
+            let mut req = app
+                .http
+                .get(app.url("/api/v1/systems/dc1/timeline/stream"))
+                .bearer_auth(&app.token);
+            if let Some(id) = last {
+                req = req.header("Last-Event-ID", id);
+            }
+            req.send()
+        };
+        let resp = open(None).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        app.event("elsewhere", "note", "not for dc1", json!({}))
+            .await;
+        let first = app.event("host-a", "note", "first", json!({})).await;
+        app.event("dc1", "note", "second", json!({})).await;
+        let got = read_sse(resp, 2).await;
+        assert_eq!(got[0]["title"], "first");
+        assert_eq!(got[1]["title"], "second");
 
-    // Reconnect after "first": "second" is replayed, then live ones follow.
-    let resp = open(Some(first["sequence"].to_string())).await.unwrap();
-    app.event("storage", "note", "third", json!({})).await;
-    let got = read_sse(resp, 2).await;
-    assert_eq!(got[0]["title"], "second");
-    assert_eq!(got[1]["title"], "third");
+        // Reconnect after "first": "second" is replayed, then live ones follow.
+        let resp = open(Some(first["sequence"].to_string())).await.unwrap();
+        app.event("storage", "note", "third", json!({})).await;
+        let got = read_sse(resp, 2).await;
+        assert_eq!(got[0]["title"], "second");
+        assert_eq!(got[1]["title"], "third");
 
-    let (status, _) = app.call(Method::GET, "/api/v1/systems/nope/timeline/stream", None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-});
+        let (status, _) = app
+            .call(Method::GET, "/api/v1/systems/nope/timeline/stream", None)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+);
 
 /// A durable test subscriber that remembers what it saw.
 struct Recorder(Mutex<Vec<String>>);
@@ -218,28 +380,178 @@ impl Subscriber for Recorder {
     fn durable(&self) -> bool {
         true
     }
-    fn handle<'a>(&'a self, _ctx: &'a Context, events: &'a [Event]) -> BoxFuture<'a, Result<(), HandleError>> {
+    fn handle<'a>(
+        &'a self,
+        _ctx: &'a Context,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), HandleError>> {
         Box::pin(async move {
-            self.0.lock().unwrap().extend(events.iter().map(|e| e.title.clone()));
+            self.0
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|e| e.title.clone()));
             Ok(())
         })
     }
 }
 
-both!(a_durable_subscriber_resumes_at_its_cursor, |app| async move {
-    app.system("shop", "project", json!({})).await;
-    app.event("shop", "note", "one", json!({})).await;
-    let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
-    let mut cursor = 0;
-    while let Some(next) = subscribers::step(&app.ctx, rec.as_ref(), cursor).await.unwrap() {
-        cursor = next;
+both!(
+    a_durable_subscriber_resumes_at_its_cursor,
+    |app| async move {
+        app.system("shop", "project", json!({})).await;
+        app.event("shop", "note", "one", json!({})).await;
+        let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let mut cursor = 0;
+        while let Some(next) = subscribers::step(&app.ctx, rec.as_ref(), cursor)
+            .await
+            .unwrap()
+        {
+            cursor = next;
+        }
+        assert_eq!(*rec.0.lock().unwrap(), ["Created project 'SHOP'", "one"]);
+        app.event("shop", "note", "two", json!({})).await;
+        // A "restarted" subscriber starts from the stored cursor, not from zero.
+        let stored = aramaki::timeline::store::load_cursor(app.ctx.db.reader(), "test-recorder")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, cursor);
+        let again = Arc::new(Recorder(Mutex::new(Vec::new())));
+        assert!(subscribers::step(&app.ctx, again.as_ref(), stored)
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(*again.0.lock().unwrap(), ["two"]);
     }
-    assert_eq!(*rec.0.lock().unwrap(), ["Created project 'SHOP'", "one"]);
-    app.event("shop", "note", "two", json!({})).await;
-    // A "restarted" subscriber starts from the stored cursor, not from zero.
-    let stored = aramaki::timeline::store::load_cursor(app.ctx.db.reader(), "test-recorder").await.unwrap().unwrap();
-    assert_eq!(stored, cursor);
-    let again = Arc::new(Recorder(Mutex::new(Vec::new())));
-    assert!(subscribers::step(&app.ctx, again.as_ref(), stored).await.unwrap().is_some());
-    assert_eq!(*again.0.lock().unwrap(), ["two"]);
+);
+
+both!(
+    concurrent_requests_with_one_key_record_one_event,
+    |app| async move {
+        app.system("shop", "project", json!({})).await;
+        let body = json!({"system": "shop", "kind": "deploy", "title": "Deployed 2.0"});
+        let sends = (0..12).map(|_| {
+            app.http
+                .post(app.url("/api/v1/events"))
+                .bearer_auth(&app.token)
+                .header("Idempotency-Key", "run-7")
+                .json(&body)
+                .send()
+        });
+        let statuses: Vec<StatusCode> = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().status())
+            .collect();
+        assert_eq!(
+            statuses
+                .iter()
+                .filter(|s| **s == StatusCode::CREATED)
+                .count(),
+            1,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+            11,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            app.titles("/api/v1/systems/shop/timeline?kind=deploy")
+                .await,
+            ["Deployed 2.0"]
+        );
+    }
+);
+
+both!(
+    concurrent_events_are_all_recorded_in_commit_order,
+    |app| async move {
+        app.system("shop", "project", json!({})).await;
+        let sends = (0..60).map(|i| {
+            app.post(
+                "/api/v1/events",
+                json!({"system": "shop", "kind": "note", "title": format!("n{i}")}),
+            )
+        });
+        let results = futures_util::future::join_all(sends).await;
+        let mut seqs: Vec<i64> = results
+            .iter()
+            .map(|(s, v)| {
+                assert_eq!(*s, StatusCode::CREATED, "{v}");
+                v["sequence"].as_i64().unwrap()
+            })
+            .collect();
+        seqs.sort();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 60, "each event has its own sequence number");
+        let page = app
+            .get("/api/v1/systems/shop/timeline?kind=note&limit=100")
+            .await;
+        assert_eq!(page["items"].as_array().unwrap().len(), 60);
+    }
+);
+
+both!(a_batch_is_recorded_all_or_none, |app| async move {
+    app.system("shop", "project", json!({})).await;
+    app.system("db", "service", json!({})).await;
+    let before = app.counts().await;
+    let (status, p) = app
+        .post(
+            "/api/v1/events/batch",
+            json!({"events": [
+                {"system": "shop", "kind": "deploy", "title": "ok one"},
+                {"system": "nowhere", "kind": "deploy", "title": "bad one"}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert_eq!(p["field"], "events[1].system");
+    let (status, p) = app
+        .post(
+            "/api/v1/events/batch",
+            json!({"events": [{"system": "shop", "kind": "deploy", "title": " "}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(p["field"], "events[0].title");
+    let (status, _) = app
+        .post("/api/v1/events/batch", json!({"events": []}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        app.counts().await,
+        before,
+        "nothing of a refused batch is written"
+    );
+
+    let batch = json!({"events": [
+        {"system": "shop", "kind": "deploy", "title": "shop 3.1", "idempotency_key": "b-1"},
+        {"system": "db", "kind": "state", "title": "replica lag", "severity": "warning", "idempotency_key": "b-2"},
+        {"system": "db", "kind": "note", "title": "looking into it"}
+    ]});
+    let (status, v) = app.post("/api/v1/events/batch", batch.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(items.iter().all(|i| i["replayed"] == false));
+    assert_eq!(
+        app.get("/api/v1/systems/db/status").await["state"],
+        "warning"
+    );
+    // Sent again: the keyed events are replayed, the unkeyed one is new.
+    let (status, v) = app.post("/api/v1/events/batch", batch).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let replayed: Vec<bool> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["replayed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(replayed, [true, true, false]);
+    assert_eq!(
+        app.titles("/api/v1/systems/shop/timeline?kind=deploy")
+            .await,
+        ["shop 3.1"]
+    );
 });
