@@ -292,6 +292,44 @@ async fn record(base: &str, token: &str, total: usize, clients: usize) -> Result
     ))
 }
 
+/// Records `total` events in batches of `size` through `POST /api/v1/events/batch`.
+async fn record_bulk(
+    base: &str,
+    token: &str,
+    total: usize,
+    size: usize,
+    clients: usize,
+) -> Result<f64> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let batches = total.div_ceil(size);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, url, token) = (
+            http.clone(),
+            format!("{base}/api/v1/events/batch"),
+            token.to_owned(),
+        );
+        let mine: Vec<usize> = (0..batches).filter(|b| b % clients == c).collect();
+        tasks.push(tokio::spawn(async move {
+            for b in mine {
+                let events: Vec<serde_json::Value> = (0..size)
+                    .map(|i| json!({"system": format!("host-{}-{}", b % 10, i % 4), "kind": "ci.pipeline", "title": format!("bulk {b}/{i}")}))
+                    .collect();
+                let resp = http.post(&url).bearer_auth(&token).json(&json!({"events": events})).send().await?;
+                if resp.status() != reqwest::StatusCode::CREATED {
+                    bail!("bulk recording failed: {}", resp.status());
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok((batches * size) as f64 / started.elapsed().as_secs_f64())
+}
+
 async fn timeline_scenario(
     events: usize,
     requests: usize,
@@ -338,6 +376,8 @@ async fn timeline_scenario(
     }
     let (rate, p50, p99) = record(&base, &token, total, clients).await?;
     println!("record events via POST /api/v1/events: {rate:8.0} events/s   p50 {p50:.2} ms   p99 {p99:.2} ms   ({total} events, {clients} clients)");
+    let rate = record_bulk(&base, &token, total, 500, 4).await?;
+    println!("record events via POST /api/v1/events/batch: {rate:8.0} events/s   ({total} events, batches of 500, 4 clients)");
     Ok(())
 }
 

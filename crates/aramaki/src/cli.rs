@@ -741,7 +741,12 @@ pub async fn timeline(client: &Client, args: TimelineArgs) -> Result<()> {
     if !args.follow {
         return Ok(());
     }
-    follow(client, &format!("{path}/stream")).await
+    let qs = query_string(&[
+        ("kind", args.kind.clone()),
+        ("severity", args.severity.clone()),
+        ("q", args.q.clone()),
+    ]);
+    follow(client, &format!("{path}/stream{qs}")).await
 }
 
 /// Prints the live tail, resuming after the last seen event on reconnect.

@@ -457,18 +457,14 @@ pub async fn include(
             path,
         });
     }
+    let before = explicit_children(&graph, &pid);
     store::include(&mut tx, &pid, &cid, to_micros(ctx.now())).await?;
+    let mut after = before.clone();
+    after.push(c.slug.to_string());
+    after.sort();
     let title = format!("Included '{}'", c.slug);
-    record(
-        ctx,
-        &mut tx,
-        actor,
-        &p,
-        "system.included",
-        title,
-        json!({ "child": c.slug, "child_id": cid }),
-    )
-    .await?;
+    let data = json!({ "child": c.slug, "child_id": cid, "before": { "subsystems": before }, "after": { "subsystems": after } });
+    record(ctx, &mut tx, actor, &p, "system.included", title, data).await?;
     ctx.commit(tx).await?;
     Ok(Included::Now)
 }
@@ -482,26 +478,36 @@ pub async fn exclude(
     let mut tx = ctx.db.begin().await?;
     let p = load(&mut tx, parent).await?;
     let c = load(&mut tx, child).await?;
-    let cid = c.id.to_string();
-    if !store::exclude(&mut tx, &p.id.to_string(), &cid).await? {
+    let (pid, cid) = (p.id.to_string(), c.id.to_string());
+    let before = explicit_children(&store::load_graph(&mut tx).await?, &pid);
+    if !store::exclude(&mut tx, &pid, &cid).await? {
         return Err(SystemError::NotIncluded {
             parent: parent.to_owned(),
             child: child.to_owned(),
         });
     }
+    let after: Vec<String> = before
+        .iter()
+        .filter(|s| **s != c.slug.as_str())
+        .cloned()
+        .collect();
     let title = format!("Excluded '{}'", c.slug);
-    record(
-        ctx,
-        &mut tx,
-        actor,
-        &p,
-        "system.excluded",
-        title,
-        json!({ "child": c.slug, "child_id": cid }),
-    )
-    .await?;
+    let data = json!({ "child": c.slug, "child_id": cid, "before": { "subsystems": before }, "after": { "subsystems": after } });
+    record(ctx, &mut tx, actor, &p, "system.excluded", title, data).await?;
     ctx.commit(tx).await?;
     Ok(())
+}
+
+/// Slugs of the systems `id` includes explicitly, sorted.
+fn explicit_children(graph: &Graph, id: &str) -> Vec<String> {
+    let mut slugs: Vec<String> = graph
+        .members(id)
+        .into_iter()
+        .filter(|(_, via)| *via == Via::Include)
+        .map(|(kid, _)| graph.slug(&kid).to_owned())
+        .collect();
+    slugs.sort();
+    slugs
 }
 
 pub async fn get(ctx: &Context, slug: &str) -> Result<System, SystemError> {

@@ -162,8 +162,9 @@ async fn get_timeline(
 
 /// The live tail of a system's timeline as server-sent events (`event:
 /// timeline`, `id:` the event's sequence). Send `Last-Event-ID` to resume
-/// after a reconnect without losing events. Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}/timeline/stream", tag = "timeline",
+/// after a reconnect without losing events. Takes the timeline's filters
+/// (not `cursor` or `limit`). Role: viewer.
+#[utoipa::path(get, path = "/systems/{slug}/timeline/stream", tag = "timeline", params(TimelineQuery),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, content_type = "text/event-stream", description = "A stream of events"),
               (status = 404, body = crate::web::ProblemBody)))]
@@ -172,8 +173,15 @@ async fn stream_timeline(
     _: Viewer,
     Path(slug): Path<String>,
     headers: HeaderMap,
+    ApiQuery(q): ApiQuery<TimelineQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
     let slug = path_slug(&slug)?;
+    if q.cursor.is_some() || q.limit.is_some() {
+        return Err(Problem::bad_request(
+            "a stream takes no cursor or limit; send Last-Event-ID to resume",
+        ));
+    }
+    let filter = q.filter()?;
     let resume = match headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()
@@ -192,6 +200,7 @@ async fn stream_timeline(
     let last = resume.unwrap_or(head);
     let tail = Tail {
         ctx: ctx.clone(),
+        filter,
         slug,
         rx,
         ids: ids.into_iter().collect(),
@@ -214,6 +223,7 @@ async fn stream_timeline(
 /// One SSE connection's position in the timeline.
 struct Tail {
     ctx: Arc<Context>,
+    filter: Filter,
     slug: Slug,
     rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
     ids: HashSet<String>,
@@ -231,7 +241,10 @@ impl Tail {
             }
             if let Some(e) = self.pending.pop_front() {
                 self.last = self.last.max(e.sequence);
-                return Some(e);
+                if self.filter.matches(&e) {
+                    return Some(e);
+                }
+                continue;
             }
             match self.rx.recv().await {
                 Ok(e) => {
@@ -240,7 +253,9 @@ impl Tail {
                     }
                     if e.sequence > self.last && self.ids.contains(&e.system_id) {
                         self.last = e.sequence;
-                        return Some(e.as_ref().clone());
+                        if self.filter.matches(&e) {
+                            return Some(e.as_ref().clone());
+                        }
                     }
                 }
                 // Too slow for the live feed: read what we missed from the store.

@@ -239,6 +239,35 @@ pub struct Filter {
     pub actor: Option<String>,
 }
 
+impl Filter {
+    /// Whether an event passes the filter (for live streams, which are not
+    /// read from an index).
+    pub fn matches(&self, e: &Event) -> bool {
+        let at = to_micros(e.occurred_at);
+        let kinds_ok = (self.kinds.is_empty() && self.kind_prefixes.is_empty())
+            || self.kinds.contains(&e.kind)
+            || self.kind_prefixes.iter().any(|p| {
+                e.kind
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            });
+        let text_ok = self.text.as_ref().is_none_or(|t| {
+            let t = t.to_lowercase();
+            e.title.to_lowercase().contains(&t) || e.body.to_lowercase().contains(&t)
+        });
+        let actor_ok = self
+            .actor
+            .as_ref()
+            .is_none_or(|a| e.actor.name == *a || e.actor.id.as_deref() == Some(a.as_str()));
+        kinds_ok
+            && text_ok
+            && actor_ok
+            && self.min_severity.is_none_or(|s| e.severity >= s)
+            && self.since.is_none_or(|s| at >= s)
+            && self.until.is_none_or(|u| at < u)
+    }
+}
+
 /// A position in a timeline: strictly older than (occurred_at, id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {

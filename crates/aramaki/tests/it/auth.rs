@@ -6,13 +6,18 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::both;
-use crate::support::{Backend, TestApp};
+use crate::support::{backends, Backend, TestApp};
 
 /// Every operation in the OpenAPI document names its role, and every
 /// operation that is not public refuses a caller without a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_states_its_role_and_denies_anonymous_callers() {
-    let app = TestApp::start(Backend::Sqlite).await;
+    for backend in backends() {
+        every_operation_on(TestApp::start(backend).await).await;
+    }
+}
+
+async fn every_operation_on(app: TestApp) {
     app.system("shop", "project", json!({})).await;
     let doc: Value = app
         .http
@@ -123,7 +128,12 @@ both!(roles_limit_what_a_token_may_do, |app| async move {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn public_read_opens_reads_only() {
-    let app = TestApp::start_with(Backend::Sqlite, None, |c| c.api.public_read = true).await;
+    for backend in backends() {
+        public_read_on(TestApp::start_tweaked(backend, |c| c.api.public_read = true).await).await;
+    }
+}
+
+async fn public_read_on(app: TestApp) {
     app.system("shop", "project", json!({})).await;
     let anon = |m: Method, path: &str| {
         app.http

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
 
-use crate::support::{Backend, TestApp};
+use crate::support::{backends, TestApp};
 
 fn aramaki() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_aramaki"));
@@ -162,7 +162,12 @@ async fn server_starts_on_a_fresh_data_directory_and_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_drives_the_api() {
-    let app = TestApp::start(Backend::Sqlite).await;
+    for backend in backends() {
+        command_line_on(TestApp::start(backend).await).await;
+    }
+}
+
+async fn command_line_on(app: TestApp) {
     let base = app.base.clone();
     let token = app.token.clone();
     let run = move |args: Vec<String>| {
@@ -258,4 +263,42 @@ async fn the_command_line_drives_the_api() {
     ])
     .await;
     assert!(!ok && err.contains("401"), "{err}");
+
+    // --follow prints events as they are recorded.
+    let mut child = aramaki()
+        .args(["timeline", "dc1", "--follow", "--kind", "note"])
+        .env("ARAMAKI_URL", &app.base)
+        .env("ARAMAKI_TOKEN", &app.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let follower = Server(child);
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The stream is open once a recorded event comes through; keep recording until one does.
+    let mut seen = None;
+    for attempt in 0..50 {
+        app.event("dc1", "note", &format!("live note {attempt}"), json!({}))
+            .await;
+        if let Ok(Some(line)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), lines_rx.recv()).await
+        {
+            seen = Some(line);
+            break;
+        }
+    }
+    let line = seen.expect("--follow printed a live event");
+    assert!(
+        line.contains("live note") && line.contains("dc1") && line.contains("note"),
+        "{line}"
+    );
+    drop(follower);
 }

@@ -59,6 +59,15 @@ impl Drop for TestApp {
     }
 }
 
+/// The backends to test on: SQLite always, PostgreSQL when configured.
+pub fn backends() -> Vec<Backend> {
+    let mut out = vec![Backend::Sqlite];
+    if postgres_url().is_some() {
+        out.push(Backend::Postgres);
+    }
+    out
+}
+
 pub fn postgres_url() -> Option<String> {
     std::env::var("ARAMAKI_TEST_POSTGRES_URL")
         .ok()
@@ -88,11 +97,16 @@ pub fn start_time() -> jiff::Timestamp {
 
 impl TestApp {
     pub async fn start(backend: Backend) -> TestApp {
+        TestApp::start_tweaked(backend, |_| {}).await
+    }
+
+    /// Starts on `backend` with a configuration tweak.
+    pub async fn start_tweaked(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let url = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => Some(fresh_postgres_schema().await.expect("postgres configured")),
         };
-        TestApp::start_with(backend, url, |_| {}).await
+        TestApp::start_with(backend, url, tweak).await
     }
 
     pub async fn start_postgres() -> Option<TestApp> {

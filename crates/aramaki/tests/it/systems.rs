@@ -203,16 +203,26 @@ both!(
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(p["detail"], "'compute' does not include 'host-a'");
-        let kinds = app
+        let page = app
             .get("/api/v1/systems/compute/timeline?kind=system.included,system.excluded")
             .await;
-        let kinds: Vec<&str> = kinds["items"]
+        let kinds: Vec<&str> = page["items"]
             .as_array()
             .unwrap()
             .iter()
             .map(|e| e["kind"].as_str().unwrap())
             .collect();
         assert_eq!(kinds, ["system.excluded", "system.included"]);
+        assert_eq!(
+            page["items"][0]["data"]["before"]["subsystems"],
+            json!(["host-a"])
+        );
+        assert_eq!(page["items"][0]["data"]["after"]["subsystems"], json!([]));
+        assert_eq!(
+            page["items"][1]["data"]["after"]["subsystems"],
+            json!(["host-a"])
+        );
+        assert_eq!(page["items"][0]["actor"]["name"], "Administrator");
     }
 );
 

@@ -363,6 +363,27 @@ both!(
         assert_eq!(got[0]["title"], "second");
         assert_eq!(got[1]["title"], "third");
 
+        // A filtered stream passes only what matches.
+        let resp = app
+            .http
+            .get(app.url("/api/v1/systems/dc1/timeline/stream?kind=deploy&severity=warning"))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        app.event("host-a", "note", "a note", json!({"severity": "critical"}))
+            .await;
+        app.event("host-a", "deploy", "quiet deploy", json!({}))
+            .await;
+        app.event(
+            "host-a",
+            "deploy",
+            "loud deploy",
+            json!({"severity": "warning"}),
+        )
+        .await;
+        assert_eq!(read_sse(resp, 1).await[0]["title"], "loud deploy");
+
         let (status, _) = app
             .call(Method::GET, "/api/v1/systems/nope/timeline/stream", None)
             .await;
