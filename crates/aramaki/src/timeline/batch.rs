@@ -117,6 +117,8 @@ impl Appender {
                     _ = stop.changed() => None,
                 };
                 let Some(first) = first else { break };
+                // Let requests that are being handled right now join this batch.
+                tokio::task::yield_now().await;
                 let mut size = first.0.len();
                 let mut items = vec![first];
                 while size < MAX_BATCH {

@@ -52,8 +52,10 @@ pub async fn insert_many(
     rows: &[(&Event, Option<&Idempotency>)],
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
     let mut out = HashMap::new();
-    // 17 parameters a row; stay far below SQLite's limit of 32766.
-    for chunk in rows.chunks(500) {
+    // 17 parameters a row. SQLite looks each numbered parameter up by a
+    // linear scan, so a statement's cost grows with the square of its
+    // parameters: many small statements beat one large one (measured).
+    for chunk in rows.chunks(32) {
         let mut sql = Sql::new(
             "INSERT INTO events (id, system_id, occurred_at, recorded_at, kind, severity, title, body, \
              actor_kind, actor_id, actor_name, data, origin, caused_by, idem_scope, idem_key, idem_hash) VALUES ",
@@ -94,10 +96,8 @@ pub async fn insert_many(
                 .push(", ");
             sql.bind(idem.map(|i| i.request_hash.clone())).push(")");
         }
-        sql.query().execute(&mut **tx).await?;
-        let mut select = Sql::new("SELECT seq, id FROM events WHERE id IN ");
-        select.bind_list(chunk.iter().map(|(e, _)| e.id.to_string()));
-        for row in select.query().fetch_all(&mut **tx).await? {
+        sql.push(" RETURNING seq, id");
+        for row in sql.query().fetch_all(&mut **tx).await? {
             out.insert(row.try_get("id")?, row.try_get("seq")?);
         }
     }
@@ -309,8 +309,9 @@ struct Probe<'a> {
 
 /// Above this many probes, one IN query beats a merge of index ranges.
 const MAX_PROBES: usize = 4000;
-/// SQLite allows 500 terms in a compound SELECT; stay well below.
-const PROBES_PER_STATEMENT: usize = 200;
+/// SQLite allows 500 terms in a compound SELECT, and looks numbered
+/// parameters up linearly (quadratic in their number): keep statements small.
+const PROBES_PER_STATEMENT: usize = 64;
 
 fn probes<'a>(system_ids: &'a [String], f: &'a Filter) -> Vec<Probe<'a>> {
     let severities: Vec<Option<i64>> = match f.min_severity {
@@ -372,29 +373,39 @@ pub async fn page(
             .bind(limit);
         keys.extend(read_keys(pool, &sql).await?);
     } else {
-        for chunk in probes.chunks(PROBES_PER_STATEMENT) {
-            let mut sql = Sql::new("");
-            for (i, p) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push(" UNION ALL ");
+        // Integers the server chose itself (limit, severity rank) are written
+        // as literals: fewer parameters make cheaper statements on SQLite.
+        let statements: Vec<Sql> = probes
+            .chunks(PROBES_PER_STATEMENT)
+            .map(|chunk| {
+                let mut sql = Sql::new("");
+                for (i, p) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(" UNION ALL ");
+                    }
+                    sql.push(
+                        "SELECT * FROM (SELECT seq, occurred_at, id FROM events WHERE system_id = ",
+                    )
+                    .bind(p.system_id);
+                    if let Some(kind) = p.kind {
+                        sql.push(" AND kind = ").bind(kind);
+                    }
+                    if let Some(sev) = p.severity {
+                        sql.push(&format!(" AND severity = {sev}"));
+                    }
+                    push_filters(&mut sql, filter, before, p.kind.is_none());
+                    sql.push(&format!(
+                        " ORDER BY occurred_at DESC, id DESC LIMIT {limit}) AS p{i}"
+                    ));
                 }
-                sql.push(
-                    "SELECT * FROM (SELECT seq, occurred_at, id FROM events WHERE system_id = ",
-                )
-                .bind(p.system_id);
-                if let Some(kind) = p.kind {
-                    sql.push(" AND kind = ").bind(kind);
-                }
-                if let Some(sev) = p.severity {
-                    sql.push(" AND severity = ").bind(sev);
-                }
-                push_filters(&mut sql, filter, before, p.kind.is_none());
-                sql.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
-                    .bind(limit);
-                sql.push(&format!(") AS p{i}"));
-            }
-            keys.extend(read_keys(pool, &sql).await?);
-        }
+                sql
+            })
+            .collect();
+        // Independent statements run side by side on the reader pool.
+        let results =
+            futures_util::future::try_join_all(statements.iter().map(|sql| read_keys(pool, sql)))
+                .await?;
+        keys.extend(results.into_iter().flatten());
     }
     keys.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
     keys.dedup_by(|a, b| a.2 == b.2);
