@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use aramaki::config::Config;
 use aramaki::context::SystemClock;
-use aramaki::systems::model::{CategoryName, Labels, Slug};
+use aramaki::systems::model::{CategoryName, Slug};
 use aramaki::systems::{self, NewSystem};
 use aramaki::timeline::{self, Actor, Kind, NewEvent, Target};
 use aramaki_protocol::Severity;
@@ -80,17 +80,11 @@ async fn seed(dir: &Path, database_url: Option<String>, events: usize) -> Result
         .to_owned();
     let actor = Actor::user("bench", "Bench");
     let new = |slug: String, category: &str| -> Result<NewSystem> {
-        Ok(NewSystem {
-            title: slug.clone(),
-            slug: Slug::try_from(slug).map_err(anyhow::Error::msg)?,
-            category: CategoryName::try_from(category.to_owned()).map_err(anyhow::Error::msg)?,
-            description: String::new(),
-            handbook: String::new(),
-            labels: Labels::default(),
-            links: vec![],
-            contacts: vec![],
-            selector: None,
-        })
+        Ok(NewSystem::new(
+            Slug::try_from(slug.clone()).map_err(anyhow::Error::msg)?,
+            &slug,
+            CategoryName::try_from(category.to_owned()).map_err(anyhow::Error::msg)?,
+        ))
     };
     let mut targets =
         vec![systems::create(&ctx, &actor, new("root".into(), "infrastructure")?).await?];

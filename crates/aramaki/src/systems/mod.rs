@@ -151,6 +151,21 @@ pub enum SystemError {
 }
 
 impl NewSystem {
+    /// A plain system with nothing but its names; the rest can be added later.
+    pub fn new(slug: Slug, title: &str, category: CategoryName) -> NewSystem {
+        NewSystem {
+            slug,
+            title: title.to_owned(),
+            category,
+            description: String::new(),
+            handbook: String::new(),
+            labels: Labels::default(),
+            links: Vec::new(),
+            contacts: Vec::new(),
+            selector: None,
+        }
+    }
+
     fn validate(&self) -> Result<(), Invalid> {
         check_text("title", &self.title, 1, 200)?;
         check_text("description", &self.description, 0, MAX_MARKDOWN)?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use aramaki::config::Config;
 use aramaki::context::{Context, TestClock};
-use aramaki::systems::model::{CategoryName, Labels, Slug};
+use aramaki::systems::model::{CategoryName, Slug};
 use aramaki::systems::{self, NewSystem, SystemError};
 use aramaki::timeline::store::{page, Filter};
 use aramaki::timeline::{self, Actor, NewEvent, Target};
@@ -66,17 +66,11 @@ async fn check(ops: Vec<Op>, postgres: bool) {
     let actor = Actor::user("prop", "Property");
     let mut ids = Vec::new();
     for i in 0..N {
-        let new = NewSystem {
-            slug: Slug::try_from(slug(i)).unwrap(),
-            title: slug(i),
-            category: CategoryName::try_from("host".to_owned()).unwrap(),
-            description: String::new(),
-            handbook: String::new(),
-            labels: Labels::default(),
-            links: vec![],
-            contacts: vec![],
-            selector: None,
-        };
+        let new = NewSystem::new(
+            Slug::try_from(slug(i)).unwrap(),
+            &slug(i),
+            CategoryName::try_from("host".to_owned()).unwrap(),
+        );
         let s = systems::create(&ctx, &actor, new).await.unwrap();
         let (id, sl) = (s.id.to_string(), s.slug.to_string());
         let mut tx = ctx.db.begin().await.unwrap();
