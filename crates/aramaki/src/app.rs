@@ -53,6 +53,15 @@ impl App {
             tokio::spawn(subscribers::run(self.ctx.clone(), sub, stop.clone()));
         }
         crate::timeline::batch::Appender::spawn(self.ctx.clone(), stop.clone());
+        let (ctx, mut stop_streams) = (self.ctx.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !*stop_streams.borrow() {
+                if stop_streams.changed().await.is_err() {
+                    return;
+                }
+            }
+            ctx.timeline.close();
+        });
         let router = crate::web::app(self.ctx.clone());
         let mut stop_http = stop.clone();
         axum::serve(self.listener, router)

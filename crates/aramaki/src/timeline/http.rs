@@ -200,6 +200,7 @@ async fn stream_timeline(
     let last = resume.unwrap_or(head);
     let tail = Tail {
         ctx: ctx.clone(),
+        closing: ctx.timeline.closing(),
         filter,
         slug,
         rx,
@@ -223,6 +224,7 @@ async fn stream_timeline(
 /// One SSE connection's position in the timeline.
 struct Tail {
     ctx: Arc<Context>,
+    closing: tokio::sync::watch::Receiver<bool>,
     filter: Filter,
     slug: Slug,
     rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
@@ -246,7 +248,14 @@ impl Tail {
                 }
                 continue;
             }
-            match self.rx.recv().await {
+            if *self.closing.borrow() {
+                return None;
+            }
+            let received = tokio::select! {
+                r = self.rx.recv() => r,
+                _ = self.closing.changed() => return None,
+            };
+            match received {
                 Ok(e) => {
                     if e.kind.starts_with("system.") {
                         self.refresh().await;

@@ -11,6 +11,7 @@ use super::Event;
 pub struct TimelineHub {
     commits: watch::Sender<u64>,
     live: broadcast::Sender<Arc<Event>>,
+    closed: watch::Sender<bool>,
 }
 
 impl Default for TimelineHub {
@@ -23,7 +24,12 @@ impl TimelineHub {
     pub fn new() -> TimelineHub {
         let (commits, _) = watch::channel(0);
         let (live, _) = broadcast::channel(4096);
-        TimelineHub { commits, live }
+        let (closed, _) = watch::channel(false);
+        TimelineHub {
+            commits,
+            live,
+            closed,
+        }
     }
 
     /// Something was committed: subscribers should look for new events.
@@ -39,6 +45,17 @@ impl TimelineHub {
     /// Live events, in commit order, as the live-tail subscriber sees them.
     pub fn listen(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
+    }
+
+    /// The server is stopping: live streams end, so that a graceful
+    /// shutdown does not wait for clients that never hang up.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Turns true when the server stops.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
     }
 
     pub(crate) fn publish(&self, event: Arc<Event>) {

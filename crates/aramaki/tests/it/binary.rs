@@ -157,7 +157,33 @@ async fn server_starts_on_a_fresh_data_directory_and_serves() {
         (r.status(), r.text().await.unwrap())
     };
     assert_eq!(status, 201, "{body}");
-    drop(server);
+
+    // Ctrl-C stops the server even while a live stream is open.
+    let stream = http
+        .get(format!("{url}/api/v1/systems/shop/timeline/stream"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut server = server;
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut child = std::mem::replace(&mut server.0, Command::new("true").spawn().unwrap());
+    let exit = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("the server stops within 20 s of Ctrl-C")
+    .unwrap()
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    drop(stream);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
