@@ -159,7 +159,7 @@ async fn ensure_admin(ctx: &Context) -> Result<Option<FirstAdmin>, SetupError> {
         ctx,
         "admin",
         "Administrator",
-        Role::Admin,
+        Some(Role::Admin),
         password.expose(),
         true,
     )

@@ -21,6 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::context::Context;
+use crate::users::access::Access;
 use crate::users::{Principal, Role};
 
 pub type AppState = Arc<Context>;
@@ -219,61 +220,44 @@ fn unauthorized(detail: &str) -> Problem {
     Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
 }
 
-fn forbidden(needed: Role) -> Problem {
-    Problem::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        format!("this needs the {needed} role"),
-    )
+pub fn forbidden(detail: String) -> Problem {
+    Problem::new(StatusCode::FORBIDDEN, "forbidden", detail)
 }
 
-async fn require(headers: &HeaderMap, ctx: &Context, needed: Role) -> Result<Principal, Problem> {
-    let p = principal(headers, ctx).await?.ok_or_else(|| {
-        unauthorized("this needs an API token: send 'Authorization: Bearer <token>'")
-    })?;
-    if p.may(needed) {
-        Ok(p)
-    } else {
-        Err(forbidden(needed))
-    }
+pub fn needs_token() -> Problem {
+    unauthorized("this needs an API token: send 'Authorization: Bearer <token>'")
 }
 
-/// Role `viewer`: read access. Anonymous callers pass only when
-/// `api.public_read` is set; then the principal is `None`.
-pub struct Viewer(pub Option<Principal>);
+/// Any authenticated caller (or, with `api.public_read`, an anonymous
+/// reader), with their roles. Handlers check the role a route needs on the
+/// system it touches through [`crate::systems::http::authorize`].
+pub struct Caller(pub Access);
 
-/// Role `operator`: may record events.
-pub struct Operator(pub Principal);
+/// The instance admin: may create systems and categories.
+pub struct InstanceAdmin(pub Principal);
 
-/// Role `admin`: may change systems and structure.
-pub struct Admin(pub Principal);
-
-impl FromRequestParts<AppState> for Viewer {
+impl FromRequestParts<AppState> for Caller {
     type Rejection = Problem;
     async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
         match principal(&parts.headers, ctx).await? {
-            Some(p) => Ok(Viewer(Some(p))),
-            None if ctx.config.api.public_read => Ok(Viewer(None)),
-            None => Err(unauthorized(
-                "this needs an API token: send 'Authorization: Bearer <token>'",
-            )),
+            Some(p) => Ok(Caller(Access::of(ctx, p).await?)),
+            None if ctx.config.api.public_read => Ok(Caller(Access::public_reader())),
+            None => Err(needs_token()),
         }
     }
 }
 
-impl FromRequestParts<AppState> for Operator {
+impl FromRequestParts<AppState> for InstanceAdmin {
     type Rejection = Problem;
     async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
-        require(&parts.headers, ctx, Role::Operator)
-            .await
-            .map(Operator)
-    }
-}
-
-impl FromRequestParts<AppState> for Admin {
-    type Rejection = Problem;
-    async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Problem> {
-        require(&parts.headers, ctx, Role::Admin).await.map(Admin)
+        let p = principal(&parts.headers, ctx)
+            .await?
+            .ok_or_else(needs_token)?;
+        if p.may_everywhere(Role::Admin) {
+            Ok(InstanceAdmin(p))
+        } else {
+            Err(forbidden("this needs the instance admin".into()))
+        }
     }
 }
 
@@ -392,10 +376,10 @@ async fn health(State(ctx): State<AppState>) -> (StatusCode, Json<Health>) {
     )
 }
 
-/// Prometheus metrics. Role: viewer, or public when `metrics.public` is set.
+/// Prometheus metrics. Role: any token holder, or public when `metrics.public` is set.
 async fn metrics(State(ctx): State<AppState>, headers: HeaderMap) -> Result<Response, Problem> {
     if !ctx.config.metrics.public {
-        require(&headers, &ctx, Role::Viewer).await?;
+        principal(&headers, &ctx).await?.ok_or_else(needs_token)?;
     }
     let body = ctx.metrics.render(ctx.db.pool_stats());
     Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())

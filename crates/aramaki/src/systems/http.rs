@@ -12,7 +12,12 @@ use utoipa_axum::routes;
 use super::model::{LabelSelector, Slug};
 use super::status::Status;
 use super::{Category, Included, Member, NewCategory, NewSystem, System, SystemError, SystemPatch};
-use crate::web::{Admin, ApiJson, ApiQuery, AppState, Problem, Viewer};
+use crate::context::Context;
+use crate::users::access::Access;
+use crate::users::Role;
+use crate::web::{
+    forbidden, needs_token, ApiJson, ApiQuery, AppState, Caller, InstanceAdmin, Problem,
+};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -46,6 +51,46 @@ impl From<SystemError> for Problem {
             SystemError::Db(db) => Problem::internal(&db),
         }
     }
+}
+
+/// Checks that the caller holds `needed` on the system `slug`. A system the
+/// caller may not see at all is reported as not found, like one that does
+/// not exist, so that slugs do not leak.
+pub async fn authorize(
+    ctx: &Context,
+    access: &Access,
+    slug: &str,
+    needed: Role,
+) -> Result<(), Problem> {
+    if access.everywhere(needed) {
+        return Ok(());
+    }
+    let mut conn = ctx.db.reader().acquire().await?;
+    let id = super::store::ids_by_slugs(&mut conn, &[slug.to_owned()])
+        .await?
+        .remove(slug);
+    let graph = super::store::load_graph(&mut conn).await?;
+    match id.and_then(|id| access.role_on(&graph, &id)) {
+        None => Err(SystemError::NotFound(slug.to_owned()).into()),
+        Some(_) if access.principal().is_none() => Err(needs_token()),
+        Some(role) if role < needed => Err(forbidden(format!(
+            "this needs the {needed} role on '{slug}'"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The ids of the systems the caller may see, or `None` for all.
+pub async fn visible(
+    ctx: &Context,
+    access: &Access,
+) -> Result<Option<std::collections::HashSet<String>>, Problem> {
+    if access.everywhere(Role::Viewer) {
+        return Ok(None);
+    }
+    let mut conn = ctx.db.reader().acquire().await?;
+    let graph = super::store::load_graph(&mut conn).await?;
+    Ok(access.visible(&graph))
 }
 
 /// Parses a slug from the path, or answers 400 naming the problem.
@@ -88,7 +133,7 @@ pub struct ListQuery {
     responses((status = 200, body = SystemPage), (status = 400, body = crate::web::ProblemBody)))]
 async fn list_systems(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<SystemPage>, Problem> {
     let limit = q.limit.unwrap_or(100);
@@ -111,6 +156,9 @@ async fn list_systems(
         labels,
         text: q.q.filter(|t| !t.trim().is_empty()),
         after_slug: after_slug.map(String::from),
+        only_ids: visible(&ctx, &access)
+            .await?
+            .map(|set| set.into_iter().collect()),
     };
     let mut conn = ctx.db.reader().acquire().await?;
     let mut items = super::store::list(&mut conn, &filter, limit + 1).await?;
@@ -130,7 +178,7 @@ async fn list_systems(
               (status = 422, body = crate::web::ProblemBody)))]
 async fn create_system(
     State(ctx): State<AppState>,
-    Admin(p): Admin,
+    InstanceAdmin(p): InstanceAdmin,
     ApiJson(new): ApiJson<NewSystem>,
 ) -> Result<(StatusCode, Json<System>), Problem> {
     let system = super::create(&ctx, &p.actor(), new).await?;
@@ -143,10 +191,11 @@ async fn create_system(
     responses((status = 200, body = System), (status = 404, body = crate::web::ProblemBody)))]
 async fn get_system(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(slug): Path<String>,
 ) -> Result<Json<System>, Problem> {
     let slug = path_slug(&slug)?;
+    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
     Ok(Json(super::get(&ctx, slug.as_str()).await?))
 }
 
@@ -157,13 +206,14 @@ async fn get_system(
               (status = 409, body = crate::web::ProblemBody), (status = 422, body = crate::web::ProblemBody)))]
 async fn update_system(
     State(ctx): State<AppState>,
-    Admin(p): Admin,
+    Caller(access): Caller,
     Path(slug): Path<String>,
     ApiJson(patch): ApiJson<SystemPatch>,
 ) -> Result<Json<System>, Problem> {
     let slug = path_slug(&slug)?;
+    authorize(&ctx, &access, slug.as_str(), Role::Admin).await?;
     Ok(Json(
-        super::update(&ctx, &p.actor(), slug.as_str(), patch).await?,
+        super::update(&ctx, &access.actor(), slug.as_str(), patch).await?,
     ))
 }
 
@@ -182,12 +232,13 @@ pub struct DeleteQuery {
     responses((status = 204), (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
 async fn delete_system(
     State(ctx): State<AppState>,
-    Admin(p): Admin,
+    Caller(access): Caller,
     Path(slug): Path<String>,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, Problem> {
     let slug = path_slug(&slug)?;
-    super::delete(&ctx, &p.actor(), slug.as_str(), q.force).await?;
+    authorize(&ctx, &access, slug.as_str(), Role::Admin).await?;
+    super::delete(&ctx, &access.actor(), slug.as_str(), q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -197,10 +248,11 @@ async fn delete_system(
     responses((status = 200, body = MemberList), (status = 404, body = crate::web::ProblemBody)))]
 async fn list_subsystems(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(slug): Path<String>,
 ) -> Result<Json<MemberList>, Problem> {
     let slug = path_slug(&slug)?;
+    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
     let items = super::neighbours(&ctx, slug.as_str(), true).await?;
     Ok(Json(MemberList { items, next: None }))
 }
@@ -211,11 +263,15 @@ async fn list_subsystems(
     responses((status = 200, body = MemberList), (status = 404, body = crate::web::ProblemBody)))]
 async fn list_includers(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(slug): Path<String>,
 ) -> Result<Json<MemberList>, Problem> {
     let slug = path_slug(&slug)?;
-    let items = super::neighbours(&ctx, slug.as_str(), false).await?;
+    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
+    let mut items = super::neighbours(&ctx, slug.as_str(), false).await?;
+    if let Some(visible) = visible(&ctx, &access).await? {
+        items.retain(|m| visible.contains(&m.system.id.to_string()));
+    }
     Ok(Json(MemberList { items, next: None }))
 }
 
@@ -235,19 +291,23 @@ pub struct IncludeResult {
     pub created: bool,
 }
 
-/// Include a subsystem; a cycle is refused with its path. Role: admin.
+/// Include a subsystem; a cycle is refused with its path. Role: admin on both.
 #[utoipa::path(post, path = "/systems/{slug}/subsystems", tag = "systems", request_body = IncludeRequest,
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
     responses((status = 201, body = IncludeResult), (status = 200, body = IncludeResult),
               (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
 async fn include_subsystem(
     State(ctx): State<AppState>,
-    Admin(p): Admin,
+    Caller(access): Caller,
     Path(slug): Path<String>,
     ApiJson(req): ApiJson<IncludeRequest>,
 ) -> Result<Response, Problem> {
     let parent = path_slug(&slug)?;
-    let outcome = super::include(&ctx, &p.actor(), parent.as_str(), req.slug.as_str()).await?;
+    authorize(&ctx, &access, parent.as_str(), Role::Admin).await?;
+    // Including extends the parent's grants to the child: only someone who
+    // administers both may do it, or a grant would grow by itself.
+    authorize(&ctx, &access, req.slug.as_str(), Role::Admin).await?;
+    let outcome = super::include(&ctx, &access.actor(), parent.as_str(), req.slug.as_str()).await?;
     let created = outcome == Included::Now;
     let body = IncludeResult {
         parent: parent.to_string(),
@@ -268,12 +328,13 @@ async fn include_subsystem(
     responses((status = 204), (status = 404, body = crate::web::ProblemBody)))]
 async fn exclude_subsystem(
     State(ctx): State<AppState>,
-    Admin(p): Admin,
+    Caller(access): Caller,
     Path((slug, child)): Path<(String, String)>,
 ) -> Result<StatusCode, Problem> {
     let parent = path_slug(&slug)?;
     let child = path_slug(&child)?;
-    super::exclude(&ctx, &p.actor(), parent.as_str(), child.as_str()).await?;
+    authorize(&ctx, &access, parent.as_str(), Role::Admin).await?;
+    super::exclude(&ctx, &access.actor(), parent.as_str(), child.as_str()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -283,10 +344,11 @@ async fn exclude_subsystem(
     responses((status = 200, body = Status), (status = 404, body = crate::web::ProblemBody)))]
 async fn get_status(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(slug): Path<String>,
 ) -> Result<Json<Status>, Problem> {
     let slug = path_slug(&slug)?;
+    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
     Ok(Json(super::status::status(&ctx, slug.as_str()).await?))
 }
 
@@ -306,8 +368,12 @@ pub struct AnchorList {
 #[utoipa::path(get, path = "/anchors", tag = "systems",
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = AnchorList)))]
-async fn list_anchors(State(ctx): State<AppState>, _: Viewer) -> Result<Json<AnchorList>, Problem> {
-    let items = super::anchors(&ctx)
+async fn list_anchors(
+    State(ctx): State<AppState>,
+    Caller(access): Caller,
+) -> Result<Json<AnchorList>, Problem> {
+    let visible = visible(&ctx, &access).await?;
+    let items = super::anchors(&ctx, visible.as_ref())
         .await?
         .into_iter()
         .map(|(c, systems)| AnchorGroup {
@@ -330,7 +396,7 @@ pub struct CategoryList {
     responses((status = 200, body = CategoryList)))]
 async fn list_categories(
     State(ctx): State<AppState>,
-    _: Viewer,
+    _: Caller,
 ) -> Result<Json<CategoryList>, Problem> {
     Ok(Json(CategoryList {
         items: super::categories(&ctx).await?,
@@ -344,7 +410,7 @@ async fn list_categories(
     responses((status = 201, body = Category), (status = 409, body = crate::web::ProblemBody)))]
 async fn create_category(
     State(ctx): State<AppState>,
-    _: Admin,
+    _: InstanceAdmin,
     ApiJson(new): ApiJson<NewCategory>,
 ) -> Result<(StatusCode, Json<Category>), Problem> {
     Ok((

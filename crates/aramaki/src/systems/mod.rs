@@ -572,15 +572,27 @@ pub async fn neighbours(
         .collect())
 }
 
-/// Anchors (systems no other system includes), grouped by category.
-pub async fn anchors(ctx: &Context) -> Result<Vec<(CategoryName, Vec<System>)>, SystemError> {
+/// Anchors (systems no other system includes), grouped by category. For a
+/// caller who sees only part of the estate (`visible`), the anchors are the
+/// visible systems that no visible system includes.
+pub async fn anchors(
+    ctx: &Context,
+    visible: Option<&std::collections::HashSet<String>>,
+) -> Result<Vec<(CategoryName, Vec<System>)>, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
     let graph = store::load_graph(&mut conn).await?;
-    let ids: Vec<String> = graph
-        .ids()
-        .filter(|id| graph.is_anchor(id))
-        .cloned()
-        .collect();
+    let ids: Vec<String> = match visible {
+        None => graph
+            .ids()
+            .filter(|id| graph.is_anchor(id))
+            .cloned()
+            .collect(),
+        Some(set) => set
+            .iter()
+            .filter(|id| graph.parents(id).iter().all(|(p, _)| !set.contains(p)))
+            .cloned()
+            .collect(),
+    };
     let mut systems = store::by_ids(&mut conn, &ids).await?;
     systems.sort_by(|a, b| (&a.category, &a.slug).cmp(&(&b.category, &b.slug)));
     let mut groups: Vec<(CategoryName, Vec<System>)> = Vec::new();

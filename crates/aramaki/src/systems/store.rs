@@ -128,6 +128,8 @@ pub struct ListFilter {
     pub labels: Option<LabelSelector>,
     pub text: Option<String>,
     pub after_slug: Option<String>,
+    /// Only these systems (the ones a caller may see), if set.
+    pub only_ids: Option<Vec<String>>,
 }
 
 pub async fn list(
@@ -143,6 +145,12 @@ pub async fn list(
     }
     if let Some(after) = &f.after_slug {
         sql.push(" AND s.slug > ").bind(after.as_str());
+    }
+    if let Some(ids) = &f.only_ids {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sql.push(" AND s.id IN ").bind_list(ids.iter());
     }
     if let Some(sel) = &f.labels {
         for term in sel.terms() {

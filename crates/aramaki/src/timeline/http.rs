@@ -28,9 +28,12 @@ use super::{Event, Idempotency, Kind, NewEvent};
 use crate::context::Context;
 use crate::db::to_micros;
 use crate::federation::identity::hex;
+use crate::systems::http::authorize;
 use crate::systems::http::path_slug;
 use crate::systems::model::Slug;
-use crate::web::{ApiJson, ApiQuery, AppState, Operator, Problem, Viewer};
+use crate::users::access::Access;
+use crate::users::Role;
+use crate::web::{forbidden, ApiJson, ApiQuery, AppState, Caller, Problem};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -132,11 +135,12 @@ impl TimelineQuery {
               (status = 404, body = crate::web::ProblemBody)))]
 async fn get_timeline(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(slug): Path<String>,
     ApiQuery(q): ApiQuery<TimelineQuery>,
 ) -> Result<Json<EventPage>, Problem> {
     let slug = path_slug(&slug)?;
+    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
         return Err(Problem::bad_request("limit must be between 1 and 200"));
@@ -170,12 +174,13 @@ async fn get_timeline(
               (status = 404, body = crate::web::ProblemBody)))]
 async fn stream_timeline(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(slug): Path<String>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<TimelineQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
     let slug = path_slug(&slug)?;
+    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
     if q.cursor.is_some() || q.limit.is_some() {
         return Err(Problem::bad_request(
             "a stream takes no cursor or limit; send Last-Event-ID to resume",
@@ -356,7 +361,7 @@ fn idempotency_key(raw: &str) -> Result<String, Problem> {
 /// field names in problems (`events[3].`).
 fn prepare(
     ctx: &Context,
-    p: &crate::users::Principal,
+    access: &Access,
     mut req: NewEventRequest,
     header_key: Option<String>,
     at: &str,
@@ -394,7 +399,10 @@ fn prepare(
     // The key stays out of the hash: it names the request, the rest is it.
     let canonical = serde_json::to_string(&req).unwrap_or_default();
     let idempotency = key.map(|key| Idempotency {
-        scope: p.user_id.clone(),
+        scope: access
+            .principal()
+            .map(|p| p.user_id.clone())
+            .unwrap_or_else(|| "anonymous".into()),
         key,
         request_hash: hex(&Sha256::digest(canonical.as_bytes())),
     });
@@ -411,7 +419,7 @@ fn prepare(
     new.validate()
         .map_err(|e| Problem::unprocessable(format!("{at}{e}")).with("field", field(&e.field)))?;
     Ok(Request {
-        actor: p.actor(),
+        actor: access.actor(),
         system: req.system.to_string(),
         event: new,
     })
@@ -439,6 +447,47 @@ fn refusal(outcome: &Outcome, at: &str) -> Option<Problem> {
     }
 }
 
+/// Checks that the caller may record on every system named. A system the
+/// caller cannot see reads as unknown (422), like one that does not exist.
+async fn may_record(
+    ctx: &Context,
+    access: &Access,
+    requests: &[Request],
+    batch: bool,
+) -> Result<(), Problem> {
+    if access.everywhere(Role::Operator) {
+        return Ok(());
+    }
+    let mut conn = ctx.db.reader().acquire().await?;
+    let slugs: Vec<String> = requests.iter().map(|r| r.system.clone()).collect();
+    let ids = crate::systems::store::ids_by_slugs(&mut conn, &slugs).await?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    for (i, r) in requests.iter().enumerate() {
+        let at = if batch {
+            format!("events[{i}].")
+        } else {
+            String::new()
+        };
+        match ids.get(&r.system).and_then(|id| access.role_on(&graph, id)) {
+            None => {
+                return Err(
+                    Problem::unprocessable(format!("{at}no system '{}'", r.system))
+                        .with("field", format!("{at}system").into()),
+                )
+            }
+            Some(_) if access.principal().is_none() => return Err(crate::web::needs_token()),
+            Some(role) if role < Role::Operator => {
+                return Err(forbidden(format!(
+                    "{at}recording on '{}' needs the operator role",
+                    r.system
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 fn batch_problem(e: BatchError) -> Problem {
     match e {
         BatchError::Db(e) => e.into(),
@@ -455,7 +504,7 @@ fn batch_problem(e: BatchError) -> Problem {
               (status = 422, body = crate::web::ProblemBody)))]
 async fn record_event(
     State(ctx): State<AppState>,
-    Operator(p): Operator,
+    Caller(access): Caller,
     headers: HeaderMap,
     ApiJson(req): ApiJson<NewEventRequest>,
 ) -> Result<Response, Problem> {
@@ -465,7 +514,8 @@ async fn record_event(
         })?)?),
         None => None,
     };
-    let request = prepare(&ctx, &p, req, header_key, "")?;
+    let request = prepare(&ctx, &access, req, header_key, "")?;
+    may_record(&ctx, &access, std::slice::from_ref(&request), false).await?;
     let outcome = ctx
         .appender
         .append(&ctx, vec![request])
@@ -501,7 +551,7 @@ async fn record_event(
     responses((status = 201, body = BatchResult), (status = 422, body = crate::web::ProblemBody)))]
 async fn record_events(
     State(ctx): State<AppState>,
-    Operator(p): Operator,
+    Caller(access): Caller,
     ApiJson(batch): ApiJson<EventBatch>,
 ) -> Result<(StatusCode, Json<BatchResult>), Problem> {
     if batch.events.is_empty() || batch.events.len() > 1000 {
@@ -514,8 +564,9 @@ async fn record_events(
         .events
         .into_iter()
         .enumerate()
-        .map(|(i, req)| prepare(&ctx, &p, req, None, &format!("events[{i}].")))
+        .map(|(i, req)| prepare(&ctx, &access, req, None, &format!("events[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
+    may_record(&ctx, &access, &requests, true).await?;
     let outcomes = ctx
         .appender
         .append(&ctx, requests)
@@ -552,13 +603,17 @@ async fn record_events(
               (status = 404, body = crate::web::ProblemBody)))]
 async fn get_event(
     State(ctx): State<AppState>,
-    _: Viewer,
+    Caller(access): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Event>, Problem> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| Problem::bad_request(format!("invalid event id '{id}': expected a UUID")))?;
-    store::get(ctx.db.reader(), id)
+    let event = store::get(ctx.db.reader(), id)
         .await?
-        .map(Json)
-        .ok_or_else(|| Problem::not_found(format!("no event {id}")))
+        .ok_or_else(|| Problem::not_found(format!("no event {id}")))?;
+    // An event on a system the caller may not see does not exist for them.
+    authorize(&ctx, &access, &event.system, Role::Viewer)
+        .await
+        .map_err(|_| Problem::not_found(format!("no event {id}")))?;
+    Ok(Json(event))
 }

@@ -4,6 +4,7 @@
 //! prefix finds the row, the secret is stored only as its SHA-256 and compared
 //! in constant time.
 
+pub mod access;
 pub mod store;
 
 use std::fmt;
@@ -18,10 +19,12 @@ use utoipa::ToSchema;
 use crate::context::Context;
 use crate::db::{new_id, to_micros};
 use crate::federation::identity::{base32, hex};
-use crate::timeline::Actor;
+use crate::timeline::{self, Actor, NewEvent, Target};
+use aramaki_protocol::Severity;
 
-/// What a user may do, in increasing power. Per-system grants come with the
-/// web UI; until then a user's role holds on every system.
+/// What a user may do, in increasing power. A role is granted on a system
+/// and holds on everything it includes; a user's instance-wide role holds on
+/// every system, and the instance-wide `admin` is the instance admin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -47,6 +50,20 @@ impl Role {
             .into_iter()
             .find(|r| r.as_str() == s)
     }
+
+    /// Parses an instance-wide role, where `none` means grants only.
+    pub fn parse_instance(s: &str) -> Result<Option<Role>, String> {
+        match s {
+            "none" => Ok(None),
+            other => Role::parse(other).map(Some).ok_or_else(|| {
+                format!("unknown role '{other}', expected none, viewer, operator or admin")
+            }),
+        }
+    }
+
+    pub fn instance_str(role: Option<Role>) -> &'static str {
+        role.map(Role::as_str).unwrap_or("none")
+    }
 }
 
 impl fmt::Display for Role {
@@ -61,6 +78,12 @@ pub enum UserError {
     Taken(String),
     #[error("username must be 1 to 64 characters of lowercase letters, digits, '.', '_' or '-'")]
     BadUsername,
+    #[error("no user '{0}'")]
+    NoUser(String),
+    #[error("no system '{0}'")]
+    NoSystem(String),
+    #[error("'{user}' has no grant on '{system}'")]
+    NoGrant { user: String, system: String },
     #[error("cannot hash the password: {0}")]
     Hash(String),
     #[error("no randomness available: {0}")]
@@ -75,7 +98,8 @@ pub struct Principal {
     pub user_id: String,
     pub username: String,
     pub display_name: String,
-    pub role: Role,
+    /// The instance-wide role; `None` means per-system grants only.
+    pub role: Option<Role>,
 }
 
 impl Principal {
@@ -83,8 +107,9 @@ impl Principal {
         Actor::user(&self.user_id, &self.display_name)
     }
 
-    pub fn may(&self, needed: Role) -> bool {
-        self.role >= needed
+    /// Holds `needed` on every system (and so on the instance)?
+    pub fn may_everywhere(&self, needed: Role) -> bool {
+        self.role.is_some_and(|r| r >= needed)
     }
 }
 
@@ -152,7 +177,8 @@ pub struct User {
     pub id: String,
     pub username: String,
     pub display_name: String,
-    pub role: Role,
+    /// The instance-wide role; `None` means per-system grants only.
+    pub role: Option<Role>,
     pub must_change_password: bool,
 }
 
@@ -161,7 +187,7 @@ pub async fn create_user(
     ctx: &Context,
     username: &str,
     display_name: &str,
-    role: Role,
+    role: Option<Role>,
     password: &str,
     must_change_password: bool,
 ) -> Result<User, UserError> {
@@ -234,6 +260,97 @@ pub async fn authenticate(ctx: &Context, token: &str) -> Result<Option<Principal
         tx.commit().await?;
     }
     Ok(Some(row.principal))
+}
+
+/// Grants `role` on a system (and so on everything it includes) to a user,
+/// replacing an earlier grant there; recorded on the system's timeline.
+pub async fn grant(
+    ctx: &Context,
+    actor: &Actor,
+    username: &str,
+    slug: &str,
+    role: Role,
+) -> Result<(), UserError> {
+    let mut tx = ctx.db.begin().await?;
+    let user = store::by_username(&mut tx, username)
+        .await?
+        .ok_or_else(|| UserError::NoUser(username.into()))?;
+    let (id, slug) = system_target(&mut tx, slug).await?;
+    let before = store::set_grant(
+        &mut tx,
+        &user.id,
+        &id,
+        role,
+        &actor.name,
+        to_micros(ctx.now()),
+    )
+    .await?;
+    let title = format!("Granted {role} to {}", user.username);
+    let data = serde_json::json!({
+        "user": user.username, "user_id": user.id,
+        "before": { "role": before.map(Role::as_str) }, "after": { "role": role.as_str() },
+    });
+    let event = NewEvent::internal("user.granted", Severity::Info, title, data);
+    timeline::append(
+        ctx,
+        &mut tx,
+        actor,
+        Target {
+            id: &id,
+            slug: &slug,
+        },
+        event,
+    )
+    .await?;
+    ctx.commit(tx).await?;
+    Ok(())
+}
+
+/// Takes a user's grant on a system away; recorded on its timeline.
+pub async fn revoke(
+    ctx: &Context,
+    actor: &Actor,
+    username: &str,
+    slug: &str,
+) -> Result<(), UserError> {
+    let mut tx = ctx.db.begin().await?;
+    let user = store::by_username(&mut tx, username)
+        .await?
+        .ok_or_else(|| UserError::NoUser(username.into()))?;
+    let (id, slug) = system_target(&mut tx, slug).await?;
+    let Some(before) = store::remove_grant(&mut tx, &user.id, &id).await? else {
+        return Err(UserError::NoGrant {
+            user: user.username,
+            system: slug,
+        });
+    };
+    let title = format!("Revoked {before} from {}", user.username);
+    let data = serde_json::json!({
+        "user": user.username, "user_id": user.id,
+        "before": { "role": before.as_str() }, "after": { "role": null },
+    });
+    let event = NewEvent::internal("user.revoked", Severity::Info, title, data);
+    timeline::append(
+        ctx,
+        &mut tx,
+        actor,
+        Target {
+            id: &id,
+            slug: &slug,
+        },
+        event,
+    )
+    .await?;
+    ctx.commit(tx).await?;
+    Ok(())
+}
+
+async fn system_target(tx: &mut crate::db::Tx, slug: &str) -> Result<(String, String), UserError> {
+    crate::systems::store::ids_by_slugs(tx, &[slug.to_owned()])
+        .await?
+        .remove(slug)
+        .map(|id| (id, slug.to_owned()))
+        .ok_or_else(|| UserError::NoSystem(slug.into()))
 }
 
 pub async fn count_users(ctx: &Context) -> Result<i64, sqlx::Error> {

@@ -20,7 +20,7 @@ pub async fn insert_user(
     .bind(u.display_name.as_str())
     .bind(password_hash)
     .bind(i64::from(u.must_change_password))
-    .bind(u.role.as_str())
+    .bind(Role::instance_str(u.role))
     .bind(now)
     .execute(&mut **tx)
     .await?;
@@ -85,8 +85,8 @@ pub async fn token_by_prefix(
             user_id: row.try_get("user_id")?,
             username: row.try_get("username")?,
             display_name: row.try_get("display_name")?,
-            // An unknown role in the database grants the least.
-            role: Role::parse(&role).unwrap_or(Role::Viewer),
+            // An unknown role in the database grants nothing.
+            role: Role::parse(&role),
         },
     }))
 }
@@ -105,4 +105,90 @@ pub async fn count_users(pool: &AnyPool) -> Result<i64, sqlx::Error> {
         .fetch_one(pool)
         .await?
         .try_get::<i64, _>(0)
+}
+
+/// A user's grants as (system id, role), live systems only.
+pub async fn grants_of(pool: &AnyPool, user_id: &str) -> Result<Vec<(String, Role)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT g.system_id, g.role FROM grants g JOIN systems s ON s.id = g.system_id \
+         WHERE g.user_id = $1 AND s.deleted_at IS NULL",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let role: String = row.try_get("role")?;
+        if let Some(role) = Role::parse(&role) {
+            out.push((row.try_get("system_id")?, role));
+        }
+    }
+    Ok(out)
+}
+
+pub async fn by_username(
+    conn: &mut sqlx::AnyConnection,
+    username: &str,
+) -> Result<Option<User>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, username, display_name, role, must_change_password FROM users WHERE username = $1",
+    )
+    .bind(username)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| {
+        let role: String = r.try_get("role")?;
+        Ok(User {
+            id: r.try_get("id")?,
+            username: r.try_get("username")?,
+            display_name: r.try_get("display_name")?,
+            role: Role::parse(&role),
+            must_change_password: r.try_get::<i64, _>("must_change_password")? != 0,
+        })
+    })
+    .transpose()
+}
+
+/// Sets a grant; returns the role it replaced, if any.
+pub async fn set_grant(
+    tx: &mut Tx,
+    user_id: &str,
+    system_id: &str,
+    role: Role,
+    granted_by: &str,
+    now: i64,
+) -> Result<Option<Role>, sqlx::Error> {
+    let before = remove_grant(tx, user_id, system_id).await?;
+    sqlx::query("INSERT INTO grants (user_id, system_id, role, granted_by, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(user_id)
+        .bind(system_id)
+        .bind(role.as_str())
+        .bind(granted_by)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(before)
+}
+
+/// Removes a grant; returns the role it held, if there was one.
+pub async fn remove_grant(
+    tx: &mut Tx,
+    user_id: &str,
+    system_id: &str,
+) -> Result<Option<Role>, sqlx::Error> {
+    let row = sqlx::query("SELECT role FROM grants WHERE user_id = $1 AND system_id = $2")
+        .bind(user_id)
+        .bind(system_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let before = match row {
+        Some(r) => Role::parse(&r.try_get::<String, _>("role")?),
+        None => return Ok(None),
+    };
+    sqlx::query("DELETE FROM grants WHERE user_id = $1 AND system_id = $2")
+        .bind(user_id)
+        .bind(system_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(before)
 }

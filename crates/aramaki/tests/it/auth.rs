@@ -87,7 +87,7 @@ both!(roles_limit_what_a_token_may_do, |app| async move {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(p["detail"], "this needs the operator role");
+    assert_eq!(p["detail"], "recording on 'shop' needs the operator role");
     let (status, _) = app
         .call_as(
             &operator,
@@ -193,4 +193,206 @@ both!(health_and_metrics, |app| async move {
     assert!(text.contains("aramaki_events_recorded_total 2"), "{text}");
     assert!(text.contains("aramaki_http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/v1/systems\",le=\"+Inf\"} 1"));
     assert!(text.contains("aramaki_db_pool_connections"));
+});
+
+/// dc1 → storage → host-a; shop stands apart.
+async fn estate(app: &TestApp) {
+    for (s, c) in [
+        ("dc1", "infrastructure"),
+        ("storage", "infrastructure"),
+        ("host-a", "host"),
+        ("shop", "project"),
+    ] {
+        app.system(s, c, json!({})).await;
+    }
+    app.include("dc1", "storage").await;
+    app.include("storage", "host-a").await;
+}
+
+both!(
+    a_grant_holds_on_everything_below_and_nothing_else,
+    |app| async move {
+        estate(&app).await;
+        let ops = app
+            .user_with_grants("sam", &[("storage", Role::Operator)])
+            .await;
+        let get = |path: &'static str| app.call_as(&ops, Method::GET, path, None);
+
+        assert_eq!(get("/api/v1/systems/storage").await.0, StatusCode::OK);
+        assert_eq!(
+            get("/api/v1/systems/host-a/timeline").await.0,
+            StatusCode::OK,
+            "inherited downwards"
+        );
+        let (status, p) = get("/api/v1/systems/dc1").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "not upwards: {p}");
+        assert_eq!(
+            p["detail"], "no system 'dc1'",
+            "invisible systems read as absent"
+        );
+        assert_eq!(
+            get("/api/v1/systems/shop/status").await.0,
+            StatusCode::NOT_FOUND
+        );
+
+        let list = get("/api/v1/systems").await.1;
+        let slugs: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["slug"].as_str().unwrap())
+            .collect();
+        assert_eq!(slugs, ["host-a", "storage"]);
+        let anchors = get("/api/v1/anchors").await.1;
+        assert_eq!(
+            anchors["items"][0]["systems"][0]["slug"], "storage",
+            "{anchors}"
+        );
+        assert_eq!(anchors["items"].as_array().unwrap().len(), 1);
+        let includers = get("/api/v1/systems/storage/includers").await.1;
+        assert_eq!(includers["items"], json!([]), "dc1 is not shown to sam");
+
+        // Operator: may record below, not elsewhere, and may not change structure.
+        let note = |system: &str| json!({"system": system, "kind": "note", "title": "checked"});
+        assert_eq!(
+            app.call_as(&ops, Method::POST, "/api/v1/events", Some(note("host-a")))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+        let (status, p) = app
+            .call_as(&ops, Method::POST, "/api/v1/events", Some(note("dc1")))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(p["field"], "system");
+        let (status, _) = app
+            .call_as(
+                &ops,
+                Method::POST,
+                "/api/v1/events/batch",
+                Some(json!({"events": [note("storage"), note("shop")]})),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a batch is all or none"
+        );
+        let (status, p) = app
+            .call_as(
+                &ops,
+                Method::PATCH,
+                "/api/v1/systems/storage",
+                Some(json!({"title": "x"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(p["detail"], "this needs the admin role on 'storage'");
+        let (status, _) = app
+            .call_as(
+                &ops,
+                Method::POST,
+                "/api/v1/systems",
+                Some(json!({"slug": "new", "title": "New", "category": "host"})),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "creating systems is for the instance admin"
+        );
+
+        // An event on an invisible system cannot be read by id.
+        let secret = app.event("shop", "note", "private", json!({})).await;
+        let path = format!("/api/v1/events/{}", secret["id"].as_str().unwrap());
+        assert_eq!(
+            app.call_as(&ops, Method::GET, &path, None).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(app.call(Method::GET, &path, None).await.0, StatusCode::OK);
+
+        // The grant is on the record, on the system it was granted on.
+        let t = app
+            .get("/api/v1/systems/storage/timeline?kind=user.granted")
+            .await;
+        assert_eq!(t["items"][0]["data"]["user"], "sam");
+        assert_eq!(t["items"][0]["data"]["after"]["role"], "operator");
+    }
+);
+
+both!(an_admin_grant_allows_changes_below_only, |app| async move {
+    estate(&app).await;
+    let boss = app
+        .user_with_grants("bea", &[("storage", Role::Admin), ("shop", Role::Viewer)])
+        .await;
+    let (status, _) = app
+        .call_as(
+            &boss,
+            Method::PATCH,
+            "/api/v1/systems/host-a",
+            Some(json!({"title": "Host A"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, p) = app
+        .call_as(
+            &boss,
+            Method::POST,
+            "/api/v1/systems/storage/subsystems",
+            Some(json!({"slug": "shop"})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a viewer on shop cannot pull it under storage and so become its admin"
+    );
+    assert_eq!(p["detail"], "this needs the admin role on 'shop'");
+    let (status, _) = app
+        .call_as(
+            &boss,
+            Method::POST,
+            "/api/v1/systems/storage/subsystems",
+            Some(json!({"slug": "dc1"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "dc1 is invisible to bea");
+    app.system("disk-1", "host", json!({})).await;
+    let (status, _) = app
+        .call_as(
+            &boss,
+            Method::POST,
+            "/api/v1/systems/host-a/subsystems",
+            Some(json!({"slug": "disk-1"})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "disk-1 is not below anything bea administers"
+    );
+    app.include("host-a", "disk-1").await;
+    let (status, _) = app
+        .call_as(
+            &boss,
+            Method::PATCH,
+            "/api/v1/systems/disk-1",
+            Some(json!({"title": "Disk 1"})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "once included below storage, bea administers it"
+    );
+    let nobody = app.user_with_grants("ned", &[]).await;
+    let (status, list) = app
+        .call_as(&nobody, Method::GET, "/api/v1/systems", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        list["items"],
+        json!([]),
+        "deny by default: no grant, nothing to see"
+    );
 });

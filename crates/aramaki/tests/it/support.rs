@@ -224,9 +224,34 @@ impl TestApp {
 
     /// A user with `role` and a token for them.
     pub async fn user(&self, name: &str, role: Role) -> String {
-        let u = users::create_user(&self.ctx, name, name, role, "a long test password", false)
+        let u = users::create_user(
+            &self.ctx,
+            name,
+            name,
+            Some(role),
+            "a long test password",
+            false,
+        )
+        .await
+        .expect("user");
+        users::create_token(&self.ctx, &u.id, "test")
+            .await
+            .expect("token")
+            .expose()
+            .to_owned()
+    }
+
+    /// A user with no instance-wide role, holding `grants` (slug, role), and a token.
+    pub async fn user_with_grants(&self, name: &str, grants: &[(&str, Role)]) -> String {
+        let u = users::create_user(&self.ctx, name, name, None, "a long test password", false)
             .await
             .expect("user");
+        let actor = aramaki::timeline::Actor::user("test", "Test");
+        for (slug, role) in grants {
+            users::grant(&self.ctx, &actor, name, slug, *role)
+                .await
+                .expect("grant");
+        }
         users::create_token(&self.ctx, &u.id, "test")
             .await
             .expect("token")
