@@ -57,6 +57,13 @@ enum Command {
         #[command(subcommand)]
         command: EventCommand,
     },
+    /// Manage users, their roles and tokens on the data directory.
+    User {
+        #[arg(long, default_value = "./aramaki-data", global = true)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: aramaki::users::commands::UserCommand,
+    },
     /// Show (and follow) a system's timeline.
     Timeline {
         #[command(flatten)]
@@ -165,6 +172,13 @@ async fn run(cli: Cli) -> Result<()> {
             if setup.first_admin.is_none() && !setup.wrote_config {
                 println!("{} is already initialised", data_dir.display());
             }
+            Ok(())
+        }
+        Command::User { data_dir, command } => {
+            let setup = setup::init_from_dir(&data_dir, &environment()).await?;
+            announce(&setup);
+            aramaki::users::commands::run(&setup.context, command).await?;
+            setup.context.db.close().await;
             Ok(())
         }
         Command::System { client, command } => {

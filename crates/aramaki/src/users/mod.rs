@@ -5,6 +5,7 @@
 //! in constant time.
 
 pub mod access;
+pub mod commands;
 pub mod store;
 
 use std::fmt;
@@ -78,6 +79,8 @@ pub enum UserError {
     Taken(String),
     #[error("username must be 1 to 64 characters of lowercase letters, digits, '.', '_' or '-'")]
     BadUsername,
+    #[error("{0}")]
+    BadRole(String),
     #[error("no user '{0}'")]
     NoUser(String),
     #[error("no system '{0}'")]

@@ -192,3 +192,71 @@ pub async fn remove_grant(
         .await?;
     Ok(before)
 }
+
+/// A user as `aramaki user list` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct Overview {
+    pub username: String,
+    pub display_name: String,
+    pub role: String,
+    /// `slug:role` for each grant.
+    pub grants: Vec<String>,
+    /// Tokens that are neither revoked nor expired.
+    pub tokens: i64,
+}
+
+pub async fn overview(pool: &AnyPool) -> Result<Vec<Overview>, sqlx::Error> {
+    let users = sqlx::query(
+        "SELECT u.id, u.username, u.display_name, u.role, \
+         (SELECT COUNT(*) FROM api_tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL) AS tokens \
+         FROM users u ORDER BY u.username",
+    )
+    .fetch_all(pool)
+    .await?;
+    let grants = sqlx::query(
+        "SELECT g.user_id, s.slug, g.role FROM grants g JOIN systems s ON s.id = g.system_id \
+         WHERE s.deleted_at IS NULL ORDER BY s.slug",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::new();
+    for u in users {
+        let id: String = u.try_get("id")?;
+        let mut mine = Vec::new();
+        for g in &grants {
+            if g.try_get::<String, _>("user_id")? == id {
+                mine.push(format!(
+                    "{}:{}",
+                    g.try_get::<String, _>("slug")?,
+                    g.try_get::<String, _>("role")?
+                ));
+            }
+        }
+        out.push(Overview {
+            username: u.try_get("username")?,
+            display_name: u.try_get("display_name")?,
+            role: u.try_get("role")?,
+            grants: mine,
+            tokens: u.try_get("tokens")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Sets a user's password hash; false if there is no such user.
+pub async fn set_password(
+    tx: &mut Tx,
+    username: &str,
+    hash: &str,
+    must_change: bool,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE users SET password_hash = $1, must_change_password = $2 WHERE username = $3",
+    )
+    .bind(hash)
+    .bind(i64::from(must_change))
+    .bind(username)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}

@@ -328,3 +328,113 @@ async fn command_line_on(app: TestApp) {
     );
     drop(follower);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_managed_on_the_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = aramaki()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(run(&["init"]).0);
+    {
+        let config = aramaki::config::Config::load(&data.join("aramaki.toml"), &[]).unwrap();
+        let setup = aramaki::setup::init(
+            &data,
+            config,
+            std::sync::Arc::new(aramaki::context::SystemClock),
+        )
+        .await
+        .unwrap();
+        let new = aramaki::systems::NewSystem::new(
+            "shop".to_owned().try_into().unwrap(),
+            "Shop",
+            "project".to_owned().try_into().unwrap(),
+        );
+        aramaki::systems::create(
+            &setup.context,
+            &aramaki::timeline::Actor::user("t", "Test"),
+            new,
+        )
+        .await
+        .unwrap();
+        setup.context.db.close().await;
+    }
+    let (ok, out, err) = run(&["user", "add", "sam", "--display-name", "Sam Vimes"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("one-time password:"), "{out}");
+    let token = out
+        .lines()
+        .find_map(|l| l.split("API token:").nth(1))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (ok, _, err) = run(&["user", "add", "sam"]);
+    assert!(!ok && err.contains("already taken"), "{err}");
+    let (ok, _, err) = run(&["user", "add", "vetinari", "--role", "root"]);
+    assert!(!ok && err.contains("unknown role 'root'"), "{err}");
+
+    let (ok, out, err) = run(&["user", "grant", "sam", "shop", "operator"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("sam is operator on shop"));
+    let (ok, _, err) = run(&["user", "grant", "sam", "nowhere", "operator"]);
+    assert!(!ok && err.contains("no system 'nowhere'"), "{err}");
+    let (ok, out, _) = run(&["user", "list", "--json"]);
+    assert!(ok);
+    let users: Value = serde_json::from_str(&out).unwrap();
+    let sam = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "sam")
+        .unwrap();
+    assert_eq!(sam["grants"], json!(["shop:operator"]));
+    assert_eq!(sam["role"], "none");
+    assert_eq!(sam["tokens"], 1);
+    let (ok, out, _) = run(&["user", "passwd", "sam"]);
+    assert!(ok && out.contains("new one-time password for sam"), "{out}");
+    let (ok, out, _) = run(&["user", "token", "sam"]);
+    assert!(ok && out.contains("ark_"), "{out}");
+
+    // The token works with exactly the granted reach.
+    {
+        let config = aramaki::config::Config::load(&data.join("aramaki.toml"), &[]).unwrap();
+        let setup = aramaki::setup::init(
+            &data,
+            config,
+            std::sync::Arc::new(aramaki::context::SystemClock),
+        )
+        .await
+        .unwrap();
+        let app = aramaki::app::App::build(setup.context.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let (addr, stop, _) = app.spawn();
+        let list: Value = reqwest::Client::new()
+            .get(format!("http://{addr}/api/v1/systems"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list["items"][0]["slug"], "shop");
+        stop.stop();
+    }
+
+    let (ok, _, _) = run(&["user", "revoke", "sam", "shop"]);
+    assert!(ok);
+    let (ok, _, err) = run(&["user", "revoke", "sam", "shop"]);
+    assert!(!ok && err.contains("'sam' has no grant on 'shop'"), "{err}");
+}
