@@ -438,3 +438,36 @@ async fn users_are_managed_on_the_data_directory() {
     let (ok, _, err) = run(&["user", "revoke", "sam", "shop"]);
     assert!(!ok && err.contains("'sam' has no grant on 'shop'"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_works_on_postgresql_too() {
+    let Some(url) = crate::support::fresh_postgres_schema().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        aramaki()
+            .args(["init", "--data-dir"])
+            .arg(dir.path())
+            .env("ARAMAKI_DATABASE__URL", &url)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("API token:"));
+    assert!(
+        !dir.path().join("aramaki.db").exists(),
+        "no SQLite file when PostgreSQL is chosen"
+    );
+    let again = run();
+    assert!(again.status.success());
+    assert!(
+        !String::from_utf8_lossy(&again.stdout).contains("API token:"),
+        "the admin exists already"
+    );
+}
