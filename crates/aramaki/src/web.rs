@@ -305,6 +305,7 @@ pub fn app(ctx: AppState) -> Router {
     let api = OpenApiRouter::new()
         .merge(crate::systems::http::routes())
         .merge(crate::timeline::http::routes())
+        .merge(crate::users::http::routes())
         .routes(routes!(health));
     let (api_router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)

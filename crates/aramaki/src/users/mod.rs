@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod commands;
+pub mod http;
 pub mod store;
 
 use std::fmt;
@@ -216,21 +217,34 @@ pub async fn create_user(
 
 /// Issues an API token for `user`; the plaintext is returned once.
 pub async fn create_token(ctx: &Context, user_id: &str, name: &str) -> Result<Secret, UserError> {
+    Ok(create_token_expiring(ctx, user_id, name, None).await?.1)
+}
+
+/// Issues an API token that expires at `expires_at` (microseconds), if given;
+/// returns its id and the plaintext, once.
+pub async fn create_token_expiring(
+    ctx: &Context,
+    user_id: &str,
+    name: &str,
+    expires_at: Option<i64>,
+) -> Result<(String, Secret), UserError> {
     let prefix = base32(&random_bytes::<5>()?).to_ascii_lowercase();
     let secret = base32(&random_bytes::<32>()?).to_ascii_lowercase();
+    let id = new_id().to_string();
     let mut tx = ctx.db.begin().await?;
     store::insert_token(
         &mut tx,
-        &new_id().to_string(),
+        &id,
         user_id,
         name,
         &prefix,
         &hash_secret(&secret),
         to_micros(ctx.now()),
+        expires_at,
     )
     .await?;
     tx.commit().await?;
-    Ok(Secret(format!("ark_{prefix}_{secret}")))
+    Ok((id, Secret(format!("ark_{prefix}_{secret}"))))
 }
 
 fn hash_secret(secret: &str) -> String {

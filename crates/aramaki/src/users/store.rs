@@ -27,6 +27,7 @@ pub async fn insert_user(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn insert_token(
     tx: &mut Tx,
     id: &str,
@@ -35,9 +36,11 @@ pub async fn insert_token(
     prefix: &str,
     secret_hash: &str,
     now: i64,
+    expires_at: Option<i64>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO api_tokens (id, user_id, name, prefix, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO api_tokens (id, user_id, name, prefix, secret_hash, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id)
     .bind(user_id)
@@ -45,6 +48,7 @@ pub async fn insert_token(
     .bind(prefix)
     .bind(secret_hash)
     .bind(now)
+    .bind(expires_at)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -258,5 +262,66 @@ pub async fn set_password(
     .bind(username)
     .execute(&mut **tx)
     .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// A token as its owner sees it (no secret, no hash).
+pub struct TokenListing {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+pub async fn tokens_of(pool: &AnyPool, user_id: &str) -> Result<Vec<TokenListing>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, name, prefix, created_at, last_used_at, expires_at, revoked_at FROM api_tokens \
+         WHERE user_id = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TokenListing {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                prefix: r.try_get("prefix")?,
+                created_at: r.try_get("created_at")?,
+                last_used_at: r.try_get("last_used_at")?,
+                expires_at: r.try_get("expires_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Revokes a valid token (of `owner`, if given); false if there was none.
+pub async fn revoke_token(
+    tx: &mut Tx,
+    id: &str,
+    owner: Option<&str>,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = match owner {
+        Some(owner) => {
+            sqlx::query("UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .bind(owner)
+                .execute(&mut **tx)
+                .await?
+        }
+        None => {
+            sqlx::query("UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?
+        }
+    };
     Ok(done.rows_affected() > 0)
 }

@@ -38,7 +38,7 @@ async fn every_operation_on(app: TestApp) {
                 .as_str()
                 .unwrap_or_else(|| panic!("{method} {path} states no role"));
             assert!(
-                ["public", "viewer", "operator", "admin"].contains(&role),
+                ["public", "user", "viewer", "operator", "admin"].contains(&role),
                 "{method} {path}: {role}"
             );
             let concrete = path
@@ -396,3 +396,99 @@ both!(an_admin_grant_allows_changes_below_only, |app| async move {
         "deny by default: no grant, nothing to see"
     );
 });
+
+both!(
+    tokens_are_shown_once_listed_with_last_use_revoked_and_expire,
+    |app| async move {
+        let vera = app.user("vera", Role::Viewer).await;
+        let (status, created) = app
+            .call_as(
+                &vera,
+                Method::POST,
+                "/api/v1/tokens",
+                Some(json!({"name": "grafana", "expires_in_days": 1})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let secret = created["token"].as_str().unwrap().to_owned();
+        assert!(secret.starts_with(&format!("ark_{}_", created["prefix"].as_str().unwrap())));
+        assert_eq!(
+            app.call_as(&secret, Method::GET, "/api/v1/systems", None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+
+        let (_, list) = app
+            .call_as(&vera, Method::GET, "/api/v1/tokens", None)
+            .await;
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 2);
+        let grafana = items.iter().find(|t| t["name"] == "grafana").unwrap();
+        assert!(
+            grafana.get("token").is_none(),
+            "the secret is never shown again"
+        );
+        assert!(
+            grafana["last_used_at"].is_string(),
+            "last use is kept: {grafana}"
+        );
+
+        // Another user cannot revoke it; its owner can, and it stops at once.
+        let otto = app.user("otto", Role::Operator).await;
+        let path = format!("/api/v1/tokens/{}", created["id"].as_str().unwrap());
+        assert_eq!(
+            app.call_as(&otto, Method::DELETE, &path, None).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            app.call_as(&vera, Method::DELETE, &path, None).await.0,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            app.call_as(&secret, Method::GET, "/api/v1/systems", None)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            app.call_as(&vera, Method::DELETE, &path, None).await.0,
+            StatusCode::NOT_FOUND
+        );
+
+        // An expiring token stops working when its day is over.
+        let (_, short) = app
+            .call_as(
+                &vera,
+                Method::POST,
+                "/api/v1/tokens",
+                Some(json!({"name": "short", "expires_in_days": 1})),
+            )
+            .await;
+        let short = short["token"].as_str().unwrap().to_owned();
+        assert_eq!(
+            app.call_as(&short, Method::GET, "/api/v1/systems", None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        app.clock.advance(jiff::SignedDuration::from_hours(25));
+        assert_eq!(
+            app.call_as(&short, Method::GET, "/api/v1/systems", None)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+
+        let (status, p) = app
+            .call_as(
+                &vera,
+                Method::POST,
+                "/api/v1/tokens",
+                Some(json!({"name": "x", "expires_in_days": 0})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(p["field"], "expires_in_days");
+    }
+);
