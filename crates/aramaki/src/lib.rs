@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod db;
+pub mod demo;
 pub mod federation;
 pub mod metrics;
 pub mod setup;

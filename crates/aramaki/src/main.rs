@@ -29,6 +29,10 @@ struct ServerArgs {
     /// Address to listen on (overrides server.listen).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Seed a fictional estate (data centers, projects, a week of events) into
+    /// an instance that has no systems yet.
+    #[arg(long)]
+    demo: bool,
     /// Log format: human or json (overrides log.format).
     #[arg(long, value_parser = ["human", "json"])]
     log_format: Option<String>,
@@ -144,6 +148,12 @@ async fn serve(args: ServerArgs) -> Result<()> {
     .await?;
     setup.wrote_config = wrote;
     announce(&setup);
+    if args.demo {
+        match aramaki::demo::seed(&setup.context).await? {
+            Some(s) => println!("demo: seeded {} systems and {} events", s.systems, s.events),
+            None => println!("demo: this instance has systems already; left them alone"),
+        }
+    }
     let app = aramaki::app::App::build(setup.context.clone(), listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -8,6 +8,7 @@ mod support;
 mod auth;
 mod bad_input;
 mod binary;
+mod demo;
 mod properties;
 mod systems;
 mod timeline;
