@@ -28,6 +28,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub web: WebConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -99,6 +101,27 @@ pub struct MetricsConfig {
     pub public: bool,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// A browser session ends after this many minutes without a request.
+    pub session_idle_minutes: u32,
+    /// …and after this many hours in any case.
+    pub session_max_hours: u32,
+    /// Mark cookies Secure; set it when users reach Aramaki over HTTPS.
+    pub secure_cookies: bool,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            session_idle_minutes: 12 * 60,
+            session_max_hours: 7 * 24,
+            secure_cookies: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -135,6 +158,7 @@ impl Default for Config {
             },
             api: ApiConfig::default(),
             metrics: MetricsConfig::default(),
+            web: WebConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -194,6 +218,12 @@ impl Config {
         if self.api.body_limit < 1024 {
             return Err(ConfigError::Invalid(format!(
                 "invalid value for key `api.body_limit` in {}: expected at least 1024 bytes",
+                file.display()
+            )));
+        }
+        if self.web.session_idle_minutes == 0 || self.web.session_max_hours == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `web.session_idle_minutes` or `web.session_max_hours` in {}: expected at least 1",
                 file.display()
             )));
         }
@@ -312,6 +342,14 @@ body_limit = 1048576
 [metrics]
 # Serve /metrics without an API token.
 public = false
+
+[web]
+# A browser session ends after this many minutes without a request…
+session_idle_minutes = 720
+# …and after this many hours in any case.
+session_max_hours = 168
+# Mark cookies Secure; set it when users reach Aramaki over HTTPS.
+secure_cookies = false
 
 [log]
 # "human" or "json".

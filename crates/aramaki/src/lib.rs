@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod setup;
 pub mod systems;
 pub mod timeline;
+pub mod ui;
 pub mod users;
 pub mod web;

@@ -315,6 +315,9 @@ pub fn app(ctx: AppState) -> Router {
     let body_limit = ctx.config.api.body_limit;
     Router::new()
         .merge(api_router)
+        .merge(crate::ui::assets())
+        .merge(crate::users::pages::routes())
+        .merge(crate::systems::pages::routes())
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || {

@@ -6,6 +6,7 @@
 pub mod graph;
 pub mod http;
 pub mod model;
+pub mod pages;
 pub mod status;
 pub mod store;
 

@@ -7,6 +7,8 @@
 pub mod access;
 pub mod commands;
 pub mod http;
+pub mod pages;
+pub mod sessions;
 pub mod store;
 
 use std::fmt;

@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod binary;
 mod demo;
+mod pages;
 mod properties;
 mod systems;
 mod timeline;

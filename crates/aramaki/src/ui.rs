@@ -1,0 +1,165 @@
+//! What every page shares: the session extractor (log in or be sent to the
+//! login page), CSRF and origin checks for forms, HTML responses, and the
+//! embedded assets. Pages themselves live in each domain's `pages.rs`.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, ORIGIN};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::users::sessions::{self, Session};
+use crate::web::AppState;
+
+/// A logged-in browser. Without a valid session the request is sent to the
+/// login page, which brings the user back afterwards.
+pub struct Page(pub Session);
+
+impl FromRequestParts<AppState> for Page {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, ctx: &AppState) -> Result<Self, Response> {
+        let to_login = || {
+            let next = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            Redirect::to(&format!("/login?next={}", crate::cli::encode(next))).into_response()
+        };
+        let Some(secret) = session_cookie(&parts.headers) else {
+            return Err(to_login());
+        };
+        match sessions::resume(ctx, &secret).await {
+            Ok(Some(session)) => Ok(Page(session)),
+            Ok(None) => Err(to_login()),
+            Err(e) => Err(page_error(&e)),
+        }
+    }
+}
+
+/// The session cookie's value, if the request carries one.
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == sessions::COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// Refuses a state-changing request from another site: its Origin, when the
+/// browser sends one, must be this host.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    origin
+        .split_once("://")
+        .map(|(_, rest)| rest == host)
+        .unwrap_or(false)
+}
+
+/// Checks a form's CSRF token (or htmx's `X-CSRF-Token` header) and origin.
+pub fn check_form(
+    session: &Session,
+    headers: &HeaderMap,
+    token: Option<&str>,
+) -> Result<(), Response> {
+    let header = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+    let given = token.or(header).unwrap_or("");
+    if !same_origin(headers) || !session.csrf_ok(given) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            Html("<!doctype html><title>Refused</title><p>This form has expired or did not come from this site. Go back, reload the page and try again.</p>"),
+        )
+            .into_response());
+    }
+    Ok(())
+}
+
+/// Renders a template as a page, or a plain error page if that fails.
+pub fn render<T: askama::Template>(status: StatusCode, template: &T) -> Response {
+    match template.render() {
+        Ok(html) => (status, [(CACHE_CONTROL, "no-store")], Html(html)).into_response(),
+        Err(e) => page_error(&e),
+    }
+}
+
+pub fn page_error(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "page failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Html("<!doctype html><title>Error</title><p>Something went wrong on our side; it has been logged.</p>"),
+    )
+        .into_response()
+}
+
+const CSS: &str = include_str!("../assets/aramaki.css");
+
+/// Assets served from the binary; nothing comes from a CDN.
+pub fn assets() -> Router<AppState> {
+    Router::new().route(
+        "/assets/aramaki.css",
+        get(|| async {
+            (
+                [
+                    (CONTENT_TYPE, "text/css; charset=utf-8"),
+                    (CACHE_CONTROL, "public, max-age=3600"),
+                ],
+                CSS,
+            )
+        }),
+    )
+}
+
+/// Keeps a `next` parameter on this site: a path, never another host.
+pub fn local_path(next: &str) -> &str {
+    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+        next
+    } else {
+        "/"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_stays_on_this_site() {
+        assert_eq!(local_path("/systems/shop"), "/systems/shop");
+        assert_eq!(local_path("https://evil.example"), "/");
+        assert_eq!(local_path("//evil.example"), "/");
+        assert_eq!(local_path("/\\evil.example"), "/");
+    }
+
+    #[test]
+    fn origins_must_match_the_host() {
+        let mut h = HeaderMap::new();
+        h.insert(HOST, "127.0.0.1:8764".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(ORIGIN, "http://127.0.0.1:8764".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(ORIGIN, "https://evil.example".parse().unwrap());
+        assert!(!same_origin(&h));
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            "theme=dark; aramaki_session=abc; x=1".parse().unwrap(),
+        );
+        assert_eq!(session_cookie(&h).as_deref(), Some("abc"));
+    }
+}

@@ -1,0 +1,295 @@
+//! Pages over HTTP: login, sessions, CSRF, the dashboard. (Browser tests in
+//! Chromium come with the rest of the web UI.)
+
+use aramaki::users::{self, Role};
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::{redirect, StatusCode};
+use serde_json::json;
+
+use crate::both;
+use crate::support::TestApp;
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn person(app: &TestApp, name: &str, role: Option<Role>, must_change: bool) {
+    users::create_user(
+        &app.ctx,
+        name,
+        &format!("{name} (person)"),
+        role,
+        "correct horse battery",
+        must_change,
+    )
+    .await
+    .unwrap();
+}
+
+/// Logs in; returns the session cookie ("aramaki_session=…").
+async fn login(app: &TestApp, name: &str, password: &str) -> reqwest::Response {
+    browser()
+        .post(app.url("/login"))
+        .form(&[("username", name), ("password", password), ("next", "/")])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn session_cookie(resp: &reqwest::Response) -> String {
+    let set = resp
+        .headers()
+        .get(SET_COOKIE)
+        .expect("a cookie")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    set.split(';').next().unwrap().to_owned()
+}
+
+async fn get(app: &TestApp, path: &str, cookie: &str) -> reqwest::Response {
+    browser()
+        .get(app.url(path))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn csrf_of(html: &str) -> String {
+    let at =
+        html.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
+    html[at..].split('"').next().unwrap().to_owned()
+}
+
+both!(login_sessions_and_the_dashboard, |app| async move {
+    app.system("dc1", "infrastructure", json!({})).await;
+    app.system("shop", "project", json!({})).await;
+    app.event("shop", "deploy", "Deployed <b>4.2</b>", json!({}))
+        .await;
+    person(&app, "ada", Some(Role::Viewer), false).await;
+
+    let anon = get(&app, "/", "").await;
+    assert_eq!(anon.status(), StatusCode::SEE_OTHER);
+    assert_eq!(anon.headers()[LOCATION], "/login?next=%2F");
+    let form = browser()
+        .get(app.url("/login?next=/systems/shop"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        form.contains("name=\"next\" value=\"/systems/shop\""),
+        "{form}"
+    );
+
+    let wrong = login(&app, "ada", "not her password").await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert!(wrong
+        .text()
+        .await
+        .unwrap()
+        .contains("Wrong username or password."));
+    let nobody = login(&app, "nobody", "whatever").await;
+    assert_eq!(nobody.status(), StatusCode::UNAUTHORIZED);
+
+    let ok = login(&app, "ada", "correct horse battery").await;
+    assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+    assert_eq!(ok.headers()[LOCATION], "/");
+    let cookie = session_cookie(&ok);
+    let dash = get(&app, "/", &cookie).await;
+    assert_eq!(dash.status(), StatusCode::OK);
+    let html = dash.text().await.unwrap();
+    assert!(
+        html.contains("href=\"/systems/dc1\"") && html.contains("href=\"/systems/shop\""),
+        "{html}"
+    );
+    assert!(
+        html.contains("Deployed &lt;b&gt;4.2&lt;/b&gt;"),
+        "event titles are escaped: {html}"
+    );
+    assert!(html.contains("/assets/aramaki.css"));
+    let css = browser()
+        .get(app.url("/assets/aramaki.css"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+
+    // Logging out needs the session's CSRF token.
+    let csrf = csrf_of(&html);
+    let forged = browser()
+        .post(app.url("/logout"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", "guess")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let none = browser()
+        .post(app.url("/logout"))
+        .header(COOKIE, &cookie)
+        .form(&[("x", "y")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(&app, "/", &cookie).await.status(),
+        StatusCode::OK,
+        "still logged in"
+    );
+    let out = browser()
+        .post(app.url("/logout"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert!(out.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    assert_eq!(
+        get(&app, "/", &cookie).await.status(),
+        StatusCode::SEE_OTHER,
+        "the session is over"
+    );
+
+    // A login posted from another site is refused.
+    let cross = browser()
+        .post(app.url("/login"))
+        .header("Origin", "https://evil.example")
+        .form(&[("username", "ada"), ("password", "correct horse battery")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+    // Redirects after login stay on this site.
+    let away = browser()
+        .post(app.url("/login"))
+        .form(&[
+            ("username", "ada"),
+            ("password", "correct horse battery"),
+            ("next", "https://evil.example/"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(away.headers()[LOCATION], "/");
+});
+
+both!(
+    the_dashboard_shows_only_what_a_user_may_see,
+    |app| async move {
+        app.system("dc1", "infrastructure", json!({})).await;
+        app.system("shop", "project", json!({})).await;
+        users::create_user(&app.ctx, "sam", "Sam", None, "correct horse battery", false)
+            .await
+            .unwrap();
+        users::grant(
+            &app.ctx,
+            &aramaki::timeline::Actor::user("t", "T"),
+            "sam",
+            "shop",
+            Role::Viewer,
+        )
+        .await
+        .unwrap();
+        let cookie = session_cookie(&login(&app, "sam", "correct horse battery").await);
+        let html = get(&app, "/", &cookie).await.text().await.unwrap();
+        assert!(html.contains("/systems/shop"));
+        assert!(!html.contains("/systems/dc1"), "{html}");
+    }
+);
+
+both!(
+    one_time_passwords_must_be_changed_and_sessions_expire,
+    |app| async move {
+        person(&app, "bob", Some(Role::Operator), true).await;
+        let first = login(&app, "bob", "correct horse battery").await;
+        assert_eq!(first.headers()[LOCATION], "/account/password");
+        let cookie = session_cookie(&first);
+        let other = session_cookie(&login(&app, "bob", "correct horse battery").await);
+        let page = get(&app, "/account/password", &cookie)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("one-time password"));
+        let csrf = csrf_of(&page);
+        let change = |current: &'static str, new: &'static str, confirm: &'static str| {
+            browser()
+                .post(app.url("/account/password"))
+                .header(COOKIE, &cookie)
+                .form(&[
+                    ("csrf", csrf.as_str()),
+                    ("current", current),
+                    ("new", new),
+                    ("confirm", confirm),
+                ])
+                .send()
+        };
+        let r = change("wrong", "a much longer secret", "a much longer secret")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(r
+            .text()
+            .await
+            .unwrap()
+            .contains("The current password is wrong."));
+        let r = change("correct horse battery", "short", "short")
+            .await
+            .unwrap();
+        assert!(r.text().await.unwrap().contains("at least 12 characters"));
+        let r = change(
+            "correct horse battery",
+            "a much longer secret",
+            "a different one!",
+        )
+        .await
+        .unwrap();
+        assert!(r
+            .text()
+            .await
+            .unwrap()
+            .contains("The two new passwords differ."));
+        let r = change(
+            "correct horse battery",
+            "a much longer secret",
+            "a much longer secret",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.text().await.unwrap().contains("Password changed"));
+        assert_eq!(
+            get(&app, "/", &other).await.status(),
+            StatusCode::SEE_OTHER,
+            "other sessions end"
+        );
+        assert_eq!(get(&app, "/", &cookie).await.status(), StatusCode::OK);
+        assert_eq!(
+            login(&app, "bob", "a much longer secret").await.headers()[LOCATION],
+            "/"
+        );
+
+        // Idle expiry (12 h by default), by the instance's clock.
+        app.clock.advance(jiff::SignedDuration::from_hours(13));
+        assert_eq!(
+            get(&app, "/", &cookie).await.status(),
+            StatusCode::SEE_OTHER
+        );
+    }
+);
