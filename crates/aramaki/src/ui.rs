@@ -68,22 +68,32 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
+/// A form that did not come from this site, or whose token has expired.
+pub struct Refused;
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::FORBIDDEN,
+            Html("<!doctype html><title>Refused</title><p>This form has expired or did not come from this site. Go back, reload the page and try again.</p>"),
+        )
+            .into_response()
+    }
+}
+
 /// Checks a form's CSRF token (or htmx's `X-CSRF-Token` header) and origin.
 pub fn check_form(
     session: &Session,
     headers: &HeaderMap,
     token: Option<&str>,
-) -> Result<(), Response> {
+) -> Result<(), Refused> {
     let header = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
     let given = token.or(header).unwrap_or("");
-    if !same_origin(headers) || !session.csrf_ok(given) {
-        return Err((
-            StatusCode::FORBIDDEN,
-            Html("<!doctype html><title>Refused</title><p>This form has expired or did not come from this site. Go back, reload the page and try again.</p>"),
-        )
-            .into_response());
+    if same_origin(headers) && session.csrf_ok(given) {
+        Ok(())
+    } else {
+        Err(Refused)
     }
-    Ok(())
 }
 
 /// Renders a template as a page, or a plain error page if that fails.

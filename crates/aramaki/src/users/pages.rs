@@ -127,7 +127,7 @@ async fn logout(
     Form(form): Form<CsrfForm>,
 ) -> Response {
     if let Err(refused) = check_form(&session, &headers, Some(&form.csrf)) {
-        return refused;
+        return refused.into_response();
     }
     match sessions::logout(&ctx, &session.id).await {
         Ok(()) => logged_out(&ctx),
@@ -143,7 +143,7 @@ async fn logout_everywhere(
     Form(form): Form<CsrfForm>,
 ) -> Response {
     if let Err(refused) = check_form(&session, &headers, Some(&form.csrf)) {
-        return refused;
+        return refused.into_response();
     }
     match sessions::logout_everywhere(&ctx, &session.principal.user_id).await {
         Ok(_) => logged_out(&ctx),
@@ -192,7 +192,7 @@ async fn change_password(
     Form(form): Form<PasswordForm>,
 ) -> Response {
     if let Err(refused) = check_form(&session, &headers, Some(&form.csrf)) {
-        return refused;
+        return refused.into_response();
     }
     let page = |error: Option<String>, done: bool| PasswordPage {
         user: Some(session.principal.display_name.clone()),
