@@ -173,3 +173,77 @@ mod tests {
         assert_eq!(session_cookie(&h).as_deref(), Some("abc"));
     }
 }
+
+/// Renders Markdown to HTML that is safe to embed: raw HTML in the source is
+/// shown as text, and links or images may only point to http(s), mailto or
+/// this site. (A handbook is written by people with edit rights, read by
+/// everyone; it must not be able to run script.)
+pub fn markdown(source: &str) -> String {
+    use pulldown_cmark::{CowStr, Event, Options, Parser, Tag};
+    let safe = |url: &CowStr| {
+        let lower = url.trim().to_ascii_lowercase();
+        lower.starts_with("http://")
+            || lower.starts_with("https://")
+            || lower.starts_with("mailto:")
+            || (lower.starts_with('/') && !lower.starts_with("//"))
+            || lower.starts_with('#')
+    };
+    let events = Parser::new_ext(
+        source,
+        Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH,
+    )
+    .map(|event| match event {
+        Event::Html(html) | Event::InlineHtml(html) => Event::Text(html),
+        Event::Start(Tag::Link {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) if !safe(&dest_url) => Event::Start(Tag::Link {
+            link_type,
+            dest_url: CowStr::from("#"),
+            title,
+            id,
+        }),
+        Event::Start(Tag::Image {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) if !safe(&dest_url) => Event::Start(Tag::Image {
+            link_type,
+            dest_url: CowStr::from("#"),
+            title,
+            id,
+        }),
+        other => other,
+    });
+    let mut html = String::new();
+    pulldown_cmark::html::push_html(&mut html, events);
+    html
+}
+
+#[cfg(test)]
+mod markdown_tests {
+    use super::markdown;
+
+    #[test]
+    fn script_is_inert() {
+        let html =
+            markdown("Hello <script>alert(1)</script> **world**\n\n<img src=x onerror=alert(1)>");
+        assert!(!html.contains("<script"), "{html}");
+        assert!(!html.contains("<img"), "{html}");
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+        assert!(html.contains("<strong>world</strong>"));
+    }
+
+    #[test]
+    fn only_safe_links() {
+        let html = markdown(
+            "[a](javascript:alert(1)) [b](https://x.example) [c](/systems/shop) [d]( JAVASCRIPT:x)",
+        );
+        assert!(!html.to_lowercase().contains("javascript:"), "{html}");
+        assert!(html.contains("href=\"https://x.example\""));
+        assert!(html.contains("href=\"/systems/shop\""));
+    }
+}

@@ -16,7 +16,10 @@ use crate::users::access::Access;
 use crate::web::AppState;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/", get(dashboard))
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/systems/{slug}", get(system_page))
+        .route("/systems/{slug}/notes", axum::routing::post(add_note))
 }
 
 struct Tile {
@@ -113,5 +116,358 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
     match result.await {
         Ok(page) => render(StatusCode::OK, &page),
         Err(e) => page_error(&e),
+    }
+}
+
+/// Escapes text for HTML built outside templates.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The status tree as nested `<details>`: every layer expands in place,
+/// recursively, with no script and without leaving the page.
+fn layers_html(layer: &super::status::Layer, top: bool) -> String {
+    let state = as_word(&layer.state);
+    let worst = as_word(&layer.worst);
+    let mut out = format!(
+        "<details class=\"layer{}\"{}><summary><span class=\"badge {worst}\">{worst}</span> <a href=\"/systems/{slug}\">{title}</a> <span class=\"via\">{via}own state: {state}</span></summary>",
+        if top { " layer-top" } else { "" },
+        if top { " open" } else { "" },
+        slug = esc(&layer.slug),
+        title = esc(&layer.title),
+        via = if layer.via == Some(super::graph::Via::Selector) { "by selector · " } else { "" },
+    );
+    if !layer.sources.is_empty() {
+        out.push_str("<ul class=\"sources\">");
+        for src in &layer.sources {
+            out.push_str(&format!(
+                "<li>{}: {} — {}</li>",
+                esc(&src.source),
+                as_word(&src.state),
+                esc(&src.summary)
+            ));
+        }
+        out.push_str("</ul>");
+    }
+    for sub in &layer.layers {
+        out.push_str(&layers_html(sub, false));
+    }
+    out.push_str("</details>");
+    out
+}
+
+struct LinkLine {
+    title: String,
+    url: String,
+    inherited_from: Option<String>,
+}
+
+struct LinkGroup {
+    kind: String,
+    links: Vec<LinkLine>,
+}
+
+struct EventLine {
+    at: String,
+    at_short: String,
+    kind: String,
+    system: String,
+    title: String,
+    actor: String,
+    severity: String,
+    body_html: String,
+}
+
+#[derive(Template)]
+#[template(path = "systems/system.html")]
+struct SystemPage {
+    user: Option<String>,
+    csrf: String,
+    slug: String,
+    title: String,
+    category: String,
+    labels: Vec<String>,
+    selector: Option<String>,
+    status_html: String,
+    handbook_html: String,
+    description_html: String,
+    contacts: Vec<crate::systems::model::Contact>,
+    links: Vec<LinkGroup>,
+    subsystems: Vec<(String, String, bool)>,
+    includers: Vec<(String, String, bool)>,
+    events: Vec<EventLine>,
+    older: Option<String>,
+    can_note: bool,
+    severities: Vec<String>,
+    filter_kind: String,
+    filter_severity: String,
+    filter_q: String,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct TimelineFilter {
+    kind: Option<String>,
+    severity: Option<String>,
+    q: Option<String>,
+    cursor: Option<String>,
+}
+
+fn not_found(slug: &str) -> Response {
+    use axum::response::IntoResponse;
+    (StatusCode::NOT_FOUND, axum::response::Html(format!("<!doctype html><title>Not found</title><p>No system '{}'. <a href=\"/\">All systems</a></p>", esc(slug)))).into_response()
+}
+
+/// One screen per system. Role: viewer on the system.
+async fn system_page(
+    State(ctx): State<AppState>,
+    Page(session): Page,
+    axum::extract::Path(slug): axum::extract::Path<String>,
+    axum::extract::Query(f): axum::extract::Query<TimelineFilter>,
+) -> Response {
+    let result = async {
+        let access = Access::of(&ctx, session.principal.clone()).await?;
+        let mut conn = ctx.db.reader().acquire().await?;
+        let Some(system) = super::store::by_slug(&mut conn, &slug).await? else {
+            return Ok(None);
+        };
+        let graph = super::store::load_graph(&mut conn).await?;
+        let id = system.id.to_string();
+        let Some(role) = access.role_on(&graph, &id) else {
+            return Ok(None);
+        };
+        let visible = access.visible(&graph);
+        let can_see = |sid: &str| visible.as_ref().is_none_or(|v| v.contains(sid));
+        // Links of the systems above, marked with where they come from.
+        let mut links: Vec<(crate::systems::model::LinkKind, LinkLine)> = system
+            .links
+            .iter()
+            .map(|l| {
+                (
+                    l.kind,
+                    LinkLine {
+                        title: l.title.clone(),
+                        url: l.url.clone(),
+                        inherited_from: None,
+                    },
+                )
+            })
+            .collect();
+        let ancestors: Vec<String> = graph
+            .ancestors(&id)
+            .into_iter()
+            .filter(|a| can_see(a))
+            .collect();
+        for above in super::store::by_ids(&mut conn, &ancestors).await? {
+            for l in &above.links {
+                links.push((
+                    l.kind,
+                    LinkLine {
+                        title: l.title.clone(),
+                        url: l.url.clone(),
+                        inherited_from: Some(above.slug.to_string()),
+                    },
+                ));
+            }
+        }
+        links.sort_by_key(|(k, _)| *k);
+        let mut groups: Vec<LinkGroup> = Vec::new();
+        for (kind, line) in links {
+            let kind = as_word(&kind);
+            match groups.last_mut() {
+                Some(g) if g.kind == kind => g.links.push(line),
+                _ => groups.push(LinkGroup {
+                    kind,
+                    links: vec![line],
+                }),
+            }
+        }
+        let named = |edges: Vec<(String, super::graph::Via)>| -> Vec<(String, String, bool)> {
+            edges
+                .into_iter()
+                .filter(|(sid, _)| can_see(sid))
+                .map(|(sid, via)| {
+                    (
+                        graph.slug(&sid).to_owned(),
+                        graph.slug(&sid).to_owned(),
+                        via == super::graph::Via::Selector,
+                    )
+                })
+                .collect()
+        };
+        let subsystems = named(graph.members(&id));
+        let includers = named(graph.parents(&id));
+        drop(conn);
+        let status = super::status::status(&ctx, &slug).await?;
+        // The timeline, filtered like the API's.
+        let mut filter = Filter {
+            text: f.q.clone().filter(|q| !q.trim().is_empty()),
+            ..Filter::default()
+        };
+        for part in f
+            .kind
+            .iter()
+            .flat_map(|k| k.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            match part.strip_suffix(".*") {
+                Some(ns) => filter.kind_prefixes.push(ns.to_owned()),
+                None => filter.kinds.push(part.to_owned()),
+            }
+        }
+        filter.min_severity = f.severity.as_deref().and_then(|s| s.parse().ok());
+        let before = f
+            .cursor
+            .as_deref()
+            .and_then(crate::timeline::store::Cursor::decode);
+        let closure = graph.closure(&id);
+        let mut events = page(ctx.db.reader(), &closure, &filter, before.as_ref(), 51).await?;
+        let older = if events.len() > 50 {
+            events.truncate(50);
+            events.last().map(|e| {
+                let mut q = vec![("cursor", crate::timeline::store::Cursor::of(e).encode())];
+                q.extend(f.kind.clone().map(|k| ("kind", k)));
+                q.extend(f.severity.clone().map(|k| ("severity", k)));
+                q.extend(f.q.clone().map(|k| ("q", k)));
+                let qs: Vec<String> = q
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", crate::cli::encode(v)))
+                    .collect();
+                format!("/systems/{slug}?{}", qs.join("&"))
+            })
+        } else {
+            None
+        };
+        let events = events
+            .into_iter()
+            .map(|e| EventLine {
+                at: e.occurred_at.to_string(),
+                at_short: e.occurred_at.strftime("%a %d %b %H:%M").to_string(),
+                kind: e.kind,
+                system: e.system,
+                title: e.title,
+                actor: e.actor.name,
+                severity: e.severity.to_string(),
+                body_html: crate::ui::markdown(&e.body),
+            })
+            .collect();
+        Ok::<_, super::SystemError>(Some(SystemPage {
+            user: Some(session.principal.display_name.clone()),
+            csrf: session.csrf.clone(),
+            slug: system.slug.to_string(),
+            title: system.title.clone(),
+            category: system.category.to_string(),
+            labels: system
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            selector: system.selector.as_ref().map(|s| s.to_string()),
+            status_html: layers_html(&status.top, true),
+            handbook_html: crate::ui::markdown(&system.handbook),
+            description_html: crate::ui::markdown(&system.description),
+            contacts: system.contacts.clone(),
+            links: groups,
+            subsystems,
+            includers,
+            events,
+            older,
+            can_note: role >= crate::users::Role::Operator,
+            severities: ["info", "ok", "warning", "critical"]
+                .map(String::from)
+                .to_vec(),
+            filter_kind: f.kind.clone().unwrap_or_default(),
+            filter_severity: f.severity.clone().unwrap_or_else(|| "info".into()),
+            filter_q: f.q.clone().unwrap_or_default(),
+        }))
+    };
+    match result.await {
+        Ok(Some(page)) => render(StatusCode::OK, &page),
+        Ok(None) => not_found(&slug),
+        Err(e) => page_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct NoteForm {
+    #[serde(default)]
+    csrf: String,
+    title: String,
+    #[serde(default)]
+    body: String,
+}
+
+/// Adds a note to the timeline. Role: operator on the system.
+async fn add_note(
+    State(ctx): State<AppState>,
+    Page(session): Page,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(slug): axum::extract::Path<String>,
+    axum::Form(form): axum::Form<NoteForm>,
+) -> Response {
+    use axum::response::IntoResponse;
+    if let Err(refused) = crate::ui::check_form(&session, &headers, Some(&form.csrf)) {
+        return refused.into_response();
+    }
+    let result = async {
+        let access = Access::of(&ctx, session.principal.clone()).await?;
+        crate::systems::http::authorize(&ctx, &access, &slug, crate::users::Role::Operator)
+            .await
+            .map_err(|p| p.detail)?;
+        let event = crate::timeline::NewEvent {
+            kind: crate::timeline::Kind::try_from("note".to_owned()).map_err(|e| e.to_string())?,
+            severity: aramaki_protocol::Severity::Info,
+            title: form.title.clone(),
+            body: form.body.clone(),
+            occurred_at: None,
+            data: serde_json::json!({}),
+            caused_by: None,
+            idempotency: None,
+        };
+        event.validate().map_err(|e| e.to_string())?;
+        let request = crate::timeline::batch::Request {
+            actor: access.actor(),
+            system: slug.clone(),
+            event,
+        };
+        ctx.appender
+            .append(&ctx, vec![request])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, NoteError>(())
+    };
+    match result.await {
+        Ok(()) => axum::response::Redirect::to(&format!("/systems/{}", crate::cli::encode(&slug))).into_response(),
+        Err(NoteError::Refused(why)) => (StatusCode::UNPROCESSABLE_ENTITY, axum::response::Html(format!(
+            "<!doctype html><title>Note refused</title><p class=\"error\">{}</p><p><a href=\"/systems/{}\">Back</a></p>",
+            esc(&why), esc(&slug)
+        ))).into_response(),
+        Err(NoteError::Db(e)) => page_error(&e),
+    }
+}
+
+/// Why a note was not added.
+#[derive(Debug, thiserror::Error)]
+enum NoteError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<String> for NoteError {
+    fn from(s: String) -> NoteError {
+        NoteError::Refused(s)
     }
 }

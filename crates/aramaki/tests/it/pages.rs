@@ -293,3 +293,173 @@ both!(
         );
     }
 );
+
+both!(
+    the_system_page_answers_the_3am_questions,
+    |app| async move {
+        app.system("dc1", "infrastructure", json!({})).await;
+        app.system("shop", "project", json!({"customer": "acme"}))
+            .await;
+        app.system("db", "service", json!({})).await;
+        app.include("dc1", "shop").await;
+        app.include("shop", "db").await;
+        let patch = |body: serde_json::Value| {
+            app.call(reqwest::Method::PATCH, "/api/v1/systems/shop", Some(body))
+        };
+        let (status, _) = patch(json!({
+        "handbook": "## Rules\n\nFlush the cache **any time**.\n\n<script>alert('pwned')</script>\n\n[evil](javascript:alert(1))",
+        "contacts": [{"name": "Second", "escalation": 2}, {"name": "First", "escalation": 1, "reach": "+49 30 1"}],
+        "links": [{"title": "Shop dashboard", "url": "https://grafana.example/d/shop", "kind": "dashboard"}]
+    }))
+    .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = app
+        .call(reqwest::Method::PATCH, "/api/v1/systems/dc1", Some(json!({"links": [{"title": "DC power", "url": "https://dcim.example/dc1", "kind": "dashboard"}]})))
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        app.event(
+            "db",
+            "state",
+            "Replication lag 40 s",
+            json!({"severity": "warning"}),
+        )
+        .await;
+        app.event(
+            "shop",
+            "note",
+            "Flushed the cache",
+            json!({"body": "Because of *stale* pages"}),
+        )
+        .await;
+
+        users::create_user(&app.ctx, "vic", "Vic", None, "correct horse battery", false)
+            .await
+            .unwrap();
+        users::grant(
+            &app.ctx,
+            &aramaki::timeline::Actor::user("t", "T"),
+            "vic",
+            "dc1",
+            Role::Viewer,
+        )
+        .await
+        .unwrap();
+        let cookie = session_cookie(&login(&app, "vic", "correct horse battery").await);
+        let resp = get(&app, "/systems/shop", &cookie).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let html = resp.text().await.unwrap();
+        // Rules, rendered and inert.
+        assert!(html.contains("<strong>any time</strong>"), "{html}");
+        assert!(
+            !html.contains("<script>alert"),
+            "a script in the handbook is inert"
+        );
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(
+            !html.to_lowercase().contains("href=\"javascript:"),
+            "no script links"
+        );
+        // Contacts in escalation order; links incl. inherited ones with their origin.
+        assert!(html.find("First").unwrap() < html.find("Second").unwrap());
+        assert!(html.contains("Shop dashboard") && html.contains("DC power"));
+        assert!(
+            html.contains("inherited from <a href=\"/systems/dc1\">dc1</a>"),
+            "{html}"
+        );
+        // Status layers expand in place; the warning below is visible from the top.
+        assert!(
+            html.contains("<details class=\"layer layer-top\" open>"),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "<span class=\"badge warning\">warning</span> <a href=\"/systems/shop\">"
+            ),
+            "{html}"
+        );
+        assert!(html.contains("Replication lag 40 s"));
+        // What happened: the rollup with bodies; no note form for a viewer.
+        assert!(html.contains("Flushed the cache") && html.contains("<em>stale</em>"));
+        assert!(
+            !html.contains("action=\"/systems/shop/notes\""),
+            "a viewer gets no note form"
+        );
+        let csrf = csrf_of(&html);
+        let refused = browser()
+            .post(app.url("/systems/shop/notes"))
+            .header(COOKIE, &cookie)
+            .form(&[("csrf", csrf.as_str()), ("title", "sneaky")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(refused
+            .text()
+            .await
+            .unwrap()
+            .contains("needs the operator role"));
+
+        // Structure, both ways; a system outside the grant is not found.
+        assert!(html.contains("href=\"/systems/db\""));
+        assert_eq!(
+            get(&app, "/systems/nowhere", &cookie).await.status(),
+            StatusCode::NOT_FOUND
+        );
+        app.system("secret", "project", json!({})).await;
+        assert_eq!(
+            get(&app, "/systems/secret", &cookie).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+);
+
+both!(operators_add_notes_with_a_csrf_token, |app| async move {
+    app.system("shop", "project", json!({})).await;
+    person(&app, "olga", Some(Role::Operator), false).await;
+    let cookie = session_cookie(&login(&app, "olga", "correct horse battery").await);
+    let html = get(&app, "/systems/shop", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("action=\"/systems/shop/notes\""));
+    let csrf = csrf_of(&html);
+    let post = |token: &'static str, csrf: String| {
+        let cookie = cookie.clone();
+        let url = app.url("/systems/shop/notes");
+        async move {
+            let t = if token.is_empty() {
+                csrf
+            } else {
+                token.to_owned()
+            };
+            browser()
+                .post(url)
+                .header(COOKIE, cookie)
+                .form(&[
+                    ("csrf", t.as_str()),
+                    ("title", "Restarted php-fpm"),
+                    ("body", "on **web-2**"),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        post("forged", csrf.clone()).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let ok = post("", csrf.clone()).await;
+    assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+    assert_eq!(ok.headers()[LOCATION], "/systems/shop");
+    let t = app.get("/api/v1/systems/shop/timeline?kind=note").await;
+    assert_eq!(t["items"][0]["title"], "Restarted php-fpm");
+    assert_eq!(t["items"][0]["actor"]["name"], "olga (person)");
+    let html = get(&app, "/systems/shop", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("Restarted php-fpm") && html.contains("<strong>web-2</strong>"));
+});
