@@ -20,6 +20,7 @@ pub fn routes() -> Router<AppState> {
         .route("/", get(dashboard))
         .route("/systems/{slug}", get(system_page))
         .route("/systems/{slug}/notes", axum::routing::post(add_note))
+        .route("/search", get(search))
 }
 
 struct Tile {
@@ -469,5 +470,83 @@ enum NoteError {
 impl From<String> for NoteError {
     fn from(s: String) -> NoteError {
         NoteError::Refused(s)
+    }
+}
+
+#[derive(Template)]
+#[template(path = "systems/search.html")]
+struct SearchPage {
+    user: Option<String>,
+    csrf: String,
+    q: String,
+    systems: Vec<(String, String, String)>,
+    events: Vec<Line>,
+}
+
+#[derive(serde::Deserialize)]
+struct SearchQuery {
+    #[serde(default)]
+    q: String,
+}
+
+/// Systems (slug, title, labels, description) and events (title, body) the
+/// caller may see. Role: any logged-in user.
+async fn search(
+    State(ctx): State<AppState>,
+    Page(session): Page,
+    axum::extract::Query(sq): axum::extract::Query<SearchQuery>,
+) -> Response {
+    let q = sq.q.trim().chars().take(200).collect::<String>();
+    let result = async {
+        let mut systems = Vec::new();
+        let mut events = Vec::new();
+        if !q.is_empty() {
+            let access = Access::of(&ctx, session.principal.clone()).await?;
+            let mut conn = ctx.db.reader().acquire().await?;
+            let graph = super::store::load_graph(&mut conn).await?;
+            let visible = access.visible(&graph);
+            let filter = super::store::ListFilter {
+                text: Some(q.clone()),
+                only_ids: visible.as_ref().map(|v| v.iter().cloned().collect()),
+                ..Default::default()
+            };
+            systems = super::store::list(&mut conn, &filter, 50)
+                .await?
+                .into_iter()
+                .map(|s| (s.slug.to_string(), s.title, s.category.to_string()))
+                .collect();
+            drop(conn);
+            let ids: Vec<String> = match visible {
+                Some(set) => set.into_iter().collect(),
+                None => graph.ids().cloned().collect(),
+            };
+            let filter = Filter {
+                text: Some(q.clone()),
+                ..Filter::default()
+            };
+            events = page(ctx.db.reader(), &ids, &filter, None, 30)
+                .await?
+                .into_iter()
+                .map(|e| Line {
+                    at: e.occurred_at.to_string(),
+                    at_short: e.occurred_at.strftime("%a %d %b %H:%M").to_string(),
+                    system: e.system,
+                    title: e.title,
+                    actor: e.actor.name,
+                    severity: e.severity.to_string(),
+                })
+                .collect();
+        }
+        Ok::<_, super::SystemError>(SearchPage {
+            user: Some(session.principal.display_name.clone()),
+            csrf: session.csrf.clone(),
+            q: q.clone(),
+            systems,
+            events,
+        })
+    };
+    match result.await {
+        Ok(page) => render(StatusCode::OK, &page),
+        Err(e) => page_error(&e),
     }
 }

@@ -463,3 +463,64 @@ both!(operators_add_notes_with_a_csrf_token, |app| async move {
         .unwrap();
     assert!(html.contains("Restarted php-fpm") && html.contains("<strong>web-2</strong>"));
 });
+
+both!(
+    search_finds_systems_and_events_the_user_may_see,
+    |app| async move {
+        app.system("shop", "project", json!({"customer": "acme"}))
+            .await;
+        app.system("billing", "project", json!({"customer": "initech"}))
+            .await;
+        app.event(
+            "shop",
+            "note",
+            "Varnish flushed",
+            json!({"body": "stale checkout pages"}),
+        )
+        .await;
+        app.event("billing", "note", "Varnish config reviewed", json!({}))
+            .await;
+        users::create_user(&app.ctx, "sam", "Sam", None, "correct horse battery", false)
+            .await
+            .unwrap();
+        users::grant(
+            &app.ctx,
+            &aramaki::timeline::Actor::user("t", "T"),
+            "sam",
+            "shop",
+            Role::Viewer,
+        )
+        .await
+        .unwrap();
+        let cookie = session_cookie(&login(&app, "sam", "correct horse battery").await);
+        let html = get(&app, "/search?q=ACME", &cookie)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            html.contains("href=\"/systems/shop\""),
+            "labels are searched: {html}"
+        );
+        let html = get(&app, "/search?q=varnish", &cookie)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(html.contains("Varnish flushed"), "{html}");
+        assert!(
+            !html.contains("Varnish config reviewed"),
+            "billing is not sam's"
+        );
+        let html = get(&app, "/search?q=checkout", &cookie)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(html.contains("Varnish flushed"), "bodies are searched");
+        assert_eq!(
+            get(&app, "/search?q=x", "").await.status(),
+            StatusCode::SEE_OTHER
+        );
+    }
+);
