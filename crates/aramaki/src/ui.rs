@@ -114,21 +114,41 @@ pub fn page_error(e: &dyn std::fmt::Display) -> Response {
 }
 
 const CSS: &str = include_str!("../assets/aramaki.css");
+/// Vendored with `scripts/vendor-htmx`; the version is in the file name.
+pub const HTMX_PATH: &str = "/assets/htmx.min.2.0.11.js";
+const HTMX: &str = include_str!("../vendor/htmx/htmx.min.2.0.11.js");
+pub const SSE_PATH: &str = "/assets/sse.min.2.2.4.js";
+const SSE: &str = include_str!("../vendor/htmx/sse.min.2.2.4.js");
 
-/// Assets served from the binary; nothing comes from a CDN.
+/// Assets served from the binary; nothing comes from a CDN. Versioned files
+/// may be cached for ever.
 pub fn assets() -> Router<AppState> {
-    Router::new().route(
-        "/assets/aramaki.css",
-        get(|| async {
+    let js = |body: &'static str| {
+        get(move || async move {
             (
                 [
-                    (CONTENT_TYPE, "text/css; charset=utf-8"),
-                    (CACHE_CONTROL, "public, max-age=3600"),
+                    (CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                    (CACHE_CONTROL, "public, max-age=31536000, immutable"),
                 ],
-                CSS,
+                body,
             )
-        }),
-    )
+        })
+    };
+    Router::new()
+        .route(
+            "/assets/aramaki.css",
+            get(|| async {
+                (
+                    [
+                        (CONTENT_TYPE, "text/css; charset=utf-8"),
+                        (CACHE_CONTROL, "public, max-age=3600"),
+                    ],
+                    CSS,
+                )
+            }),
+        )
+        .route(HTMX_PATH, js(HTMX))
+        .route(SSE_PATH, js(SSE))
 }
 
 /// Keeps a `next` parameter on this site: a path, never another host.
@@ -143,6 +163,19 @@ pub fn local_path(next: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vendored_files_match_their_checksums() {
+        use sha2::{Digest, Sha256};
+        let sums = include_str!("../vendor/htmx/SHA256SUMS");
+        for (name, body) in [("htmx.min.2.0.11.js", HTMX), ("sse.min.2.2.4.js", SSE)] {
+            let digest = crate::federation::identity::hex(&Sha256::digest(body.as_bytes()));
+            assert!(
+                sums.contains(&format!("{digest}  {name}")),
+                "{name} does not match SHA256SUMS"
+            );
+        }
+    }
 
     #[test]
     fn next_stays_on_this_site() {

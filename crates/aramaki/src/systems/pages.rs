@@ -21,6 +21,8 @@ pub fn routes() -> Router<AppState> {
         .route("/systems/{slug}", get(system_page))
         .route("/systems/{slug}/notes", axum::routing::post(add_note))
         .route("/search", get(search))
+        .route("/systems/{slug}/events", get(events_fragment))
+        .route("/systems/{slug}/live", get(live_fragments))
 }
 
 struct Tile {
@@ -208,7 +210,8 @@ struct SystemPage {
     subsystems: Vec<(String, String, bool)>,
     includers: Vec<(String, String, bool)>,
     events: Vec<EventLine>,
-    older: Option<String>,
+    more: Option<More>,
+    live: String,
     can_note: bool,
     severities: Vec<String>,
     filter_kind: String,
@@ -310,59 +313,8 @@ async fn system_page(
         let includers = named(graph.parents(&id));
         drop(conn);
         let status = super::status::status(&ctx, &slug).await?;
-        // The timeline, filtered like the API's.
-        let mut filter = Filter {
-            text: f.q.clone().filter(|q| !q.trim().is_empty()),
-            ..Filter::default()
-        };
-        for part in f
-            .kind
-            .iter()
-            .flat_map(|k| k.split(','))
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
-            match part.strip_suffix(".*") {
-                Some(ns) => filter.kind_prefixes.push(ns.to_owned()),
-                None => filter.kinds.push(part.to_owned()),
-            }
-        }
-        filter.min_severity = f.severity.as_deref().and_then(|s| s.parse().ok());
-        let before = f
-            .cursor
-            .as_deref()
-            .and_then(crate::timeline::store::Cursor::decode);
         let closure = graph.closure(&id);
-        let mut events = page(ctx.db.reader(), &closure, &filter, before.as_ref(), 51).await?;
-        let older = if events.len() > 50 {
-            events.truncate(50);
-            events.last().map(|e| {
-                let mut q = vec![("cursor", crate::timeline::store::Cursor::of(e).encode())];
-                q.extend(f.kind.clone().map(|k| ("kind", k)));
-                q.extend(f.severity.clone().map(|k| ("severity", k)));
-                q.extend(f.q.clone().map(|k| ("q", k)));
-                let qs: Vec<String> = q
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", crate::cli::encode(v)))
-                    .collect();
-                format!("/systems/{slug}?{}", qs.join("&"))
-            })
-        } else {
-            None
-        };
-        let events = events
-            .into_iter()
-            .map(|e| EventLine {
-                at: e.occurred_at.to_string(),
-                at_short: e.occurred_at.strftime("%a %d %b %H:%M").to_string(),
-                kind: e.kind,
-                system: e.system,
-                title: e.title,
-                actor: e.actor.name,
-                severity: e.severity.to_string(),
-                body_html: crate::ui::markdown(&e.body),
-            })
-            .collect();
+        let (events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
         Ok::<_, super::SystemError>(Some(SystemPage {
             user: Some(session.principal.display_name.clone()),
             csrf: session.csrf.clone(),
@@ -383,7 +335,12 @@ async fn system_page(
             subsystems,
             includers,
             events,
-            older,
+            more,
+            live: format!(
+                "/systems/{}/live{}",
+                crate::cli::encode(&slug),
+                filter_query(&f, None)
+            ),
             can_note: role >= crate::users::Role::Operator,
             severities: ["info", "ok", "warning", "critical"]
                 .map(String::from)
@@ -549,4 +506,197 @@ async fn search(
         Ok(page) => render(StatusCode::OK, &page),
         Err(e) => page_error(&e),
     }
+}
+
+/// The link to the next, older page of a timeline: a whole page without
+/// JavaScript, a fragment for htmx's infinite scroll.
+pub struct More {
+    page: String,
+    fragment: String,
+}
+
+/// `?kind=…&severity=…&q=…` (and a cursor) for links that keep the filter.
+fn filter_query(f: &TimelineFilter, cursor: Option<String>) -> String {
+    let mut q: Vec<(&str, String)> = Vec::new();
+    q.extend(cursor.map(|c| ("cursor", c)));
+    q.extend(
+        f.kind
+            .clone()
+            .filter(|v| !v.is_empty())
+            .map(|k| ("kind", k)),
+    );
+    q.extend(
+        f.severity
+            .clone()
+            .filter(|v| !v.is_empty())
+            .map(|k| ("severity", k)),
+    );
+    q.extend(f.q.clone().filter(|v| !v.is_empty()).map(|k| ("q", k)));
+    if q.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = q
+        .iter()
+        .map(|(k, v)| format!("{k}={}", crate::cli::encode(v)))
+        .collect();
+    format!("?{}", parts.join("&"))
+}
+
+fn parse_filter(f: &TimelineFilter) -> Filter {
+    let mut filter = Filter {
+        text: f.q.clone().filter(|q| !q.trim().is_empty()),
+        ..Filter::default()
+    };
+    for part in f
+        .kind
+        .iter()
+        .flat_map(|k| k.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match part.strip_suffix(".*") {
+            Some(ns) => filter.kind_prefixes.push(ns.to_owned()),
+            None => filter.kinds.push(part.to_owned()),
+        }
+    }
+    filter.min_severity = f.severity.as_deref().and_then(|s| s.parse().ok());
+    filter
+}
+
+fn event_line(e: crate::timeline::Event) -> EventLine {
+    EventLine {
+        at: e.occurred_at.to_string(),
+        at_short: e.occurred_at.strftime("%a %d %b %H:%M").to_string(),
+        kind: e.kind,
+        system: e.system,
+        title: e.title,
+        actor: e.actor.name,
+        severity: e.severity.to_string(),
+        body_html: crate::ui::markdown(&e.body),
+    }
+}
+
+/// A page of 50 events of the closure, and the link to the next.
+async fn timeline_part(
+    ctx: &crate::context::Context,
+    closure: &[String],
+    slug: &str,
+    f: &TimelineFilter,
+) -> Result<(Vec<EventLine>, Option<More>), super::SystemError> {
+    let filter = parse_filter(f);
+    let before = f
+        .cursor
+        .as_deref()
+        .and_then(crate::timeline::store::Cursor::decode);
+    let mut events = page(ctx.db.reader(), closure, &filter, before.as_ref(), 51).await?;
+    let more = if events.len() > 50 {
+        events.truncate(50);
+        events.last().map(|e| {
+            let qs = filter_query(f, Some(crate::timeline::store::Cursor::of(e).encode()));
+            let slug = crate::cli::encode(slug);
+            More {
+                page: format!("/systems/{slug}{qs}"),
+                fragment: format!("/systems/{slug}/events{qs}"),
+            }
+        })
+    } else {
+        None
+    };
+    Ok((events.into_iter().map(event_line).collect(), more))
+}
+
+#[derive(Template)]
+#[template(path = "systems/events.html")]
+struct EventsFragment {
+    slug: String,
+    events: Vec<EventLine>,
+    more: Option<More>,
+}
+
+/// Checks the session's role on a system; `None` if the system is not there
+/// for this user. Returns the closure the user's view of it rolls up.
+async fn viewable(
+    ctx: &crate::context::Context,
+    session: &crate::users::sessions::Session,
+    slug: &str,
+) -> Result<Option<Vec<String>>, super::SystemError> {
+    let access = Access::of(ctx, session.principal.clone()).await?;
+    let mut conn = ctx.db.reader().acquire().await?;
+    let Some(id) = super::store::ids_by_slugs(&mut conn, &[slug.to_owned()])
+        .await?
+        .remove(slug)
+    else {
+        return Ok(None);
+    };
+    let graph = super::store::load_graph(&mut conn).await?;
+    Ok(access.role_on(&graph, &id).map(|_| graph.closure(&id)))
+}
+
+/// The next page of events, as list items (infinite scroll). Role: viewer.
+async fn events_fragment(
+    State(ctx): State<AppState>,
+    Page(session): Page,
+    axum::extract::Path(slug): axum::extract::Path<String>,
+    axum::extract::Query(f): axum::extract::Query<TimelineFilter>,
+) -> Response {
+    let result = async {
+        let Some(closure) = viewable(&ctx, &session, &slug).await? else {
+            return Ok(None);
+        };
+        let (events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
+        Ok::<_, super::SystemError>(Some(EventsFragment {
+            slug: slug.clone(),
+            events,
+            more,
+        }))
+    };
+    match result.await {
+        Ok(Some(fragment)) => render(StatusCode::OK, &fragment),
+        Ok(None) => not_found(&slug),
+        Err(e) => page_error(&e),
+    }
+}
+
+/// New events as they are recorded, as list items over server-sent events
+/// (`event: event`), for htmx's SSE extension. Role: viewer.
+async fn live_fragments(
+    State(ctx): State<AppState>,
+    Page(session): Page,
+    axum::extract::Path(slug): axum::extract::Path<String>,
+    axum::extract::Query(f): axum::extract::Query<TimelineFilter>,
+) -> Response {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use axum::response::IntoResponse;
+    let allowed = match viewable(&ctx, &session, &slug).await {
+        Ok(Some(_)) => true,
+        Ok(None) => false,
+        Err(e) => return page_error(&e),
+    };
+    let Ok(parsed) = crate::systems::model::Slug::try_from(slug.as_str()) else {
+        return not_found(&slug);
+    };
+    if !allowed {
+        return not_found(&slug);
+    }
+    let events =
+        match crate::timeline::http::live(ctx.clone(), parsed, parse_filter(&f), None).await {
+            Ok(events) => events,
+            Err(e) => return page_error(&e),
+        };
+    let slug_for_items = slug.clone();
+    let stream = futures_util::StreamExt::map(events, move |e| {
+        let fragment = EventsFragment {
+            slug: slug_for_items.clone(),
+            events: vec![event_line(e)],
+            more: None,
+        };
+        let html = askama::Template::render(&fragment).unwrap_or_default();
+        // SSE data lines must not contain newlines.
+        Ok::<_, std::convert::Infallible>(
+            Sse::default().event("event").data(html.replace('\n', " ")),
+        )
+    });
+    axum::response::Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

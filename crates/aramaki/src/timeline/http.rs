@@ -198,6 +198,27 @@ async fn stream_timeline(
         ),
         None => None,
     };
+    let events = live(ctx.clone(), slug, filter, resume).await?;
+    let stream = futures_util::StreamExt::map(events, |event| {
+        let sse = SseEvent::default()
+            .event("timeline")
+            .id(event.sequence.to_string())
+            .json_data(&event)
+            .unwrap_or_else(|_| SseEvent::default().comment("unserialisable event"));
+        Ok(sse)
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The live tail of a system's timeline: events committed from now on (or
+/// after `resume`, a sequence number), filtered, each once. The caller has
+/// checked access already.
+pub async fn live(
+    ctx: Arc<Context>,
+    slug: Slug,
+    filter: Filter,
+    resume: Option<i64>,
+) -> Result<impl Stream<Item = Event>, crate::systems::SystemError> {
     // Listen first, then look: nothing committed in between is missed.
     let rx = ctx.timeline.listen();
     let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
@@ -214,16 +235,10 @@ async fn stream_timeline(
         last,
         replay: resume.is_some(),
     };
-    let stream = futures_util::stream::unfold(tail, |mut tail| async move {
+    Ok(futures_util::stream::unfold(tail, |mut tail| async move {
         let event = tail.next().await?;
-        let sse = SseEvent::default()
-            .event("timeline")
-            .id(event.sequence.to_string())
-            .json_data(&event)
-            .unwrap_or_else(|_| SseEvent::default().comment("unserialisable event"));
-        Some((Ok(sse), tail))
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+        Some((event, tail))
+    }))
 }
 
 /// One SSE connection's position in the timeline.

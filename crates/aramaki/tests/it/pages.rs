@@ -524,3 +524,88 @@ both!(
         );
     }
 );
+
+both!(the_timeline_scrolls_on_and_updates_live, |app| async move {
+    app.system("shop", "project", json!({})).await;
+    person(&app, "ada", Some(Role::Viewer), false).await;
+    let cookie = session_cookie(&login(&app, "ada", "correct horse battery").await);
+    let batch: Vec<serde_json::Value> = (0..60)
+        .map(|i| json!({"system": "shop", "kind": "note", "title": format!("note {i:02}")}))
+        .collect();
+    assert_eq!(
+        app.post("/api/v1/events/batch", json!({"events": batch}))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+
+    let html = get(&app, "/systems/shop?kind=note", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("/assets/htmx.min.2.0.11.js"),
+        "htmx is served from the binary"
+    );
+    let at = html.find("hx-get=\"").expect("an infinite-scroll link") + "hx-get=\"".len();
+    let fragment_url = html[at..].split('"').next().unwrap().replace("&amp;", "&");
+    assert!(
+        fragment_url.starts_with("/systems/shop/events?cursor="),
+        "{fragment_url}"
+    );
+    assert!(
+        fragment_url.contains("kind=note"),
+        "the filter is kept: {fragment_url}"
+    );
+    let fragment = get(&app, &fragment_url, &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!fragment.contains("<html"), "a fragment, not a page");
+    assert_eq!(
+        fragment.matches("<li class=\"sev-info\">").count(),
+        10,
+        "the ten oldest notes"
+    );
+    assert!(
+        !fragment.contains("Older events"),
+        "the end of the timeline"
+    );
+    let js = browser()
+        .get(app.url("/assets/htmx.min.2.0.11.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), StatusCode::OK);
+    assert!(js.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+
+    // Live: a new note arrives as a list item over server-sent events.
+    let live = get(&app, "/systems/shop/live", &cookie).await;
+    assert_eq!(live.status(), StatusCode::OK);
+    app.event("shop", "note", "Live <note>", json!({})).await;
+    let mut stream = live.bytes_stream();
+    let mut buf = String::new();
+    while !buf.contains("\n\n") {
+        use futures_util::StreamExt;
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(20), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(buf.contains("event: event"), "{buf}");
+    assert!(
+        buf.contains("<li class=\"sev-info\">") && buf.contains("Live &lt;note&gt;"),
+        "{buf}"
+    );
+    assert_eq!(
+        get(&app, "/systems/nope/live", &cookie).await.status(),
+        StatusCode::NOT_FOUND
+    );
+});
