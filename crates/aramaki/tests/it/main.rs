@@ -8,6 +8,7 @@ mod support;
 mod auth;
 mod bad_input;
 mod binary;
+mod browser;
 mod demo;
 mod pages;
 mod properties;

@@ -1,0 +1,394 @@
+//! End-to-end tests in a real headless Chromium, driven over WebDriver
+//! (Debian's `chromium` and `chromium-driver`; `.ci/run` installs them).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aramaki::users::{self, Role};
+use serde_json::{json, Value};
+
+use crate::support::{Backend, TestApp};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One browser session with its own profile.
+struct Browser {
+    http: reqwest::Client,
+    url: String,
+    _profile: tempfile::TempDir,
+    _driver: Driver,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver is installed (apt-get install chromium chromium-driver, or run .ci/run)");
+        let driver = Driver(driver);
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut ready = false;
+        for _ in 0..100 {
+            if http.get(format!("{base}/status")).send().await.is_ok() {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "chromedriver did not start");
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--window-size=1280,900", "--dns-prefetch-disable", format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}});
+        let created: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_owned();
+        let url = format!("{base}/session/{session}");
+        let b = Browser {
+            http,
+            url,
+            _profile: profile,
+            _driver: driver,
+        };
+        // Finding elements waits up to 15 s for them to appear.
+        b.call("POST", "/timeouts", json!({"implicit": 15000}))
+            .await;
+        b
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}{path}", self.url);
+        let req = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.post(url).json(&body),
+        };
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        v["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call("POST", "/url", json!({"url": url})).await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .call(
+                "POST",
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_owned()
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        self.call("POST", "/timeouts", json!({"implicit": 0})).await;
+        let v = self
+            .call(
+                "POST",
+                "/elements",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        self.call("POST", "/timeouts", json!({"implicit": 15000}))
+            .await;
+        v.as_array().map(Vec::len).unwrap_or(0)
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.call("POST", &format!("/element/{id}/click"), json!({}))
+            .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.call(
+            "POST",
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        )
+        .await;
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let id = self.find(css).await;
+        self.call("GET", &format!("/element/{id}/text"), json!({}))
+            .await
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/async",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn current_url(&self) -> String {
+        self.call("GET", "/url", json!({}))
+            .await
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    async fn screenshot(&self, name: &str) {
+        use base64_decode::decode;
+        let png = self.call("GET", "/screenshot", json!({})).await;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), decode(png.as_str().unwrap())).unwrap();
+    }
+
+    async fn login(&self, base: &str, user: &str, password: &str) {
+        self.goto(&format!("{base}/login")).await;
+        self.type_into("#username", user).await;
+        self.type_into("#password", password).await;
+        self.click("form[action='/login'] button[type=submit]")
+            .await;
+        self.find("header.top .who").await;
+    }
+}
+
+/// Standard base64, for screenshots (no dependency for twenty lines).
+mod base64_decode {
+    pub fn decode(s: &str) -> Vec<u8> {
+        let value = |c: u8| -> Option<u32> {
+            match c {
+                b'A'..=b'Z' => Some(u32::from(c - b'A')),
+                b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+                b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+                b'+' => Some(62),
+                b'/' => Some(63),
+                _ => None,
+            }
+        };
+        let mut out = Vec::new();
+        let (mut buf, mut bits) = (0u32, 0);
+        for v in s.bytes().filter_map(value) {
+            buf = (buf << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((buf >> bits) as u8);
+            }
+        }
+        out
+    }
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+async fn estate(app: &TestApp) {
+    app.clock.set(jiff::Timestamp::now());
+    aramaki::demo::seed(&app.ctx).await.unwrap();
+    users::create_user(
+        &app.ctx,
+        "olga",
+        "Olga Operator",
+        Some(Role::Operator),
+        PASSWORD,
+        false,
+    )
+    .await
+    .unwrap();
+    users::create_user(
+        &app.ctx,
+        "vera",
+        "Vera Viewer",
+        Some(Role::Viewer),
+        PASSWORD,
+        false,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_at_3am_finds_their_way_and_leaves_a_note() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    estate(&app).await;
+    let ops = Browser::start().await;
+    ops.login(&app.base, "olga", PASSWORD).await;
+    assert_eq!(ops.current_url().await, format!("{}/", app.base));
+    ops.find("a[href='/systems/acme-shop']").await;
+    ops.screenshot("dashboard.png").await;
+
+    // Dashboard → system → expand a subsystem layer in place.
+    ops.click("a[href='/systems/acme-shop']").await;
+    ops.find("details.layer-top").await;
+    assert_eq!(
+        ops.count("details.layer-top > details.layer[open]").await,
+        0
+    );
+    ops.click("details.layer-top > details.layer > summary")
+        .await;
+    assert_eq!(
+        ops.count("details.layer-top > details.layer[open]").await,
+        1,
+        "expanded in place"
+    );
+    assert!(
+        ops.current_url().await.ends_with("/systems/acme-shop"),
+        "without leaving the page"
+    );
+
+    // An inherited dashboard link is there, marked, and can be followed. (It
+    // points at this test server: the tests reach no other host.)
+    let local = format!("{}/search?q=checkout", app.base);
+    let shop = app.get("/api/v1/systems/acme-shop").await;
+    let mut links = shop["links"].as_array().unwrap().clone();
+    links.push(json!({"title": "Checkout dashboard", "url": local, "kind": "dashboard"}));
+    let (status, _) = app
+        .call(
+            reqwest::Method::PATCH,
+            "/api/v1/systems/acme-shop",
+            Some(json!({"links": links})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    ops.goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    let inherited = ops.text("ul.links li:has(a[href$='q=checkout'])").await;
+    assert!(
+        inherited.contains("inherited from acme-shop"),
+        "{inherited}"
+    );
+    ops.screenshot("system.png").await;
+    ops.click("ul.links a[href$='q=checkout']").await;
+    ops.find("form[role=search]").await;
+    assert_eq!(
+        ops.current_url().await,
+        local,
+        "followed the inherited link"
+    );
+
+    // A second, separate session watches the timeline while the operator adds a note.
+    let watcher = Browser::start().await;
+    watcher.login(&app.base, "vera", PASSWORD).await;
+    watcher
+        .goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    assert_eq!(
+        watcher
+            .count("form[action='/systems/acme-production/notes']")
+            .await,
+        0,
+        "a viewer gets no note form"
+    );
+    watcher.find("ol#timeline li").await;
+    // Wait until htmx's event source is open, then note.
+    let open = watcher
+        .script("const done = arguments[0]; const t = Date.now(); (function poll() { const es = document.querySelector('#timeline')['htmx-internal-data']?.sseEventSource; if (es && es.readyState === 1) return done(true); if (Date.now() - t > 15000) return done(false); setTimeout(poll, 100); })();")
+        .await;
+    assert_eq!(open, json!(true), "the live stream opened");
+    ops.goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    ops.type_into("#note-title", "Flushed Varnish at 3am").await;
+    ops.click("form.note button[type=submit]").await;
+    ops.find("ol#timeline").await;
+    let first = watcher.text("ol#timeline li:first-child .etitle").await;
+    let live = if first == "Flushed Varnish at 3am" {
+        first
+    } else {
+        // The implicit wait covers appearance, not change: look again briefly.
+        let found = watcher
+            .script("const done = arguments[0]; const t = Date.now(); (function poll() { const li = document.querySelector('#timeline li .etitle'); if (li && li.textContent === 'Flushed Varnish at 3am') return done(li.textContent); if (Date.now() - t > 15000) return done(li ? li.textContent : null); setTimeout(poll, 100); })();")
+            .await;
+        found.as_str().unwrap_or("").to_owned()
+    };
+    assert_eq!(
+        live, "Flushed Varnish at 3am",
+        "the note appeared live in the other session"
+    );
+
+    // A POST without the CSRF token is refused, even from the logged-in page.
+    let status = ops
+        .script("const done = arguments[0]; fetch('/systems/acme-production/notes', {method: 'POST', headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body: 'title=forged'}).then(r => done(r.status));")
+        .await;
+    assert_eq!(status, json!(403));
+    // And the viewer's request is refused, button or not.
+    let status = watcher
+        .script("const done = arguments[0]; const csrf = document.querySelector('input[name=csrf]').value; fetch('/systems/acme-production/notes', {method: 'POST', headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body: 'title=sneaky&csrf=' + csrf}).then(r => done(r.status));")
+        .await;
+    assert_eq!(status, json!(422));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_in_a_handbook_stays_inert() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("shop", "project", json!({})).await;
+    let (status, _) = app
+        .call(
+            reqwest::Method::PATCH,
+            "/api/v1/systems/shop",
+            Some(json!({"handbook": "Rules <script>window.pwned = true</script> <img src=x onerror=\"window.pwned=true\"> [x](javascript:window.pwned=true)"})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    users::create_user(
+        &app.ctx,
+        "vera",
+        "Vera",
+        Some(Role::Viewer),
+        PASSWORD,
+        false,
+    )
+    .await
+    .unwrap();
+    let b = Browser::start().await;
+    b.login(&app.base, "vera", PASSWORD).await;
+    b.goto(&format!("{}/systems/shop", app.base)).await;
+    let text = b.text(".handbook").await;
+    assert!(
+        text.contains("<script>window.pwned = true</script>"),
+        "shown as text: {text}"
+    );
+    b.click(".handbook a").await;
+    let pwned = b
+        .script("const done = arguments[0]; setTimeout(() => done(window.pwned === true), 300);")
+        .await;
+    assert_eq!(pwned, json!(false));
+}
