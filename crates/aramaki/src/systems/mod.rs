@@ -3,6 +3,7 @@
 //! parent pointer and including never changes it. Every change records a
 //! timeline event, in the same transaction, with actor, before and after.
 
+pub mod forms;
 pub mod graph;
 pub mod http;
 pub mod model;

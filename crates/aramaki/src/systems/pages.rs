@@ -17,6 +17,7 @@ use crate::web::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .merge(super::forms::routes())
         .route("/", get(dashboard))
         .route("/systems/{slug}", get(system_page))
         .route("/systems/{slug}/notes", axum::routing::post(add_note))
@@ -50,6 +51,7 @@ struct Line {
 struct Dashboard {
     user: Option<String>,
     csrf: String,
+    can_create: bool,
     groups: Vec<Group>,
     events: Vec<Line>,
 }
@@ -112,6 +114,7 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
         Ok::<_, super::SystemError>(Dashboard {
             user: Some(session.principal.display_name.clone()),
             csrf: session.csrf.clone(),
+            can_create: session.principal.may_everywhere(crate::users::Role::Admin),
             groups,
             events,
         })
@@ -123,7 +126,7 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
 }
 
 /// Escapes text for HTML built outside templates.
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -213,6 +216,7 @@ struct SystemPage {
     more: Option<More>,
     live: String,
     can_note: bool,
+    can_edit: bool,
     severities: Vec<String>,
     filter_kind: String,
     filter_severity: String,
@@ -227,7 +231,7 @@ struct TimelineFilter {
     cursor: Option<String>,
 }
 
-fn not_found(slug: &str) -> Response {
+pub(super) fn not_found(slug: &str) -> Response {
     use axum::response::IntoResponse;
     (StatusCode::NOT_FOUND, axum::response::Html(format!("<!doctype html><title>Not found</title><p>No system '{}'. <a href=\"/\">All systems</a></p>", esc(slug)))).into_response()
 }
@@ -342,6 +346,7 @@ async fn system_page(
                 filter_query(&f, None)
             ),
             can_note: role >= crate::users::Role::Operator,
+            can_edit: role >= crate::users::Role::Admin,
             severities: ["info", "ok", "warning", "critical"]
                 .map(String::from)
                 .to_vec(),

@@ -392,3 +392,35 @@ async fn a_script_in_a_handbook_stays_inert() {
         .await;
     assert_eq!(pwned, json!(false));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_include_form_explains_a_cycle_in_place() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    estate(&app).await;
+    users::create_user(
+        &app.ctx,
+        "ada",
+        "Ada Admin",
+        Some(Role::Admin),
+        PASSWORD,
+        false,
+    )
+    .await
+    .unwrap();
+    let b = Browser::start().await;
+    b.login(&app.base, "ada", PASSWORD).await;
+    b.goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    b.find("#edit-system").await;
+    b.type_into("#include-slug", "acme-shop").await;
+    b.click("form.include-form button[type=submit]").await;
+    let error = b.text("#include-result .error").await;
+    assert!(
+        error.contains("would close a cycle: acme-production → acme-shop → acme-production"),
+        "{error}"
+    );
+    assert!(
+        b.current_url().await.ends_with("/systems/acme-production"),
+        "shown in place"
+    );
+}

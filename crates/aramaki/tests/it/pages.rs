@@ -609,3 +609,173 @@ both!(the_timeline_scrolls_on_and_updates_live, |app| async move {
         StatusCode::NOT_FOUND
     );
 });
+
+both!(
+    admins_edit_create_include_and_exclude_through_forms,
+    |app| async move {
+        app.system("shop", "project", json!({})).await;
+        app.system("db", "service", json!({})).await;
+        app.include("shop", "db").await;
+        person(&app, "root", Some(Role::Admin), false).await;
+        person(&app, "vera", Some(Role::Viewer), false).await;
+        let admin = session_cookie(&login(&app, "root", "correct horse battery").await);
+        let viewer = session_cookie(&login(&app, "vera", "correct horse battery").await);
+
+        // A viewer sees no edit link and is refused the form.
+        assert!(!get(&app, "/systems/shop", &viewer)
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains("id=\"edit-system\""));
+        assert_eq!(
+            get(&app, "/systems/shop/edit", &viewer).await.status(),
+            StatusCode::FORBIDDEN
+        );
+        let page = get(&app, "/systems/shop", &admin)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("id=\"edit-system\""));
+        let form = get(&app, "/systems/shop/edit", &admin)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let csrf = csrf_of(&form);
+        let viewer_csrf = csrf_of(
+            &get(&app, "/systems/shop", &viewer)
+                .await
+                .text()
+                .await
+                .unwrap(),
+        );
+        let refused = browser()
+            .post(app.url("/systems/shop/edit"))
+            .header(COOKIE, &viewer)
+            .form(&[
+                ("csrf", viewer_csrf.as_str()),
+                ("title", "Mine now"),
+                ("category", "project"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+
+        let save = |fields: Vec<(&'static str, &'static str)>| {
+            let mut all = vec![("csrf", csrf.clone())];
+            all.extend(fields.into_iter().map(|(k, v)| (k, v.to_owned())));
+            browser()
+                .post(app.url("/systems/shop/edit"))
+                .header(COOKIE, &admin)
+                .form(&all)
+                .send()
+        };
+        let bad = save(vec![
+            ("title", "Shop"),
+            ("category", "project"),
+            ("links", "dashbord | Grafana | https://g.example/d"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let html = bad.text().await.unwrap();
+        assert!(
+            html.contains("id=\"e-links\""),
+            "the error sits next to its field: {html}"
+        );
+        assert!(
+            html.contains("line 1: unknown kind &#x27;dashbord&#x27;")
+                || html.contains("line 1: unknown kind 'dashbord'"),
+            "{html}"
+        );
+        assert!(
+            html.contains("dashbord | Grafana"),
+            "what was typed is kept"
+        );
+        let ok = save(vec![
+            ("title", "Acme shop"),
+            ("category", "project"),
+            ("handbook", "Flush the cache any time."),
+            ("labels", "customer=acme\nenv=production"),
+            ("links", "dashboard | Grafana | https://g.example/d"),
+            (
+                "contacts",
+                "Second | backup | +2 | 2\nFirst | on-call | +1 | 1",
+            ),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+        let shop = app.get("/api/v1/systems/shop").await;
+        assert_eq!(shop["title"], "Acme shop");
+        assert_eq!(shop["labels"]["env"], "production");
+        assert_eq!(shop["links"][0]["kind"], "dashboard");
+        assert_eq!(shop["contacts"][0]["name"], "First");
+
+        // Create.
+        let new = |slug: &'static str| {
+            browser()
+                .post(app.url("/systems/new"))
+                .header(COOKIE, &admin)
+                .form(&[
+                    ("csrf", csrf.as_str()),
+                    ("slug", slug),
+                    ("title", "Cache"),
+                    ("category", "service"),
+                ])
+                .send()
+        };
+        let bad = new("Not A Slug").await.unwrap();
+        assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(bad.text().await.unwrap().contains("id=\"e-slug\""));
+        let created = new("cache").await.unwrap();
+        assert_eq!(created.headers()[LOCATION], "/systems/cache");
+        assert_eq!(
+            get(&app, "/systems/new", &viewer).await.status(),
+            StatusCode::FORBIDDEN
+        );
+
+        // Include: a cycle is explained in place (htmx) or on a page.
+        let include = |child: &'static str, parent: &'static str, htmx: bool| {
+            let mut req = browser()
+                .post(app.url(&format!("/systems/{parent}/include")))
+                .header(COOKIE, &admin)
+                .form(&[("csrf", csrf.as_str()), ("child", child)]);
+            if htmx {
+                req = req.header("HX-Request", "true");
+            }
+            req.send()
+        };
+        let cycle = include("shop", "db", true).await.unwrap();
+        assert_eq!(cycle.status(), StatusCode::OK);
+        let text = cycle.text().await.unwrap();
+        assert!(
+            text.contains("would close a cycle: db → shop → db"),
+            "{text}"
+        );
+        let cycle = include("shop", "db", false).await.unwrap();
+        assert_eq!(cycle.status(), StatusCode::CONFLICT);
+        let ok = include("cache", "shop", true).await.unwrap();
+        assert_eq!(ok.headers()["hx-redirect"], "/systems/shop");
+        let subs = app.get("/api/v1/systems/shop/subsystems").await;
+        assert_eq!(subs["items"].as_array().unwrap().len(), 2);
+        let out = browser()
+            .post(app.url("/systems/shop/exclude/cache"))
+            .header(COOKIE, &admin)
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.status(), StatusCode::SEE_OTHER);
+        assert_eq!(
+            app.get("/api/v1/systems/shop/subsystems").await["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+);
