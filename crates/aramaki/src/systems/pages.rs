@@ -185,6 +185,11 @@ struct LinkGroup {
 }
 
 struct EventLine {
+    /// Recorded after the user's previous visit.
+    new: bool,
+    /// The first event the user had seen before: the marker goes above it.
+    first_seen: bool,
+    recorded: i64,
     at: String,
     at_short: String,
     kind: String,
@@ -218,6 +223,8 @@ struct SystemPage {
     can_note: bool,
     can_edit: bool,
     severities: Vec<String>,
+    periods: Vec<(String, String)>,
+    filter_since: String,
     filter_kind: String,
     filter_severity: String,
     filter_q: String,
@@ -228,6 +235,8 @@ struct TimelineFilter {
     kind: Option<String>,
     severity: Option<String>,
     q: Option<String>,
+    /// Hours back from now: 24, 168, 720; empty for all.
+    since: Option<String>,
     cursor: Option<String>,
 }
 
@@ -318,7 +327,11 @@ async fn system_page(
         drop(conn);
         let status = super::status::status(&ctx, &slug).await?;
         let closure = graph.closure(&id);
-        let (events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
+        let (mut events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
+        let previous = super::store::visit(&ctx, &session.principal.user_id, &id).await?;
+        if let (Some(seen), None) = (previous, &f.cursor) {
+            mark_new(&mut events, seen);
+        }
         Ok::<_, super::SystemError>(Some(SystemPage {
             user: Some(session.principal.display_name.clone()),
             csrf: session.csrf.clone(),
@@ -350,6 +363,15 @@ async fn system_page(
             severities: ["info", "ok", "warning", "critical"]
                 .map(String::from)
                 .to_vec(),
+            periods: [
+                ("", "any time"),
+                ("24", "24 hours"),
+                ("168", "7 days"),
+                ("720", "30 days"),
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .to_vec(),
+            filter_since: f.since.clone().unwrap_or_default(),
             filter_kind: f.kind.clone().unwrap_or_default(),
             filter_severity: f.severity.clone().unwrap_or_else(|| "info".into()),
             filter_q: f.q.clone().unwrap_or_default(),
@@ -537,6 +559,12 @@ fn filter_query(f: &TimelineFilter, cursor: Option<String>) -> String {
             .map(|k| ("severity", k)),
     );
     q.extend(f.q.clone().filter(|v| !v.is_empty()).map(|k| ("q", k)));
+    q.extend(
+        f.since
+            .clone()
+            .filter(|v| !v.is_empty())
+            .map(|k| ("since", k)),
+    );
     if q.is_empty() {
         return String::new();
     }
@@ -547,7 +575,7 @@ fn filter_query(f: &TimelineFilter, cursor: Option<String>) -> String {
     format!("?{}", parts.join("&"))
 }
 
-fn parse_filter(f: &TimelineFilter) -> Filter {
+fn parse_filter(ctx: &crate::context::Context, f: &TimelineFilter) -> Filter {
     let mut filter = Filter {
         text: f.q.clone().filter(|q| !q.trim().is_empty()),
         ..Filter::default()
@@ -565,11 +593,36 @@ fn parse_filter(f: &TimelineFilter) -> Filter {
         }
     }
     filter.min_severity = f.severity.as_deref().and_then(|s| s.parse().ok());
+    filter.since = f
+        .since
+        .as_deref()
+        .and_then(|h| h.parse::<i64>().ok())
+        .filter(|h| (1..=24 * 366).contains(h))
+        .and_then(|h| ctx.now().checked_sub(SignedDuration::from_hours(h)).ok())
+        .map(to_micros);
     filter
+}
+
+/// Marks the events recorded after `seen` (microseconds), and where the
+/// already seen ones begin.
+fn mark_new(events: &mut [EventLine], seen: i64) {
+    let mut any_new = false;
+    for e in events.iter_mut() {
+        e.new = e.recorded > seen;
+        if e.new {
+            any_new = true;
+        } else if any_new {
+            e.first_seen = true;
+            break;
+        }
+    }
 }
 
 fn event_line(e: crate::timeline::Event) -> EventLine {
     EventLine {
+        new: false,
+        first_seen: false,
+        recorded: to_micros(e.recorded_at),
         at: e.occurred_at.to_string(),
         at_short: e.occurred_at.strftime("%a %d %b %H:%M").to_string(),
         kind: e.kind,
@@ -588,7 +641,7 @@ async fn timeline_part(
     slug: &str,
     f: &TimelineFilter,
 ) -> Result<(Vec<EventLine>, Option<More>), super::SystemError> {
-    let filter = parse_filter(f);
+    let filter = parse_filter(ctx, f);
     let before = f
         .cursor
         .as_deref()
@@ -683,11 +736,17 @@ async fn live_fragments(
     if !allowed {
         return not_found(&slug);
     }
-    let events =
-        match crate::timeline::http::live(ctx.clone(), parsed, parse_filter(&f), None).await {
-            Ok(events) => events,
-            Err(e) => return page_error(&e),
-        };
+    let events = match crate::timeline::http::live(
+        ctx.clone(),
+        parsed,
+        parse_filter(&ctx, &f),
+        None,
+    )
+    .await
+    {
+        Ok(events) => events,
+        Err(e) => return page_error(&e),
+    };
     let slug_for_items = slug.clone();
     let stream = futures_util::StreamExt::map(events, move |e| {
         let fragment = EventsFragment {

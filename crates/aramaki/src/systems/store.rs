@@ -389,3 +389,30 @@ pub async fn insert_category(
         .await?;
     Ok(())
 }
+
+/// Records that a user looks at a system now; returns when they last did.
+pub async fn visit(
+    ctx: &crate::context::Context,
+    user_id: &str,
+    system_id: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    let previous = sqlx::query("SELECT seen_at FROM visits WHERE user_id = $1 AND system_id = $2")
+        .bind(user_id)
+        .bind(system_id)
+        .fetch_optional(ctx.db.reader())
+        .await?
+        .map(|r| r.try_get::<i64, _>("seen_at"))
+        .transpose()?;
+    let mut tx = ctx.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO visits (user_id, system_id, seen_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (user_id, system_id) DO UPDATE SET seen_at = excluded.seen_at",
+    )
+    .bind(user_id)
+    .bind(system_id)
+    .bind(to_micros(ctx.now()))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(previous)
+}

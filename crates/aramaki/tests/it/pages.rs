@@ -779,3 +779,50 @@ both!(
         );
     }
 );
+
+both!(
+    new_since_the_last_visit_is_marked_per_user,
+    |app| async move {
+        app.system("shop", "project", json!({})).await;
+        app.event("shop", "note", "old news", json!({})).await;
+        person(&app, "ada", Some(Role::Viewer), false).await;
+        person(&app, "bob", Some(Role::Viewer), false).await;
+        let ada = session_cookie(&login(&app, "ada", "correct horse battery").await);
+        let bob = session_cookie(&login(&app, "bob", "correct horse battery").await);
+        let first = get(&app, "/systems/shop", &ada).await.text().await.unwrap();
+        assert!(
+            !first.contains("id=\"last-visit\""),
+            "a first visit has nothing to compare with"
+        );
+        app.clock.advance(jiff::SignedDuration::from_mins(5));
+        app.event("shop", "deploy", "fresh deploy", json!({})).await;
+        let second = get(&app, "/systems/shop", &ada).await.text().await.unwrap();
+        let marker = second.find("id=\"last-visit\"").expect("a marker");
+        assert!(
+            second.find("fresh deploy").unwrap() < marker
+                && marker < second.find("old news").unwrap(),
+            "{second}"
+        );
+        assert!(second.contains("<li class=\"sev-info new\">"));
+        let third = get(&app, "/systems/shop", &ada).await.text().await.unwrap();
+        assert!(!third.contains("id=\"last-visit\""), "seen now");
+        let bobs = get(&app, "/systems/shop", &bob).await.text().await.unwrap();
+        assert!(
+            !bobs.contains("id=\"last-visit\""),
+            "per user: bob's first visit"
+        );
+        // The time filter narrows to recent events.
+        app.clock.advance(jiff::SignedDuration::from_hours(30));
+        app.event("shop", "note", "today", json!({})).await;
+        let ada = session_cookie(&login(&app, "ada", "correct horse battery").await);
+        let recent = get(&app, "/systems/shop?since=24", &ada)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            recent.contains("today") && !recent.contains("fresh deploy"),
+            "{recent}"
+        );
+    }
+);
