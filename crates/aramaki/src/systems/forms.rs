@@ -349,6 +349,23 @@ fn forbidden(what: &str) -> Response {
         .into_response()
 }
 
+/// Refuses (403, or 404 for a system out of sight) unless the session's
+/// user administers the system.
+async fn may_change(
+    ctx: &Context,
+    session: &crate::users::sessions::Session,
+    slug: &str,
+) -> Option<Response> {
+    match role_on(ctx, session, slug).await {
+        Ok(Some(Role::Admin)) => None,
+        Ok(Some(_)) => Some(forbidden(
+            "Changing this system needs the admin role on it.",
+        )),
+        Ok(None) => Some(not_found(slug)),
+        Err(e) => Some(page_error(&e)),
+    }
+}
+
 /// Role: instance admin.
 async fn new_form(Page(session): Page) -> Response {
     if !session.principal.may_everywhere(Role::Admin) {
@@ -516,13 +533,13 @@ async fn include(
     }
     let htmx = headers.contains_key("hx-request");
     let child = form.child.trim().to_owned();
+    if let Some(refused) = may_change(&ctx, &session, &slug).await {
+        return refused;
+    }
     let result = async {
         let access = Access::of(&ctx, session.principal.clone())
             .await
             .map_err(|e| e.to_string())?;
-        crate::systems::http::authorize(&ctx, &access, &slug, Role::Admin)
-            .await
-            .map_err(|p| p.detail)?;
         let child = Slug::try_from(child.as_str()).map_err(|e| e.to_string())?;
         crate::systems::http::authorize(&ctx, &access, child.as_str(), Role::Admin)
             .await
@@ -547,13 +564,10 @@ async fn exclude(
         return refused.into_response();
     }
     let htmx = headers.contains_key("hx-request");
+    if let Some(refused) = may_change(&ctx, &session, &slug).await {
+        return refused;
+    }
     let result = async {
-        let access = Access::of(&ctx, session.principal.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        crate::systems::http::authorize(&ctx, &access, &slug, Role::Admin)
-            .await
-            .map_err(|p| p.detail)?;
         super::exclude(&ctx, &session.principal.actor(), &slug, &child)
             .await
             .map_err(|e| e.to_string())?;

@@ -407,9 +407,16 @@ async fn add_note(
     }
     let result = async {
         let access = Access::of(&ctx, session.principal.clone()).await?;
-        crate::systems::http::authorize(&ctx, &access, &slug, crate::users::Role::Operator)
-            .await
-            .map_err(|p| p.detail)?;
+        if let Err(p) =
+            crate::systems::http::authorize(&ctx, &access, &slug, crate::users::Role::Operator)
+                .await
+        {
+            return Err(if p.status == StatusCode::NOT_FOUND {
+                NoteError::Absent
+            } else {
+                NoteError::Forbidden(p.detail)
+            });
+        }
         let event = crate::timeline::NewEvent {
             kind: crate::timeline::Kind::try_from("note".to_owned()).map_err(|e| e.to_string())?,
             severity: aramaki_protocol::Severity::Info,
@@ -438,6 +445,11 @@ async fn add_note(
             "<!doctype html><title>Note refused</title><p class=\"error\">{}</p><p><a href=\"/systems/{}\">Back</a></p>",
             esc(&why), esc(&slug)
         ))).into_response(),
+        Err(NoteError::Forbidden(why)) => (StatusCode::FORBIDDEN, axum::response::Html(format!(
+            "<!doctype html><title>Not allowed</title><p class=\"error\">{}</p><p><a href=\"/systems/{}\">Back</a></p>",
+            esc(&why), esc(&slug)
+        ))).into_response(),
+        Err(NoteError::Absent) => not_found(&slug),
         Err(NoteError::Db(e)) => page_error(&e),
     }
 }
@@ -447,6 +459,10 @@ async fn add_note(
 enum NoteError {
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no such system")]
+    Absent,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }

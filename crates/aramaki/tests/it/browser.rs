@@ -353,7 +353,7 @@ async fn an_operator_at_3am_finds_their_way_and_leaves_a_note() {
     let status = watcher
         .script("const done = arguments[0]; const csrf = document.querySelector('input[name=csrf]').value; fetch('/systems/acme-production/notes', {method: 'POST', headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body: 'title=sneaky&csrf=' + csrf}).then(r => done(r.status));")
         .await;
-    assert_eq!(status, json!(422));
+    assert_eq!(status, json!(403));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -392,7 +392,7 @@ both!(
             .send()
             .await
             .unwrap();
-        assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
         assert!(refused
             .text()
             .await
@@ -826,3 +826,130 @@ both!(
         );
     }
 );
+
+/// Every page route, for every kind of caller: what they get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_route_is_authorised_for_each_role() {
+    for backend in crate::support::backends() {
+        let app = TestApp::start(backend).await;
+        person(&app, "v", Some(Role::Viewer), false).await;
+        person(&app, "o", Some(Role::Operator), false).await;
+        person(&app, "a", Some(Role::Admin), false).await;
+        let mut sessions = vec![("anonymous", String::new(), String::new())];
+        for name in ["v", "o", "a"] {
+            let cookie = session_cookie(&login(&app, name, "correct horse battery").await);
+            let csrf = csrf_of(
+                &get(&app, "/account/password", &cookie)
+                    .await
+                    .text()
+                    .await
+                    .unwrap(),
+            );
+            sessions.push((name, cookie, csrf));
+        }
+        // (method, path, form fields, expected status for anonymous, viewer, operator, admin)
+        type Row = (
+            &'static str,
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            [u16; 4],
+        );
+        let rows: Vec<Row> = vec![
+            ("GET", "/", &[], [303, 200, 200, 200]),
+            ("GET", "/search?q=shop", &[], [303, 200, 200, 200]),
+            ("GET", "/systems/shop", &[], [303, 200, 200, 200]),
+            ("GET", "/systems/shop/events", &[], [303, 200, 200, 200]),
+            ("GET", "/systems/shop/edit", &[], [303, 403, 403, 200]),
+            ("GET", "/systems/new", &[], [303, 403, 403, 200]),
+            ("GET", "/account/password", &[], [303, 200, 200, 200]),
+            (
+                "POST",
+                "/systems/shop/notes",
+                &[("title", "checked")],
+                [303, 403, 303, 303],
+            ),
+            (
+                "POST",
+                "/systems/shop/edit",
+                &[("title", "Shop"), ("category", "project")],
+                [303, 403, 403, 303],
+            ),
+            (
+                "POST",
+                "/systems/new",
+                &[("slug", "made"), ("title", "Made"), ("category", "host")],
+                [303, 403, 403, 303],
+            ),
+            (
+                "POST",
+                "/systems/shop/include",
+                &[("child", "db")],
+                [303, 403, 403, 303],
+            ),
+            (
+                "POST",
+                "/systems/shop/exclude/db",
+                &[],
+                [303, 403, 403, 303],
+            ),
+        ];
+        for (method, path, fields, expected) in rows {
+            for ((who, cookie, csrf), want) in sessions.iter().zip(expected) {
+                // Fresh fixtures for each call, so earlier changes do not interfere.
+                let _ = app
+                    .call(
+                        reqwest::Method::DELETE,
+                        "/api/v1/systems/shop?force=true",
+                        None,
+                    )
+                    .await;
+                let _ = app
+                    .call(
+                        reqwest::Method::DELETE,
+                        "/api/v1/systems/db?force=true",
+                        None,
+                    )
+                    .await;
+                let _ = app
+                    .call(
+                        reqwest::Method::DELETE,
+                        "/api/v1/systems/made?force=true",
+                        None,
+                    )
+                    .await;
+                app.system("shop", "project", json!({})).await;
+                app.system("db", "service", json!({})).await;
+                if path.contains("exclude") {
+                    app.include("shop", "db").await;
+                }
+                let resp = if method == "GET" {
+                    get(&app, path, cookie).await
+                } else {
+                    let mut form: Vec<(&str, &str)> = fields.to_vec();
+                    form.push(("csrf", csrf.as_str()));
+                    browser()
+                        .post(app.url(path))
+                        .header(COOKIE, cookie.as_str())
+                        .form(&form)
+                        .send()
+                        .await
+                        .unwrap()
+                };
+                assert_eq!(
+                    resp.status().as_u16(),
+                    want,
+                    "{method} {path} as {who} ({backend:?})"
+                );
+                if *who == "anonymous" {
+                    assert!(
+                        resp.headers()[LOCATION]
+                            .to_str()
+                            .unwrap()
+                            .starts_with("/login?next="),
+                        "{method} {path}"
+                    );
+                }
+            }
+        }
+    }
+}
