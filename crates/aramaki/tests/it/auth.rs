@@ -492,3 +492,159 @@ both!(
         assert_eq!(p["field"], "expires_in_days");
     }
 );
+
+/// Every API route for anonymous, viewer, operator and admin callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_route_is_authorised_for_each_role() {
+    for backend in backends() {
+        let app = TestApp::start(backend).await;
+        let tokens = [
+            String::new(),
+            app.user("v", Role::Viewer).await,
+            app.user("o", Role::Operator).await,
+            app.token.clone(),
+        ];
+        let note = json!({"system": "shop", "kind": "note", "title": "t"});
+        // (method, path, body, expected status for anonymous, viewer, operator, admin)
+        let rows: Vec<(Method, &str, Option<Value>, [u16; 4])> = vec![
+            (Method::GET, "/api/v1/systems", None, [401, 200, 200, 200]),
+            (
+                Method::POST,
+                "/api/v1/systems",
+                Some(json!({"slug": "made", "title": "M", "category": "host"})),
+                [401, 403, 403, 201],
+            ),
+            (
+                Method::GET,
+                "/api/v1/systems/shop",
+                None,
+                [401, 200, 200, 200],
+            ),
+            (
+                Method::PATCH,
+                "/api/v1/systems/shop",
+                Some(json!({"title": "Shop 2"})),
+                [401, 403, 403, 200],
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/systems/made",
+                None,
+                [401, 403, 403, 204],
+            ),
+            (
+                Method::GET,
+                "/api/v1/systems/shop/subsystems",
+                None,
+                [401, 200, 200, 200],
+            ),
+            (
+                Method::POST,
+                "/api/v1/systems/shop/subsystems",
+                Some(json!({"slug": "db"})),
+                [401, 403, 403, 201],
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/systems/shop/subsystems/db",
+                None,
+                [401, 403, 403, 204],
+            ),
+            (
+                Method::GET,
+                "/api/v1/systems/shop/includers",
+                None,
+                [401, 200, 200, 200],
+            ),
+            (
+                Method::GET,
+                "/api/v1/systems/shop/status",
+                None,
+                [401, 200, 200, 200],
+            ),
+            (
+                Method::GET,
+                "/api/v1/systems/shop/timeline",
+                None,
+                [401, 200, 200, 200],
+            ),
+            (Method::GET, "/api/v1/anchors", None, [401, 200, 200, 200]),
+            (
+                Method::GET,
+                "/api/v1/categories",
+                None,
+                [401, 200, 200, 200],
+            ),
+            (
+                Method::POST,
+                "/api/v1/categories",
+                Some(json!({"name": "rack", "title": "Rack"})),
+                [401, 403, 403, 201],
+            ),
+            (
+                Method::POST,
+                "/api/v1/events",
+                Some(note.clone()),
+                [401, 403, 201, 201],
+            ),
+            (
+                Method::POST,
+                "/api/v1/events/batch",
+                Some(json!({"events": [note]})),
+                [401, 403, 201, 201],
+            ),
+            (Method::GET, "/api/v1/tokens", None, [401, 200, 200, 200]),
+            (
+                Method::POST,
+                "/api/v1/tokens",
+                Some(json!({"name": "t"})),
+                [401, 201, 201, 201],
+            ),
+            (Method::GET, "/api/v1/health", None, [200, 200, 200, 200]),
+            (Method::GET, "/metrics", None, [401, 200, 200, 200]),
+        ];
+        for (method, path, body, expected) in rows {
+            for (token, want) in tokens.iter().zip(expected) {
+                let _ = app
+                    .call(Method::DELETE, "/api/v1/systems/shop?force=true", None)
+                    .await;
+                let _ = app
+                    .call(Method::DELETE, "/api/v1/systems/db?force=true", None)
+                    .await;
+                app.system("shop", "project", json!({})).await;
+                app.system("db", "service", json!({})).await;
+                if path.ends_with("/subsystems/db") {
+                    app.include("shop", "db").await;
+                }
+                if method == Method::DELETE && path.ends_with("/made") {
+                    let _ = app
+                        .post(
+                            "/api/v1/systems",
+                            json!({"slug": "made", "title": "M", "category": "host"}),
+                        )
+                        .await;
+                }
+                let _ = sqlx::query("DELETE FROM categories WHERE name = 'rack'")
+                    .execute(app.ctx.db.reader())
+                    .await;
+                let mut req = app.http.request(method.clone(), app.url(path));
+                if !token.is_empty() {
+                    req = req.bearer_auth(token);
+                }
+                if let Some(b) = &body {
+                    req = req.json(b);
+                }
+                let status = req.send().await.unwrap().status().as_u16();
+                assert_eq!(
+                    status,
+                    want,
+                    "{method} {path} as caller #{} ({backend:?})",
+                    tokens.iter().position(|t| t == token).unwrap()
+                );
+                if method == Method::POST && path == "/api/v1/systems" && status == 201 {
+                    let _ = app.call(Method::DELETE, "/api/v1/systems/made", None).await;
+                }
+            }
+        }
+    }
+}
