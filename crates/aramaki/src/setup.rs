@@ -12,6 +12,8 @@ use crate::context::{Clock, Context, SystemClock};
 use crate::db::{new_id, to_micros, Db};
 use crate::federation::identity::{self, Identity};
 use crate::metrics::Metrics;
+use crate::systems::model::{CategoryName, Labels, Slug};
+use crate::systems::{self, NewSystem, SystemError};
 use crate::timeline::hub::TimelineHub;
 use crate::users::{self, Role, Secret};
 
@@ -32,6 +34,8 @@ pub enum SetupError {
     Sql(#[from] sqlx::Error),
     #[error(transparent)]
     User(#[from] users::UserError),
+    #[error("setting up: {0}")]
+    Data(String),
 }
 
 /// Secrets created on first start, to be shown once.
@@ -106,6 +110,7 @@ pub async fn init(
         appender: crate::timeline::batch::Appender::new(),
         metrics: Metrics::default(),
     });
+    ensure_instance_system(&context).await?;
     let first_admin = ensure_admin(&context).await?;
     Ok(Setup {
         context,
@@ -149,14 +154,61 @@ async fn ensure_instance(
     Ok(id)
 }
 
+/// Every instance is a system too: the one its own audit trail (accounts,
+/// tokens, sessions) is recorded on. Created once, as `aramaki` (or
+/// `aramaki-instance` if that slug is taken).
+async fn ensure_instance_system(ctx: &Context) -> Result<(), SetupError> {
+    let row = sqlx::query("SELECT system_id FROM instance")
+        .fetch_one(ctx.db.reader())
+        .await?;
+    if row.try_get::<Option<String>, _>("system_id")?.is_some() {
+        return Ok(());
+    }
+    let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "first start");
+    let category = CategoryName::try_from("service".to_owned()).map_err(SetupError::Data)?;
+    let mut system = None;
+    for slug in ["aramaki", "aramaki-instance"] {
+        let mut new = NewSystem::new(
+            Slug::try_from(slug).map_err(SetupError::Data)?,
+            &format!("{} (this instance)", ctx.identity.name),
+            category.clone(),
+        );
+        new.description = "This Aramaki instance. Its timeline holds the audit trail: users, API tokens, sessions.".into();
+        new.labels = Labels::try_from(std::collections::BTreeMap::from([(
+            "aramaki".to_owned(),
+            "instance".to_owned(),
+        )]))
+        .map_err(SetupError::Data)?;
+        match systems::create(ctx, &actor, new).await {
+            Ok(s) => {
+                system = Some(s);
+                break;
+            }
+            Err(SystemError::SlugTaken(_)) => continue,
+            Err(e) => return Err(SetupError::Data(e.to_string())),
+        }
+    }
+    let system =
+        system.ok_or_else(|| SetupError::Data("no free slug for the instance system".into()))?;
+    let mut tx = ctx.db.begin().await?;
+    sqlx::query("UPDATE instance SET system_id = $1")
+        .bind(system.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// On an empty user table, creates `admin` with a one-time password and a token.
 async fn ensure_admin(ctx: &Context) -> Result<Option<FirstAdmin>, SetupError> {
     if users::count_users(ctx).await? > 0 {
         return Ok(None);
     }
     let password = users::generate_password()?;
+    let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "first start");
     let admin = users::create_user(
         ctx,
+        &actor,
         "admin",
         "Administrator",
         Some(Role::Admin),
@@ -164,7 +216,7 @@ async fn ensure_admin(ctx: &Context) -> Result<Option<FirstAdmin>, SetupError> {
         true,
     )
     .await?;
-    let token = users::create_token(ctx, &admin.id, "created at first start").await?;
+    let token = users::create_token(ctx, &actor, &admin.id, "created at first start").await?;
     Ok(Some(FirstAdmin {
         username: admin.username,
         password,

@@ -7,6 +7,8 @@ CREATE TABLE instance (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
     public_key  TEXT NOT NULL,
+    -- The system that stands for this instance: its audit trail lives there.
+    system_id   TEXT,
     created_at  INTEGER NOT NULL
 );
 

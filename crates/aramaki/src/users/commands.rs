@@ -59,9 +59,17 @@ pub async fn run(ctx: &Context, command: UserCommand) -> Result<(), UserError> {
             let role = Role::parse_instance(&role).map_err(UserError::BadRole)?;
             let password = generate_password()?;
             let display = display_name.unwrap_or_else(|| username.clone());
-            let user =
-                super::create_user(ctx, &username, &display, role, password.expose(), true).await?;
-            let token = create_token(ctx, &user.id, "created with the user").await?;
+            let user = super::create_user(
+                ctx,
+                &actor(ctx),
+                &username,
+                &display,
+                role,
+                password.expose(),
+                true,
+            )
+            .await?;
+            let token = create_token(ctx, &actor(ctx), &user.id, "created with the user").await?;
             println!(
                 "created {} (instance role: {})",
                 user.username,
@@ -124,7 +132,17 @@ pub async fn run(ctx: &Context, command: UserCommand) -> Result<(), UserError> {
             {
                 return Err(UserError::NoUser(username));
             }
-            tx.commit().await?;
+            let data = json!({"user": username});
+            super::audit(
+                ctx,
+                &mut tx,
+                &actor(ctx),
+                "user.password_reset",
+                format!("Set a one-time password for {username}"),
+                data,
+            )
+            .await?;
+            ctx.commit(tx).await?;
             println!(
                 "new one-time password for {username}: {}",
                 password.expose()
@@ -136,7 +154,7 @@ pub async fn run(ctx: &Context, command: UserCommand) -> Result<(), UserError> {
                 .await?
                 .ok_or(UserError::NoUser(username))?;
             drop(conn);
-            let token = create_token(ctx, &user.id, &name).await?;
+            let token = create_token(ctx, &actor(ctx), &user.id, &name).await?;
             println!("API token for {}: {}", user.username, token.expose());
         }
     }

@@ -120,9 +120,10 @@ async fn new_token(
             )
         }
     };
-    let (id, secret) = create_token_expiring(&ctx, &p.user_id, req.name.trim(), expires_at)
-        .await
-        .map_err(|e| Problem::internal(&e))?;
+    let (id, secret) =
+        create_token_expiring(&ctx, &p.actor(), &p.user_id, req.name.trim(), expires_at)
+            .await
+            .map_err(|e| Problem::internal(&e))?;
     let listing = store::tokens_of(ctx.db.reader(), &p.user_id)
         .await?
         .into_iter()
@@ -159,6 +160,17 @@ async fn revoke_token(
             "no token {id} of yours that is still valid"
         )));
     }
-    tx.commit().await?;
+    let data = serde_json::json!({"token_id": id, "by": p.username});
+    super::audit(
+        &ctx,
+        &mut tx,
+        &p.actor(),
+        "token.revoked",
+        format!("Revoked API token {id}"),
+        data,
+    )
+    .await
+    .map_err(|e| Problem::internal(&e))?;
+    ctx.commit(tx).await?;
     Ok(StatusCode::NO_CONTENT)
 }

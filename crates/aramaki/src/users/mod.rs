@@ -17,6 +17,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use sqlx::Row;
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
@@ -84,6 +85,8 @@ pub enum UserError {
     BadUsername,
     #[error("{0}")]
     BadRole(String),
+    #[error("this instance has no system to record its audit trail on")]
+    NoInstanceSystem,
     #[error("no user '{0}'")]
     NoUser(String),
     #[error("no system '{0}'")]
@@ -191,6 +194,7 @@ pub struct User {
 /// Creates a user with a password hash.
 pub async fn create_user(
     ctx: &Context,
+    actor: &Actor,
     username: &str,
     display_name: &str,
     role: Option<Role>,
@@ -213,19 +217,66 @@ pub async fn create_user(
         }
         other => other?,
     }
-    tx.commit().await?;
+    let title = format!(
+        "Created user {} ({})",
+        user.username,
+        Role::instance_str(role)
+    );
+    let data = serde_json::json!({"user": user.username, "user_id": user.id, "after": {"role": Role::instance_str(role)}});
+    audit(ctx, &mut tx, actor, "user.created", title, data).await?;
+    ctx.commit(tx).await?;
     Ok(user)
 }
 
+/// Records an instance-level change (accounts, tokens, sessions) on the
+/// timeline of the system that stands for this instance, in the caller's
+/// transaction.
+pub async fn audit(
+    ctx: &Context,
+    tx: &mut crate::db::Tx,
+    actor: &Actor,
+    kind: &str,
+    title: String,
+    data: serde_json::Value,
+) -> Result<(), UserError> {
+    let row =
+        sqlx::query("SELECT s.id, s.slug FROM instance i JOIN systems s ON s.id = i.system_id")
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(UserError::NoInstanceSystem)?;
+    let (id, slug): (String, String) = (row.try_get("id")?, row.try_get("slug")?);
+    let event = NewEvent::internal(kind, Severity::Info, title, data);
+    timeline::append(
+        ctx,
+        tx,
+        actor,
+        Target {
+            id: &id,
+            slug: &slug,
+        },
+        event,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Issues an API token for `user`; the plaintext is returned once.
-pub async fn create_token(ctx: &Context, user_id: &str, name: &str) -> Result<Secret, UserError> {
-    Ok(create_token_expiring(ctx, user_id, name, None).await?.1)
+pub async fn create_token(
+    ctx: &Context,
+    actor: &Actor,
+    user_id: &str,
+    name: &str,
+) -> Result<Secret, UserError> {
+    Ok(create_token_expiring(ctx, actor, user_id, name, None)
+        .await?
+        .1)
 }
 
 /// Issues an API token that expires at `expires_at` (microseconds), if given;
 /// returns its id and the plaintext, once.
 pub async fn create_token_expiring(
     ctx: &Context,
+    actor: &Actor,
     user_id: &str,
     name: &str,
     expires_at: Option<i64>,
@@ -245,7 +296,11 @@ pub async fn create_token_expiring(
         expires_at,
     )
     .await?;
-    tx.commit().await?;
+    let owner = store::username_of(&mut tx, user_id).await?;
+    let title = format!("Issued API token '{name}' (ark_{prefix}_…) to {owner}");
+    let data = serde_json::json!({"user": owner, "token_id": id, "name": name, "prefix": prefix, "expires_at": expires_at});
+    audit(ctx, &mut tx, actor, "token.created", title, data).await?;
+    ctx.commit(tx).await?;
     Ok((id, Secret(format!("ark_{prefix}_{secret}"))))
 }
 

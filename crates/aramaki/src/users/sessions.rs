@@ -167,7 +167,23 @@ pub async fn logout_everywhere(ctx: &Context, user_id: &str) -> Result<u64, sqlx
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
-    tx.commit().await?;
+    let who = super::store::username_of(&mut tx, user_id).await?;
+    let actor = crate::timeline::Actor::user(user_id, &who);
+    let data = serde_json::json!({"user": who, "sessions": done.rows_affected()});
+    super::audit(
+        ctx,
+        &mut tx,
+        &actor,
+        "user.logged_out_everywhere",
+        format!("{who} logged out everywhere"),
+        data,
+    )
+    .await
+    .map_err(|e| match e {
+        UserError::Db(db) => db,
+        other => sqlx::Error::Protocol(other.to_string()),
+    })?;
+    ctx.commit(tx).await?;
     Ok(done.rows_affected())
 }
 
@@ -222,6 +238,17 @@ pub async fn change_password(
     .execute(&mut *tx)
     .await
     .map_err(UserError::from)?;
-    tx.commit().await.map_err(UserError::from)?;
+    let who = &session.principal.username;
+    let data = serde_json::json!({"user": who});
+    super::audit(
+        ctx,
+        &mut tx,
+        &session.principal.actor(),
+        "user.password_changed",
+        format!("{who} changed their password"),
+        data,
+    )
+    .await?;
+    ctx.commit(tx).await.map_err(UserError::from)?;
     Ok(())
 }

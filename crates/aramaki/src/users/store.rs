@@ -325,3 +325,11 @@ pub async fn revoke_token(
     };
     Ok(done.rows_affected() > 0)
 }
+
+pub async fn username_of(tx: &mut Tx, user_id: &str) -> Result<String, sqlx::Error> {
+    sqlx::query("SELECT username FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("username")
+}

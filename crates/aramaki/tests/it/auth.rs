@@ -190,7 +190,28 @@ both!(health_and_metrics, |app| async move {
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.text().await.unwrap();
     assert!(text.contains("aramaki_http_requests_total{method=\"POST\",route=\"/api/v1/events\",status=\"201\"} 1"), "{text}");
-    assert!(text.contains("aramaki_events_recorded_total 2"), "{text}");
+    let recorded = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("aramaki_events_recorded_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    app.event("shop", "note", "one more", json!({})).await;
+    let after = app
+        .http
+        .get(app.url("/metrics"))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded(&after),
+        recorded(&text) + 1,
+        "each recorded event is counted"
+    );
     assert!(text.contains("aramaki_http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/v1/systems\",le=\"+Inf\"} 1"));
     assert!(text.contains("aramaki_db_pool_connections"));
 });
@@ -648,3 +669,60 @@ async fn every_api_route_is_authorised_for_each_role() {
         }
     }
 }
+
+both!(
+    accounts_and_tokens_leave_an_audit_trail_on_the_instance,
+    |app| async move {
+        let vera = app.user("vera", Role::Viewer).await;
+        let (_, created) = app
+            .call_as(
+                &vera,
+                Method::POST,
+                "/api/v1/tokens",
+                Some(json!({"name": "grafana"})),
+            )
+            .await;
+        let path = format!("/api/v1/tokens/{}", created["id"].as_str().unwrap());
+        assert_eq!(
+            app.call_as(&vera, Method::DELETE, &path, None).await.0,
+            StatusCode::NO_CONTENT
+        );
+        let trail = app
+            .get("/api/v1/systems/aramaki/timeline?kind=user.*,token.*&limit=50")
+            .await;
+        let kinds: Vec<(String, String)> = trail["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_owned(),
+                    e["actor"]["name"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds[0],
+            ("token.revoked".to_owned(), "vera".to_owned()),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds[1].0, "token.created");
+        assert!(kinds.iter().any(|(k, _)| k == "user.created"), "{kinds:?}");
+        let created_event = &trail["items"][1];
+        assert_eq!(created_event["data"]["prefix"], created["prefix"]);
+        assert!(
+            !created_event
+                .to_string()
+                .contains(created["token"].as_str().unwrap()),
+            "the secret is never on the record"
+        );
+        // Grant-only users do not see the instance's trail.
+        let sam = app.user_with_grants("sam", &[]).await;
+        assert_eq!(
+            app.call_as(&sam, Method::GET, "/api/v1/systems/aramaki/timeline", None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+    }
+);

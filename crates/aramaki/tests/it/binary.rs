@@ -240,9 +240,14 @@ async fn command_line_on(app: TestApp) {
     assert!(ok);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("SLUG"), "{out}");
+    let dc1 = lines
+        .iter()
+        .find(|l| l.starts_with("dc1 "))
+        .expect("dc1 listed");
+    assert!(dc1.contains("dc=dc1"), "{out}");
     assert!(
-        lines[1].starts_with("dc1 ") && lines[1].contains("dc=dc1"),
-        "{out}"
+        lines.iter().any(|l| l.starts_with("aramaki ")),
+        "the instance itself is a system: {out}"
     );
     let (ok, out, _) = run(args("system list --json --category infrastructure")).await;
     assert!(ok);

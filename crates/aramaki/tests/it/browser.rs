@@ -226,6 +226,7 @@ async fn estate(app: &TestApp) {
     aramaki::demo::seed(&app.ctx).await.unwrap();
     users::create_user(
         &app.ctx,
+        &crate::support::tester(),
         "olga",
         "Olga Operator",
         Some(Role::Operator),
@@ -236,6 +237,7 @@ async fn estate(app: &TestApp) {
     .unwrap();
     users::create_user(
         &app.ctx,
+        &crate::support::tester(),
         "vera",
         "Vera Viewer",
         Some(Role::Viewer),
@@ -370,6 +372,7 @@ async fn a_script_in_a_handbook_stays_inert() {
     assert_eq!(status, reqwest::StatusCode::OK);
     users::create_user(
         &app.ctx,
+        &crate::support::tester(),
         "vera",
         "Vera",
         Some(Role::Viewer),
@@ -399,6 +402,7 @@ async fn the_include_form_explains_a_cycle_in_place() {
     estate(&app).await;
     users::create_user(
         &app.ctx,
+        &crate::support::tester(),
         "ada",
         "Ada Admin",
         Some(Role::Admin),

@@ -19,6 +19,7 @@ fn browser() -> reqwest::Client {
 async fn person(app: &TestApp, name: &str, role: Option<Role>, must_change: bool) {
     users::create_user(
         &app.ctx,
+        &crate::support::tester(),
         name,
         &format!("{name} (person)"),
         role,
@@ -194,9 +195,17 @@ both!(
     |app| async move {
         app.system("dc1", "infrastructure", json!({})).await;
         app.system("shop", "project", json!({})).await;
-        users::create_user(&app.ctx, "sam", "Sam", None, "correct horse battery", false)
-            .await
-            .unwrap();
+        users::create_user(
+            &app.ctx,
+            &crate::support::tester(),
+            "sam",
+            "Sam",
+            None,
+            "correct horse battery",
+            false,
+        )
+        .await
+        .unwrap();
         users::grant(
             &app.ctx,
             &aramaki::timeline::Actor::user("t", "T"),
@@ -274,6 +283,10 @@ both!(
         .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert!(r.text().await.unwrap().contains("Password changed"));
+        let trail = app
+            .get("/api/v1/systems/aramaki/timeline?kind=user.password_changed")
+            .await;
+        assert_eq!(trail["items"][0]["data"]["user"], "bob", "on the record");
         assert_eq!(
             get(&app, "/", &other).await.status(),
             StatusCode::SEE_OTHER,
@@ -332,9 +345,17 @@ both!(
         )
         .await;
 
-        users::create_user(&app.ctx, "vic", "Vic", None, "correct horse battery", false)
-            .await
-            .unwrap();
+        users::create_user(
+            &app.ctx,
+            &crate::support::tester(),
+            "vic",
+            "Vic",
+            None,
+            "correct horse battery",
+            false,
+        )
+        .await
+        .unwrap();
         users::grant(
             &app.ctx,
             &aramaki::timeline::Actor::user("t", "T"),
@@ -480,9 +501,17 @@ both!(
         .await;
         app.event("billing", "note", "Varnish config reviewed", json!({}))
             .await;
-        users::create_user(&app.ctx, "sam", "Sam", None, "correct horse battery", false)
-            .await
-            .unwrap();
+        users::create_user(
+            &app.ctx,
+            &crate::support::tester(),
+            "sam",
+            "Sam",
+            None,
+            "correct horse battery",
+            false,
+        )
+        .await
+        .unwrap();
         users::grant(
             &app.ctx,
             &aramaki::timeline::Actor::user("t", "T"),

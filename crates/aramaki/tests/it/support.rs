@@ -59,6 +59,11 @@ impl Drop for TestApp {
     }
 }
 
+/// Who the tests act as when they set things up.
+pub fn tester() -> aramaki::timeline::Actor {
+    aramaki::timeline::Actor::user("tester", "Test set-up")
+}
+
 /// The backends to test on: SQLite always, PostgreSQL when configured.
 pub fn backends() -> Vec<Backend> {
     let mut out = vec![Backend::Sqlite];
@@ -226,6 +231,7 @@ impl TestApp {
     pub async fn user(&self, name: &str, role: Role) -> String {
         let u = users::create_user(
             &self.ctx,
+            &crate::support::tester(),
             name,
             name,
             Some(role),
@@ -234,7 +240,7 @@ impl TestApp {
         )
         .await
         .expect("user");
-        users::create_token(&self.ctx, &u.id, "test")
+        users::create_token(&self.ctx, &crate::support::tester(), &u.id, "test")
             .await
             .expect("token")
             .expose()
@@ -243,16 +249,24 @@ impl TestApp {
 
     /// A user with no instance-wide role, holding `grants` (slug, role), and a token.
     pub async fn user_with_grants(&self, name: &str, grants: &[(&str, Role)]) -> String {
-        let u = users::create_user(&self.ctx, name, name, None, "a long test password", false)
-            .await
-            .expect("user");
+        let u = users::create_user(
+            &self.ctx,
+            &crate::support::tester(),
+            name,
+            name,
+            None,
+            "a long test password",
+            false,
+        )
+        .await
+        .expect("user");
         let actor = aramaki::timeline::Actor::user("test", "Test");
         for (slug, role) in grants {
             users::grant(&self.ctx, &actor, name, slug, *role)
                 .await
                 .expect("grant");
         }
-        users::create_token(&self.ctx, &u.id, "test")
+        users::create_token(&self.ctx, &crate::support::tester(), &u.id, "test")
             .await
             .expect("token")
             .expose()
