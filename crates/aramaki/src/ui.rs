@@ -88,7 +88,7 @@ pub fn check_form(
     token: Option<&str>,
 ) -> Result<(), Refused> {
     let header = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
-    let given = token.or(header).unwrap_or("");
+    let given = token.filter(|t| !t.is_empty()).or(header).unwrap_or("");
     if same_origin(headers) && session.csrf_ok(given) {
         Ok(())
     } else {

@@ -349,6 +349,16 @@ fn forbidden(what: &str) -> Response {
         .into_response()
 }
 
+/// After a successful form: htmx navigates (`HX-Redirect`), a plain
+/// browser follows a redirect.
+fn done(headers: &HeaderMap, to: &str) -> Response {
+    if headers.contains_key("hx-request") {
+        ([("HX-Redirect", to.to_owned())], Html(String::new())).into_response()
+    } else {
+        Redirect::to(to).into_response()
+    }
+}
+
 /// Refuses (403, or 404 for a system out of sight) unless the session's
 /// user administers the system.
 async fn may_change(
@@ -401,7 +411,7 @@ async fn create(
                 new.links = parsed.links;
                 new.contacts = parsed.contacts;
                 match super::create(&ctx, &session.principal.actor(), new).await {
-                    Ok(s) => return Redirect::to(&format!("/systems/{}", s.slug)).into_response(),
+                    Ok(s) => return done(&headers, &format!("/systems/{}", s.slug)),
                     Err(SystemError::Db(e)) => return page_error(&e),
                     Err(e) => HashMap::from([(field_of(&e), e.to_string())]),
                 }
@@ -479,7 +489,7 @@ async fn save(
                 selector: Some(parsed.selector),
             };
             match super::update(&ctx, &session.principal.actor(), &slug, patch).await {
-                Ok(_) => return Redirect::to(&format!("/systems/{slug}")).into_response(),
+                Ok(_) => return done(&headers, &format!("/systems/{slug}")),
                 Err(SystemError::Db(e)) => return page_error(&e),
                 Err(e) => HashMap::from([(field_of(&e), e.to_string())]),
             }

@@ -439,8 +439,14 @@ async fn add_note(
             .map_err(|e| e.to_string())?;
         Ok::<_, NoteError>(())
     };
+    let htmx = headers.contains_key("hx-request");
     match result.await {
+        // With htmx the note arrives through the live timeline; say so in place.
+        Ok(()) if htmx => axum::response::Html("<span class=\"ok\">Noted.</span>").into_response(),
         Ok(()) => axum::response::Redirect::to(&format!("/systems/{}", crate::cli::encode(&slug))).into_response(),
+        Err(NoteError::Refused(why)) if htmx => {
+            (StatusCode::UNPROCESSABLE_ENTITY, axum::response::Html(format!("<span class=\"error\" role=\"alert\">{}</span>", esc(&why)))).into_response()
+        }
         Err(NoteError::Refused(why)) => (StatusCode::UNPROCESSABLE_ENTITY, axum::response::Html(format!(
             "<!doctype html><title>Note refused</title><p class=\"error\">{}</p><p><a href=\"/systems/{}\">Back</a></p>",
             esc(&why), esc(&slug)

@@ -428,3 +428,48 @@ async fn the_include_form_explains_a_cycle_in_place() {
         "shown in place"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edit_form_shows_errors_next_to_their_field_and_saves() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("shop", "project", json!({})).await;
+    users::create_user(
+        &app.ctx,
+        &crate::support::tester(),
+        "ada",
+        "Ada Admin",
+        Some(Role::Admin),
+        PASSWORD,
+        false,
+    )
+    .await
+    .unwrap();
+    let b = Browser::start().await;
+    b.login(&app.base, "ada", PASSWORD).await;
+    b.goto(&format!("{}/systems/shop", app.base)).await;
+    b.click("#edit-system").await;
+    b.find("#f-links").await;
+    b.type_into("#f-links", "dashbord | Grafana | https://g.example/d")
+        .await;
+    b.click("form.edit button[type=submit]").await;
+    let error = b.text("#e-links").await;
+    assert!(error.contains("line 1: unknown kind 'dashbord'"), "{error}");
+    assert!(b.current_url().await.ends_with("/systems/shop/edit"));
+    // Fix it in place and save: back on the system page, with the link.
+    let id = b.find("#f-links").await;
+    b.call("POST", &format!("/element/{id}/clear"), json!({}))
+        .await;
+    b.type_into("#f-links", "dashboard | Grafana | https://g.example/d")
+        .await;
+    b.type_into("#f-handbook", "Be kind to the cache.").await;
+    b.click("form.edit button[type=submit]").await;
+    b.find("#handbook-h").await;
+    assert!(
+        b.current_url().await.ends_with("/systems/shop"),
+        "{}",
+        b.current_url().await
+    );
+    assert!(b.text(".handbook").await.contains("Be kind to the cache."));
+    let shop = app.get("/api/v1/systems/shop").await;
+    assert_eq!(shop["links"][0]["kind"], "dashboard");
+}

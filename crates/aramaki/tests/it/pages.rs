@@ -982,3 +982,101 @@ async fn every_page_route_is_authorised_for_each_role() {
         }
     }
 }
+
+both!(htmx_form_posts_answer_in_place, |app| async move {
+    app.system("shop", "project", json!({})).await;
+    person(&app, "root", Some(Role::Admin), false).await;
+    let cookie = session_cookie(&login(&app, "root", "correct horse battery").await);
+    let csrf = csrf_of(
+        &get(&app, "/systems/shop", &cookie)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    let htmx = |path: &'static str, fields: Vec<(&'static str, &'static str)>| {
+        let mut form = vec![("csrf", csrf.clone())];
+        form.extend(fields.into_iter().map(|(k, v)| (k, v.to_owned())));
+        browser()
+            .post(app.url(path))
+            .header(COOKIE, &cookie)
+            .header("HX-Request", "true")
+            .form(&form)
+            .send()
+    };
+    let noted = htmx("/systems/shop/notes", vec![("title", "checked the disks")])
+        .await
+        .unwrap();
+    assert_eq!(noted.status(), StatusCode::OK);
+    assert!(noted.text().await.unwrap().contains("Noted."));
+    let refused = htmx("/systems/shop/notes", vec![("title", " ")])
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(refused.text().await.unwrap().contains("role=\"alert\""));
+    let saved = htmx(
+        "/systems/shop/edit",
+        vec![("title", "Shop"), ("category", "project")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(saved.headers()["hx-redirect"], "/systems/shop");
+    // The CSRF token also travels as htmx's header.
+    let by_header = browser()
+        .post(app.url("/systems/shop/notes"))
+        .header(COOKIE, &cookie)
+        .header("HX-Request", "true")
+        .header("X-CSRF-Token", csrf.as_str())
+        .form(&[("title", "via header")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_header.status(), StatusCode::OK);
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_at_their_absolute_limit_and_everywhere_on_request() {
+    for backend in crate::support::backends() {
+        let app = TestApp::start_tweaked(backend, |c| c.web.session_max_hours = 1).await;
+        person(&app, "ada", Some(Role::Viewer), false).await;
+        let a = session_cookie(&login(&app, "ada", "correct horse battery").await);
+        // Active every 20 minutes, so never idle, yet over after an hour.
+        for _ in 0..2 {
+            app.clock.advance(jiff::SignedDuration::from_mins(20));
+            assert_eq!(get(&app, "/", &a).await.status(), StatusCode::OK);
+        }
+        app.clock.advance(jiff::SignedDuration::from_mins(21));
+        assert_eq!(
+            get(&app, "/", &a).await.status(),
+            StatusCode::SEE_OTHER,
+            "absolute expiry ({backend:?})"
+        );
+
+        let laptop = session_cookie(&login(&app, "ada", "correct horse battery").await);
+        let phone = session_cookie(&login(&app, "ada", "correct horse battery").await);
+        let csrf = csrf_of(
+            &get(&app, "/account/password", &laptop)
+                .await
+                .text()
+                .await
+                .unwrap(),
+        );
+        let out = browser()
+            .post(app.url("/logout/everywhere"))
+            .header(COOKIE, &laptop)
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.status(), StatusCode::SEE_OTHER);
+        assert_eq!(
+            get(&app, "/", &laptop).await.status(),
+            StatusCode::SEE_OTHER
+        );
+        assert_eq!(
+            get(&app, "/", &phone).await.status(),
+            StatusCode::SEE_OTHER,
+            "everywhere ({backend:?})"
+        );
+    }
+}
