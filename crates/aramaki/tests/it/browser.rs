@@ -30,6 +30,10 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Browser {
+        Browser::start_sized(1280, 900).await
+    }
+
+    async fn start_sized(width: u32, height: u32) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -60,7 +64,7 @@ impl Browser {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                         "--window-size=1280,900", "--dns-prefetch-disable", format!("--user-data-dir={}", profile.path().display())]
+                         format!("--window-size={width},{height}"), "--dns-prefetch-disable", format!("--user-data-dir={}", profile.path().display())]
             }
         }}});
         let created: Value = http
@@ -472,4 +476,25 @@ async fn the_edit_form_shows_errors_next_to_their_field_and_saves() {
     assert!(b.text(".handbook").await.contains("Be kind to the cache."));
     let shop = app.get("/api/v1/systems/shop").await;
     assert_eq!(shop["links"][0]["kind"], "dashboard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_fit_a_phone() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    estate(&app).await;
+    let phone = Browser::start_sized(390, 844).await;
+    phone.login(&app.base, "olga", PASSWORD).await;
+    for path in ["/", "/systems/acme-production", "/search?q=varnish"] {
+        phone.goto(&format!("{}{path}", app.base)).await;
+        phone.find("main").await;
+        let fits = phone
+            .script("const done = arguments[0]; done(document.documentElement.scrollWidth <= window.innerWidth + 1);")
+            .await;
+        assert_eq!(fits, json!(true), "{path} scrolls sideways on a phone");
+    }
+    phone
+        .goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    phone.find("#handbook-h").await;
+    phone.screenshot("system-phone.png").await;
 }
