@@ -46,6 +46,20 @@ struct Line {
     severity: String,
 }
 
+impl Line {
+    /// An event as one line of a strip, its time shown with `format`.
+    fn of(e: crate::timeline::Event, format: &str) -> Line {
+        Line {
+            at: e.occurred_at.to_string(),
+            at_short: e.occurred_at.strftime(format).to_string(),
+            system: e.system,
+            title: e.title,
+            actor: e.actor.name,
+            severity: e.severity.to_string(),
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "systems/dashboard.html")]
 struct Dashboard {
@@ -102,14 +116,7 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
         let events = page(ctx.db.reader(), &ids, &filter, None, 40)
             .await?
             .into_iter()
-            .map(|e| Line {
-                at: e.occurred_at.to_string(),
-                at_short: e.occurred_at.strftime("%a %H:%M").to_string(),
-                system: e.system,
-                title: e.title,
-                actor: e.actor.name,
-                severity: e.severity.to_string(),
-            })
+            .map(|e| Line::of(e, "%a %H:%M"))
             .collect();
         Ok::<_, super::SystemError>(Dashboard {
             user: Some(session.principal.display_name.clone()),
@@ -533,14 +540,7 @@ async fn search(
             events = page(ctx.db.reader(), &ids, &filter, None, 30)
                 .await?
                 .into_iter()
-                .map(|e| Line {
-                    at: e.occurred_at.to_string(),
-                    at_short: e.occurred_at.strftime("%a %d %b %H:%M").to_string(),
-                    system: e.system,
-                    title: e.title,
-                    actor: e.actor.name,
-                    severity: e.severity.to_string(),
-                })
+                .map(|e| Line::of(e, "%a %d %b %H:%M"))
                 .collect();
         }
         Ok::<_, super::SystemError>(SearchPage {
