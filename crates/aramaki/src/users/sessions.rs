@@ -35,9 +35,11 @@ fn hash(secret: &str) -> String {
 }
 
 /// A hash to verify against when the user does not exist, so that a wrong
-/// username costs as long as a wrong password.
-fn decoy_hash() -> String {
-    hash_password("decoy password for timing").unwrap_or_default()
+/// username costs as long as a wrong password. Computed once: hashing it on
+/// every attempt would make unknown usernames slower, which tells them apart.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| hash_password("decoy password for timing").unwrap_or_default())
 }
 
 /// Checks the password and opens a session; returns the cookie value once.
@@ -53,7 +55,7 @@ pub async fn login(
     .fetch_optional(ctx.db.reader())
     .await?;
     let Some(row) = row else {
-        let _ = verify_password(password, &decoy_hash());
+        let _ = verify_password(password, decoy_hash());
         return Ok(None);
     };
     let stored: String = row.try_get("password_hash")?;
