@@ -282,7 +282,7 @@ async fn track(State(ctx): State<AppState>, req: Request, next: Next) -> Respons
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Aramaki API", description = "The REST API of an Aramaki instance. Errors are application/problem+json (RFC 9457). Each operation names the role it needs in x-aramaki-role."),
+    info(title = "Aramaki API", description = "The REST API of an Aramaki instance. Errors are application/problem+json (RFC 9457). Each operation names the role it needs in x-aramaki-role: public (no token), user (any token), or viewer, operator, admin — held on the system the operation touches, through a grant on it or on a system that includes it, or instance-wide; creating systems and categories needs the instance admin."),
     modifiers(&BearerAuth),
     components(schemas(ProblemBody))
 )]
