@@ -11,7 +11,6 @@ pub mod pages;
 pub mod status;
 pub mod store;
 
-use aramaki_protocol::Severity;
 use jiff::Timestamp;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
@@ -20,7 +19,7 @@ use uuid::Uuid;
 
 use crate::context::Context;
 use crate::db::{is_unique_violation, new_id, to_micros, Tx};
-use crate::timeline::{self, Actor, NewEvent, Target};
+use crate::timeline::{self, Actor, Target};
 use graph::{Graph, Via};
 use model::{
     check_text, CategoryName, Contact, Invalid, LabelSelector, Labels, Link, Slug, MAX_MARKDOWN,
@@ -225,7 +224,7 @@ async fn record(
     data: serde_json::Value,
 ) -> Result<(), SystemError> {
     let (id, slug) = target(on);
-    timeline::append(
+    timeline::record(
         ctx,
         tx,
         actor,
@@ -233,7 +232,9 @@ async fn record(
             id: &id,
             slug: &slug,
         },
-        NewEvent::internal(kind, Severity::Info, title, data),
+        kind,
+        title,
+        data,
     )
     .await?;
     Ok(())

@@ -46,6 +46,17 @@ struct Line {
     severity: String,
 }
 
+/// The ids of the systems a caller may see (`visible`, or all of them).
+fn within_reach(
+    graph: &super::graph::Graph,
+    visible: Option<std::collections::HashSet<String>>,
+) -> Vec<String> {
+    match visible {
+        Some(set) => set.into_iter().collect(),
+        None => graph.ids().cloned().collect(),
+    }
+}
+
 impl Line {
     /// An event as one line of a strip, its time shown with `format`.
     fn of(e: crate::timeline::Event, format: &str) -> Line {
@@ -101,10 +112,7 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
                 systems: tiles,
             });
         }
-        let ids: Vec<String> = match visible {
-            Some(set) => set.into_iter().collect(),
-            None => graph.ids().cloned().collect(),
-        };
+        let ids = within_reach(&graph, visible);
         let since = ctx
             .now()
             .checked_sub(SignedDuration::from_hours(24))
@@ -529,10 +537,7 @@ async fn search(
                 .map(|s| (s.slug.to_string(), s.title, s.category.to_string()))
                 .collect();
             drop(conn);
-            let ids: Vec<String> = match visible {
-                Some(set) => set.into_iter().collect(),
-                None => graph.ids().cloned().collect(),
-            };
+            let ids = within_reach(&graph, visible);
             let filter = Filter {
                 text: Some(q.clone()),
                 ..Filter::default()

@@ -251,6 +251,27 @@ pub async fn append(
     Ok(Event { sequence, ..event })
 }
 
+/// Appends an informational event that Aramaki records about its own
+/// changes (structure, grants, accounts) in the caller's transaction.
+pub async fn record(
+    ctx: &Context,
+    tx: &mut Tx,
+    actor: &Actor,
+    target: Target<'_>,
+    kind: &str,
+    title: String,
+    data: serde_json::Value,
+) -> Result<Event, sqlx::Error> {
+    append(
+        ctx,
+        tx,
+        actor,
+        target,
+        NewEvent::internal(kind, Severity::Info, title, data),
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

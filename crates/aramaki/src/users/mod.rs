@@ -24,8 +24,7 @@ use utoipa::ToSchema;
 use crate::context::Context;
 use crate::db::{new_id, to_micros};
 use crate::federation::identity::{base32, hex};
-use crate::timeline::{self, Actor, NewEvent, Target};
-use aramaki_protocol::Severity;
+use crate::timeline::{self, Actor, Target};
 
 /// What a user may do, in increasing power. A role is granted on a system
 /// and holds on everything it includes; a user's instance-wide role holds on
@@ -245,8 +244,7 @@ pub async fn audit(
             .await?
             .ok_or(UserError::NoInstanceSystem)?;
     let (id, slug): (String, String) = (row.try_get("id")?, row.try_get("slug")?);
-    let event = NewEvent::internal(kind, Severity::Info, title, data);
-    timeline::append(
+    timeline::record(
         ctx,
         tx,
         actor,
@@ -254,7 +252,9 @@ pub async fn audit(
             id: &id,
             slug: &slug,
         },
-        event,
+        kind,
+        title,
+        data,
     )
     .await?;
     Ok(())
@@ -364,8 +364,7 @@ pub async fn grant(
         "user": user.username, "user_id": user.id,
         "before": { "role": before.map(Role::as_str) }, "after": { "role": role.as_str() },
     });
-    let event = NewEvent::internal("user.granted", Severity::Info, title, data);
-    timeline::append(
+    timeline::record(
         ctx,
         &mut tx,
         actor,
@@ -373,7 +372,9 @@ pub async fn grant(
             id: &id,
             slug: &slug,
         },
-        event,
+        "user.granted",
+        title,
+        data,
     )
     .await?;
     ctx.commit(tx).await?;
@@ -403,8 +404,7 @@ pub async fn revoke(
         "user": user.username, "user_id": user.id,
         "before": { "role": before.as_str() }, "after": { "role": null },
     });
-    let event = NewEvent::internal("user.revoked", Severity::Info, title, data);
-    timeline::append(
+    timeline::record(
         ctx,
         &mut tx,
         actor,
@@ -412,7 +412,9 @@ pub async fn revoke(
             id: &id,
             slug: &slug,
         },
-        event,
+        "user.revoked",
+        title,
+        data,
     )
     .await?;
     ctx.commit(tx).await?;
