@@ -5,6 +5,10 @@
 //! byte for byte. Every type here is part of a versioned protocol; changing a
 //! shape means bumping [`PROTOCOL_VERSION`].
 
+pub mod agent;
+pub mod cron;
+pub mod keys;
+
 use std::fmt;
 use std::str::FromStr;
 

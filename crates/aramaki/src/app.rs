@@ -53,6 +53,8 @@ impl App {
             tokio::spawn(subscribers::run(self.ctx.clone(), sub, stop.clone()));
         }
         crate::timeline::batch::Appender::spawn(self.ctx.clone(), stop.clone());
+        crate::monitoring::ingest::Ingest::spawn(self.ctx.clone(), stop.clone());
+        crate::monitoring::watch::spawn(self.ctx.clone(), stop.clone());
         let (ctx, mut stop_streams) = (self.ctx.clone(), stop.clone());
         tokio::spawn(async move {
             while !*stop_streams.borrow() {

@@ -229,13 +229,26 @@ impl Client {
         Ok(self.call(Method::GET, path, None, &[]).await?.1)
     }
 
-    fn print_json(&self, v: &Value) -> Result<()> {
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        Ok(self.call(Method::POST, path, Some(body), &[]).await?.1)
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Result<Value> {
+        Ok(self.call(Method::PUT, path, Some(body), &[]).await?.1)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.call(Method::DELETE, path, None, &[]).await?;
+        Ok(())
+    }
+
+    pub fn print_json(&self, v: &Value) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(v)?);
         Ok(())
     }
 }
 
-fn label_map(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+pub fn label_map(pairs: &[String]) -> Result<BTreeMap<String, String>> {
     pairs
         .iter()
         .map(|p| {
@@ -283,7 +296,7 @@ fn read_file(path: &Option<std::path::PathBuf>) -> Result<Option<String>> {
         .transpose()
 }
 
-fn s(v: &Value, key: &str) -> String {
+pub fn s(v: &Value, key: &str) -> String {
     match v.get(key) {
         Some(Value::String(x)) => x.clone(),
         Some(Value::Null) | None => String::new(),

@@ -31,6 +31,36 @@ pub struct Config {
     pub web: WebConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub monitoring: MonitoringConfig,
+}
+
+/// Agents, results and keepalives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringConfig {
+    /// Seconds without a heartbeat before an agent's system turns WARNING.
+    pub keepalive_warning: u64,
+    /// Seconds without a heartbeat before it turns CRITICAL.
+    pub keepalive_critical: u64,
+    /// How often agents send heartbeats, in seconds.
+    pub heartbeat: u32,
+    /// Days of result history kept (every result, not a fixed count).
+    pub retention_days: u32,
+    /// Seconds between sweeps for missed keepalives, TTLs and old history.
+    pub sweep_interval: u64,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        MonitoringConfig {
+            keepalive_warning: 120,
+            keepalive_critical: 300,
+            heartbeat: 20,
+            retention_days: 30,
+            sweep_interval: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +190,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             web: WebConfig::default(),
             log: LogConfig::default(),
+            monitoring: MonitoringConfig::default(),
         }
     }
 }
@@ -224,6 +255,25 @@ impl Config {
         if self.web.session_idle_minutes == 0 || self.web.session_max_hours == 0 {
             return Err(ConfigError::Invalid(format!(
                 "invalid value for key `web.session_idle_minutes` or `web.session_max_hours` in {}: expected at least 1",
+                file.display()
+            )));
+        }
+        let m = &self.monitoring;
+        if m.keepalive_warning == 0 || m.keepalive_critical <= m.keepalive_warning {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `monitoring.keepalive_critical` in {}: expected more than `monitoring.keepalive_warning` (which must be at least 1)",
+                file.display()
+            )));
+        }
+        if m.heartbeat == 0 || u64::from(m.heartbeat) >= m.keepalive_warning {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `monitoring.heartbeat` in {}: expected at least 1 and less than `monitoring.keepalive_warning`",
+                file.display()
+            )));
+        }
+        if m.retention_days == 0 || m.sweep_interval == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `monitoring.retention_days` or `monitoring.sweep_interval` in {}: expected at least 1",
                 file.display()
             )));
         }
@@ -356,6 +406,18 @@ secure_cookies = false
 format = "human"
 # A tracing filter, for example "info" or "aramaki=debug,sqlx=warn".
 filter = "info"
+
+[monitoring]
+# Seconds without an agent's heartbeat before its system turns WARNING…
+keepalive_warning = 120
+# …and CRITICAL.
+keepalive_critical = 300
+# How often agents send heartbeats, in seconds.
+heartbeat = 20
+# Days of check result history to keep (every result, not a fixed count).
+retention_days = 30
+# Seconds between sweeps for missed keepalives, TTLs and old history.
+sweep_interval = 5
 "#
     )
 }

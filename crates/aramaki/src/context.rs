@@ -66,6 +66,10 @@ pub struct Context {
     pub timeline: TimelineHub,
     pub appender: crate::timeline::batch::Appender,
     pub metrics: Metrics,
+    /// Agents connected to this process.
+    pub agents: crate::agents::hub::AgentHub,
+    /// The results writer's queue.
+    pub ingest: crate::monitoring::ingest::Ingest,
 }
 
 impl Context {

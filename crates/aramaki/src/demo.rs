@@ -511,6 +511,8 @@ fn eight_days_ago(ctx: &Context) -> Context {
         identity: ctx.identity.clone(),
         timeline: crate::timeline::hub::TimelineHub::new(),
         appender: crate::timeline::batch::Appender::new(),
+        agents: Default::default(),
+        ingest: Default::default(),
         metrics: crate::metrics::Metrics::default(),
     }
 }

@@ -5,6 +5,7 @@
 //! routes (`http`). [`context::Context`] carries everything from the outside
 //! world; [`web`] only assembles the routes.
 
+pub mod agents;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod db;
 pub mod demo;
 pub mod federation;
 pub mod metrics;
+pub mod monitoring;
 pub mod setup;
 pub mod systems;
 pub mod timeline;

@@ -75,6 +75,38 @@ enum Command {
         #[command(flatten)]
         args: TimelineArgs,
     },
+    /// Agents and their enrollment tokens.
+    Agent {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: aramaki::agents::commands::AgentCommand,
+    },
+    /// Check definitions.
+    Check {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: aramaki::monitoring::commands::CheckCommand,
+    },
+    /// Import definitions from another tool.
+    Import {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportCommand {
+    /// Check definitions from `sensuctl dump` output (YAML or wrapped JSON).
+    Sensu {
+        file: PathBuf,
+        /// Show what would change without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn environment() -> Vec<(String, String)> {
@@ -199,6 +231,19 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Timeline { client, args } => {
             cli::timeline(&cli::Client::new(&client)?, args).await
+        }
+        Command::Agent { client, command } => {
+            aramaki::agents::commands::run(&cli::Client::new(&client)?, command).await
+        }
+        Command::Check { client, command } => {
+            aramaki::monitoring::commands::run(&cli::Client::new(&client)?, command).await
+        }
+        Command::Import {
+            client,
+            command: ImportCommand::Sensu { file, dry_run },
+        } => {
+            aramaki::monitoring::commands::import_sensu(&cli::Client::new(&client)?, &file, dry_run)
+                .await
         }
     }
 }

@@ -108,6 +108,8 @@ pub async fn init(
         identity,
         timeline: TimelineHub::new(),
         appender: crate::timeline::batch::Appender::new(),
+        agents: Default::default(),
+        ingest: Default::default(),
         metrics: Metrics::default(),
     });
     ensure_instance_system(&context).await?;

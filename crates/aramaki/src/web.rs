@@ -306,6 +306,8 @@ pub fn app(ctx: AppState) -> Router {
         .merge(crate::systems::http::routes())
         .merge(crate::timeline::http::routes())
         .merge(crate::users::http::routes())
+        .merge(crate::agents::http::routes())
+        .merge(crate::monitoring::http::routes())
         .routes(routes!(health));
     let (api_router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
@@ -318,6 +320,7 @@ pub fn app(ctx: AppState) -> Router {
         .merge(crate::ui::assets())
         .merge(crate::users::pages::routes())
         .merge(crate::systems::pages::routes())
+        .merge(crate::agents::pages::routes())
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || {

@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::Path;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
 
 pub const KEY_FILE: &str = "instance.key";
 
@@ -58,6 +57,13 @@ impl Identity {
         hex(self.public_key().as_bytes())
     }
 
+    /// Signs `message` with the instance key (agents and peers verify it
+    /// against the key they pinned).
+    pub fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {
+        use ed25519_dalek::Signer;
+        self.key.sign(message)
+    }
+
     /// A short, readable fingerprint of the public key.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.public_key())
@@ -66,14 +72,7 @@ impl Identity {
 
 /// `ABCD-EFGH-IJKL-MNOP`: the first 80 bits of SHA-256 over the key, base32.
 pub fn fingerprint(key: &VerifyingKey) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let encoded = base32(&digest[..10]);
-    encoded
-        .as_bytes()
-        .chunks(4)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect::<Vec<_>>()
-        .join("-")
+    aramaki_protocol::keys::fingerprint(key.as_bytes())
 }
 
 /// Loads the key from `dir/instance.key`, generating it (mode 0600) if absent.
@@ -119,45 +118,7 @@ fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
-        .collect()
-}
-
-/// RFC 4648 base32 without padding.
-pub fn base32(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut out = String::new();
-    let mut buffer: u32 = 0;
-    let mut bits = 0;
-    for &b in bytes {
-        buffer = (buffer << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
-    }
-    out
-}
+pub use aramaki_protocol::keys::{base32, hex, unhex};
 
 #[cfg(test)]
 mod tests {

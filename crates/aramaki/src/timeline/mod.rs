@@ -39,6 +39,14 @@ impl Actor {
         }
     }
 
+    pub fn agent(id: &str, name: &str) -> Actor {
+        Actor {
+            kind: ActorKind::Agent,
+            id: Some(id.to_owned()),
+            name: name.to_owned(),
+        }
+    }
+
     pub fn instance(id: &str, name: &str) -> Actor {
         Actor {
             kind: ActorKind::Instance,

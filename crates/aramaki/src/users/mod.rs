@@ -136,7 +136,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], UserError> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], UserError> {
     let mut buf = [0u8; N];
     getrandom::getrandom(&mut buf).map_err(|e| UserError::Random(e.to_string()))?;
     Ok(buf)
@@ -304,7 +304,7 @@ pub async fn create_token_expiring(
     Ok((id, Secret(format!("ark_{prefix}_{secret}"))))
 }
 
-fn hash_secret(secret: &str) -> String {
+pub(crate) fn hash_secret(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
 }
 

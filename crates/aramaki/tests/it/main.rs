@@ -10,6 +10,7 @@ mod bad_input;
 mod binary;
 mod browser;
 mod demo;
+mod monitoring;
 mod pages;
 mod properties;
 mod systems;

@@ -1,0 +1,140 @@
+//! The agent's local configuration file (TOML): subscriptions, local checks,
+//! the local push API, the queue bound and the allow-listed actions.
+//!
+//! ```toml
+//! subscriptions = ["linux", "web"]
+//! queue_capacity = 100000
+//! push_http = "127.0.0.1:3031"   # "" turns it off
+//! push_tcp = "127.0.0.1:3030"
+//!
+//! [[checks]]
+//! name = "root-disk"
+//! timeout_secs = 10
+//! run = { kind = "command", argv = ["/usr/lib/nagios/plugins/check_disk", "-w", "10%", "-c", "5%", "-p", "/"] }
+//! schedule = { kind = "interval", secs = 60 }
+//!
+//! [actions.flush-cache]
+//! argv = ["/usr/bin/varnishadm", "ban", "req.url ~ ."]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aramaki_protocol::agent::CheckDefinition;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub subscriptions: Vec<String>,
+    /// Most results kept while the server is unreachable.
+    pub queue_capacity: u64,
+    /// Address of the Sensu-Go-compatible HTTP push API ("" = off).
+    pub push_http: String,
+    /// Address of the Sensu-1.x-compatible TCP socket ("" = off).
+    pub push_tcp: String,
+    /// Checks defined on this host (besides those the server sends).
+    pub checks: Vec<CheckDefinition>,
+    /// The only actions the server may ask for, by name.
+    pub actions: BTreeMap<String, ActionConfig>,
+}
+
+/// An allow-listed action: a fixed command line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    pub argv: Vec<String>,
+    #[serde(default = "default_action_timeout")]
+    pub timeout_secs: u32,
+}
+
+fn default_action_timeout() -> u32 {
+    60
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            subscriptions: Vec::new(),
+            queue_capacity: 100_000,
+            push_http: "127.0.0.1:3031".into(),
+            push_tcp: "127.0.0.1:3030".into(),
+            checks: Vec::new(),
+            actions: BTreeMap::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads the file, or the defaults when no file is given.
+    pub fn load(path: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+        let Some(path) = path else {
+            return Ok(AgentConfig::default());
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let config: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: shown,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.queue_capacity < 10 {
+            return Err("queue_capacity must be at least 10".into());
+        }
+        for check in &self.checks {
+            crate::schedule::validate(&check.schedule)
+                .map_err(|e| format!("check '{}': {e}", check.name))?;
+        }
+        for (name, action) in &self.actions {
+            if action.argv.is_empty() {
+                return Err(format!("action '{name}' needs argv"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = r#"
+subscriptions = ["linux"]
+[[checks]]
+name = "root-disk"
+timeout_secs = 10
+run = { kind = "command", argv = ["/bin/true"] }
+schedule = { kind = "interval", secs = 60 }
+[actions.flush-cache]
+argv = ["/bin/true"]
+"#;
+        let c: AgentConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.checks.len(), 1);
+        assert_eq!(c.queue_capacity, 100_000);
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<AgentConfig>("unknown = 1").is_err());
+    }
+}

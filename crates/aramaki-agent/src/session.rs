@@ -1,0 +1,408 @@
+//! Talking to the server: enrollment, and sessions that authenticate both
+//! ways, replay the queue in order and keep going with jittered backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aramaki_protocol::agent::{
+    agent_transcript, server_transcript, AgentMessage, CheckDefinition, EnrollToken, Refusal,
+    ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
+};
+use aramaki_protocol::keys::{compact_fingerprint, hex, unhex_array};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::config::AgentConfig;
+use crate::runtime::{Scheduler, Shared};
+use crate::state::{Registration, StateDir};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Most records sent in one message.
+const BATCH: usize = 500;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The server refused for a reason a retry cannot fix.
+    #[error("refused by the server: {}: {message}", reason.describe())]
+    Refused { reason: Refusal, message: String },
+    /// The server is not who we pinned: never talk to it.
+    #[error("server key does not match the pinned fingerprint ({0})")]
+    WrongServer(String),
+    /// Anything a reconnect may fix.
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl SessionError {
+    pub fn is_final(&self) -> bool {
+        match self {
+            SessionError::Refused { reason, .. } => reason.is_final(),
+            SessionError::WrongServer(_) | SessionError::Local(_) => true,
+            SessionError::Transient(_) => false,
+        }
+    }
+}
+
+fn transient(e: impl std::fmt::Display) -> SessionError {
+    SessionError::Transient(e.to_string())
+}
+
+/// The WebSocket URL for a server base URL; plain `ws://` only to loopback
+/// unless explicitly allowed.
+pub fn socket_url(server: &str, allow_plaintext: bool) -> Result<String, SessionError> {
+    let base = server.trim_end_matches('/');
+    let (scheme, rest) = if let Some(rest) = base.strip_prefix("https://") {
+        ("wss", rest)
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        ("ws", rest)
+    } else {
+        return Err(SessionError::Local(format!(
+            "--server must start with https:// or http://, got {server:?}"
+        )));
+    };
+    let host = host_of(rest);
+    if scheme == "ws" && !allow_plaintext && !is_loopback(host) {
+        return Err(SessionError::Local(format!(
+            "refusing plain http to {host}: use https://, or --allow-plaintext if you really mean it"
+        )));
+    }
+    Ok(format!("{scheme}://{rest}{CONNECT_PATH}"))
+}
+
+fn host_of(authority: &str) -> &str {
+    let authority = authority.split('/').next().unwrap_or("");
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or("");
+    }
+    authority.split(':').next().unwrap_or("")
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn open(url: &str) -> Result<Socket, SessionError> {
+    let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
+        .await
+        .map_err(|_| transient(format!("connecting to {url} timed out")))?
+        .map_err(|e| transient(format!("cannot connect to {url}: {e}")))?;
+    Ok(socket)
+}
+
+async fn send(socket: &mut Socket, message: &AgentMessage) -> Result<(), SessionError> {
+    let text = serde_json::to_string(message).map_err(transient)?;
+    socket
+        .send(Message::Text(text.into()))
+        .await
+        .map_err(|e| transient(format!("lost the connection: {e}")))
+}
+
+/// The next server message; `Refused` becomes an error.
+async fn receive(socket: &mut Socket) -> Result<ServerMessage, SessionError> {
+    loop {
+        let frame = socket
+            .next()
+            .await
+            .ok_or_else(|| transient("the server closed the connection"))?
+            .map_err(|e| transient(format!("lost the connection: {e}")))?;
+        let text = match frame {
+            Message::Text(t) => t,
+            Message::Close(_) => return Err(transient("the server closed the connection")),
+            _ => continue,
+        };
+        let message: ServerMessage = serde_json::from_str(text.as_str())
+            .map_err(|e| transient(format!("unexpected message from the server: {e}")))?;
+        if let ServerMessage::Refused { reason, message } = message {
+            return Err(SessionError::Refused { reason, message });
+        }
+        return Ok(message);
+    }
+}
+
+async fn receive_within(socket: &mut Socket) -> Result<ServerMessage, SessionError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, receive(socket))
+        .await
+        .map_err(|_| transient("the server did not answer in time"))?
+}
+
+fn random_nonce() -> Result<String, SessionError> {
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).map_err(|e| SessionError::Local(e.to_string()))?;
+    Ok(hex(&b))
+}
+
+/// Enrolls: generates a key, registers it with the token and pins the
+/// server key named by the token's fingerprint. Nothing is written unless
+/// the server accepted and proved to be the right one.
+pub async fn enroll(
+    state: &StateDir,
+    server: &str,
+    token: &str,
+    name: &str,
+    allow_plaintext: bool,
+) -> Result<Registration, SessionError> {
+    let parsed = EnrollToken::parse(token)
+        .ok_or_else(|| SessionError::Local("this is not an enrollment token (aek_…)".into()))?;
+    let url = socket_url(server, allow_plaintext)?;
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).map_err(|e| SessionError::Local(e.to_string()))?;
+    let key = SigningKey::from_bytes(&seed);
+    let mut socket = open(&url).await?;
+    send(
+        &mut socket,
+        &AgentMessage::Enroll {
+            protocol: AGENT_PROTOCOL_VERSION,
+            token: token.trim().to_owned(),
+            public_key: hex(key.verifying_key().as_bytes()),
+            name: name.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    )
+    .await?;
+    let (agent_id, system, server_key) = match receive_within(&mut socket).await? {
+        ServerMessage::Enrolled {
+            agent_id,
+            system,
+            server_key,
+        } => (agent_id, system, server_key),
+        other => return Err(transient(format!("unexpected answer to enroll: {other:?}"))),
+    };
+    let server_key = unhex_array::<32>(&server_key)
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        .ok_or_else(|| SessionError::WrongServer("the server sent no valid key".into()))?;
+    let actual = compact_fingerprint(server_key.as_bytes());
+    if actual != parsed.fingerprint {
+        return Err(SessionError::WrongServer(format!(
+            "token says {}, server has {actual}",
+            parsed.fingerprint
+        )));
+    }
+    let _ = socket.close(None).await;
+    let local = |e: crate::state::StateError| SessionError::Local(e.to_string());
+    state.write_key(&seed).map_err(local)?;
+    state.pin_server_key(&server_key).map_err(local)?;
+    let registration = Registration {
+        agent_id,
+        name: name.to_owned(),
+        system,
+        server: server.trim_end_matches('/').to_owned(),
+    };
+    state.save_registration(&registration).map_err(local)?;
+    Ok(registration)
+}
+
+/// Everything a running agent needs.
+pub struct Agent {
+    pub state: StateDir,
+    pub config: AgentConfig,
+    pub registration: Registration,
+    pub key: SigningKey,
+    pub server_key: VerifyingKey,
+    pub shared: Arc<Shared>,
+    pub scheduler: Scheduler,
+    pub allow_plaintext: bool,
+}
+
+/// Runs sessions until a final refusal; reconnects with jittered
+/// exponential backoff (1 s doubling to 60 s).
+pub async fn run(agent: &mut Agent) -> SessionError {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        let err = match session(agent).await {
+            Ok(()) => transient("the session ended"),
+            Err(e) => e,
+        };
+        if err.is_final() {
+            tracing::error!("{err}; not reconnecting");
+            return err;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        let wait = jitter(backoff);
+        tracing::warn!("{err}; reconnecting in {} ms", wait.as_millis());
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Somewhere between half and all of `d`, so that a fleet does not
+/// reconnect in step after a server restart.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::getrandom(&mut b)
+        .map(|_| u16::from_le_bytes(b))
+        .unwrap_or(0);
+    let half = d / 2;
+    half + half.mul_f64(f64::from(r) / f64::from(u16::MAX))
+}
+
+async fn session(agent: &mut Agent) -> Result<(), SessionError> {
+    let url = socket_url(&agent.registration.server, agent.allow_plaintext)?;
+    let mut socket = open(&url).await?;
+    let id = agent.registration.agent_id.clone();
+    let nonce = random_nonce()?;
+    let (depth, _) = agent.shared.depth();
+    send(
+        &mut socket,
+        &AgentMessage::Hello {
+            protocol: AGENT_PROTOCOL_VERSION,
+            agent_id: id.clone(),
+            public_key: hex(agent.key.verifying_key().as_bytes()),
+            nonce: nonce.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            subscriptions: agent.config.subscriptions.clone(),
+            queue_depth: depth,
+        },
+    )
+    .await?;
+    let (server_nonce, signature) = match receive_within(&mut socket).await? {
+        ServerMessage::Challenge { nonce, signature } => (nonce, signature),
+        other => return Err(transient(format!("expected a challenge, got {other:?}"))),
+    };
+    let signature = unhex_array::<64>(&signature)
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or_else(|| {
+            SessionError::WrongServer("the challenge carries no valid signature".into())
+        })?;
+    agent
+        .server_key
+        .verify(&server_transcript(&id, &nonce, &server_nonce), &signature)
+        .map_err(|_| {
+            SessionError::WrongServer(format!(
+                "pinned {}",
+                aramaki_protocol::keys::fingerprint(agent.server_key.as_bytes())
+            ))
+        })?;
+    let mine = agent
+        .key
+        .sign(&agent_transcript(&id, &nonce, &server_nonce));
+    send(
+        &mut socket,
+        &AgentMessage::Auth {
+            signature: hex(&mine.to_bytes()),
+        },
+    )
+    .await?;
+    let (acked, heartbeat_secs, checks) = match receive_within(&mut socket).await? {
+        ServerMessage::Welcome {
+            acked,
+            heartbeat_secs,
+            checks,
+        } => (acked, heartbeat_secs, checks),
+        other => return Err(transient(format!("expected welcome, got {other:?}"))),
+    };
+    tracing::info!(server = %agent.registration.server, checks = checks.len(), "connected");
+    agent.shared.ack(acked).map_err(transient)?;
+    apply_checks(agent, checks);
+    exchange(agent, &mut socket, heartbeat_secs.max(1)).await
+}
+
+fn apply_checks(agent: &mut Agent, checks: Vec<CheckDefinition>) {
+    if let Err(e) = agent.state.save_checks(&checks) {
+        tracing::warn!(error = %e, "cannot keep the check definitions on disk");
+    }
+    agent.scheduler.set(checks);
+    tracing::info!(checks = ?agent.scheduler.names(), "checks scheduled");
+}
+
+/// The steady state: replay and stream records, heartbeats, and whatever
+/// the server sends.
+async fn exchange(
+    agent: &mut Agent,
+    socket: &mut Socket,
+    heartbeat_secs: u32,
+) -> Result<(), SessionError> {
+    let beat = Duration::from_secs(u64::from(heartbeat_secs));
+    let mut heartbeat = tokio::time::interval(beat);
+    heartbeat.tick().await;
+    let mut last_heard = tokio::time::Instant::now();
+    // Highest sequence sent and not yet acknowledged (one batch in flight).
+    let mut in_flight: Option<u64> = None;
+    loop {
+        if in_flight.is_none() {
+            let records = agent
+                .shared
+                .read(agent.shared.acked(), BATCH)
+                .map_err(transient)?;
+            if let Some(last) = records.last().map(|r| r.seq) {
+                send(socket, &AgentMessage::Records { records }).await?;
+                in_flight = Some(last);
+            }
+        }
+        tokio::select! {
+            _ = agent.shared.added.notified(), if in_flight.is_none() => {}
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > beat * 3 {
+                    return Err(transient("the server went silent"));
+                }
+                let (queue_depth, dropped) = agent.shared.depth();
+                send(socket, &AgentMessage::Heartbeat { queue_depth, dropped }).await?;
+            }
+            message = receive(socket) => {
+                last_heard = tokio::time::Instant::now();
+                match message? {
+                    ServerMessage::Ack { up_to } => {
+                        agent.shared.ack(up_to).map_err(transient)?;
+                        if in_flight.is_some_and(|s| up_to >= s) {
+                            in_flight = None;
+                        }
+                    }
+                    ServerMessage::Checks { checks } => apply_checks(agent, checks),
+                    ServerMessage::Heartbeat => {}
+                    ServerMessage::Action(request) => {
+                        let update = crate::actions::run(&agent.config, &request).await;
+                        send(socket, &AgentMessage::ActionUpdate(update)).await?;
+                    }
+                    other => {
+                        return Err(transient(format!("unexpected message in a session: {other:?}")));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_only_to_loopback() {
+        assert_eq!(
+            socket_url("http://127.0.0.1:8764", false).unwrap(),
+            "ws://127.0.0.1:8764/api/v1/agents/connect"
+        );
+        assert!(socket_url("http://localhost:1/", false).is_ok());
+        assert!(socket_url("http://[::1]:8764", false).is_ok());
+        assert!(socket_url("http://example.org", false).is_err());
+        assert!(socket_url("http://example.org", true).is_ok());
+        assert_eq!(
+            socket_url("https://aramaki.example.org", false).unwrap(),
+            "wss://aramaki.example.org/api/v1/agents/connect"
+        );
+        assert!(socket_url("ftp://x", true).is_err());
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_whole() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(8));
+            assert!(
+                j >= Duration::from_secs(4) && j <= Duration::from_secs(8),
+                "{j:?}"
+            );
+        }
+    }
+}

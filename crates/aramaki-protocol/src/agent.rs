@@ -1,0 +1,645 @@
+//! The agent protocol: what an agent and its server say to each other.
+//!
+//! # Transport
+//!
+//! One WebSocket per agent at `GET /api/v1/agents/connect`, text frames, one
+//! JSON object per frame, tagged by `"type"`. Enrollment uses the same socket
+//! (an agent that has no key yet has nothing else to talk to), so the agent
+//! needs no HTTP client.
+//!
+//! # Session
+//!
+//! 1. agent → [`AgentMessage::Hello`] with its id, public key and a fresh nonce
+//!    (or [`AgentMessage::Enroll`] with a token, answered by
+//!    [`ServerMessage::Enrolled`] and the socket closes);
+//! 2. server → [`ServerMessage::Challenge`]: its own nonce and its signature
+//!    over [`server_transcript`]; the agent verifies it against the server key
+//!    it pinned at enrollment and hangs up if it does not match;
+//! 3. agent → [`AgentMessage::Auth`]: its signature over [`agent_transcript`];
+//! 4. server → [`ServerMessage::Welcome`] with the checks for this agent, or
+//!    [`ServerMessage::Refused`] with a [`Refusal`] and closes.
+//!
+//! Then, in any order: results up ([`AgentMessage::Records`], acknowledged by
+//! [`ServerMessage::Ack`] once committed), heartbeats both ways, check
+//! definitions down whenever they change, action requests down and their
+//! outcomes up.
+//!
+//! # Nothing is lost
+//!
+//! Every record carries the agent's sequence number, strictly increasing over
+//! the agent's life and never reused. The agent keeps each record on disk until
+//! acknowledged and replays unacknowledged ones in order after reconnecting;
+//! the server commits a record and the agent's high-water mark in one
+//! transaction and ignores records at or below it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; a server refuses agents that speak another.
+pub const AGENT_PROTOCOL_VERSION: u32 = 1;
+
+/// Path of the agent endpoint on a server.
+pub const CONNECT_PATH: &str = "/api/v1/agents/connect";
+
+/// Messages from the agent to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentMessage {
+    /// First message of an enrollment: trade a token for a registration.
+    Enroll {
+        protocol: u32,
+        /// The enrollment token as printed by `aramaki agent token`.
+        token: String,
+        /// The agent's new Ed25519 public key, 64 hex digits.
+        public_key: String,
+        /// A name for this agent, unique per server (the host name by default).
+        name: String,
+        version: String,
+    },
+    /// First message of a session.
+    Hello {
+        protocol: u32,
+        agent_id: String,
+        /// The key the agent holds; a different key than the registered one
+        /// is refused ([`Refusal::KeyChanged`]).
+        public_key: String,
+        /// 32 random bytes, hex: the server must sign them.
+        nonce: String,
+        version: String,
+        /// Subscriptions from the agent's configuration.
+        #[serde(default)]
+        subscriptions: Vec<String>,
+        /// Records waiting in the agent's queue.
+        #[serde(default)]
+        queue_depth: u64,
+    },
+    /// The agent's signature over [`agent_transcript`], hex.
+    Auth { signature: String },
+    /// Records in sequence order.
+    Records { records: Vec<Record> },
+    /// Liveness, every `heartbeat_secs`; doubles as the keepalive.
+    Heartbeat {
+        queue_depth: u64,
+        /// Records dropped so far because the queue was full.
+        #[serde(default)]
+        dropped: u64,
+    },
+    /// What became of an [`ServerMessage::Action`] request.
+    ActionUpdate(ActionUpdate),
+}
+
+/// Messages from the server to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerMessage {
+    /// Answer to a successful [`AgentMessage::Enroll`].
+    Enrolled {
+        agent_id: String,
+        /// The system this agent is bound to.
+        system: String,
+        /// The server's Ed25519 public key, 64 hex digits; the agent checks it
+        /// against the fingerprint in the token and pins it.
+        server_key: String,
+    },
+    /// Answer to [`AgentMessage::Hello`].
+    Challenge {
+        /// 32 random bytes, hex: the agent must sign them.
+        nonce: String,
+        /// The server's signature over [`server_transcript`], hex.
+        signature: String,
+    },
+    /// The session is authenticated.
+    Welcome {
+        /// The highest sequence number the server has committed; the agent
+        /// may drop anything at or below it from its queue.
+        acked: u64,
+        heartbeat_secs: u32,
+        checks: Vec<CheckDefinition>,
+    },
+    /// The session or enrollment is refused; the server closes the socket.
+    Refused { reason: Refusal, message: String },
+    /// Every record with a sequence number up to and including `up_to` is
+    /// committed.
+    Ack { up_to: u64 },
+    /// The complete, current set of checks for this agent (replaces the last).
+    Checks { checks: Vec<CheckDefinition> },
+    /// Answer to a heartbeat.
+    Heartbeat,
+    /// Run a named, locally allow-listed action. The server names the action;
+    /// it never sends a command line.
+    Action(ActionRequest),
+}
+
+/// Why a session or an enrollment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The enrollment token is past its expiry.
+    TokenExpired,
+    /// The single-use token was used already.
+    TokenUsed,
+    /// No such token, or it was revoked.
+    TokenInvalid,
+    /// The agent presents another key than the one it enrolled with.
+    KeyChanged,
+    /// An admin revoked this agent.
+    Revoked,
+    /// No agent with this id.
+    UnknownAgent,
+    /// The signature over the transcript does not verify.
+    BadSignature,
+    /// The agent speaks another protocol version.
+    Protocol,
+    /// A message that does not fit the protocol.
+    Malformed,
+    /// The agent name is taken by another agent.
+    NameTaken,
+}
+
+impl Refusal {
+    /// The words every log line uses for this refusal.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::TokenExpired => "token expired",
+            Refusal::TokenUsed => "token already used",
+            Refusal::TokenInvalid => "token unknown or revoked",
+            Refusal::KeyChanged => "key changed",
+            Refusal::Revoked => "agent revoked",
+            Refusal::UnknownAgent => "unknown agent",
+            Refusal::BadSignature => "signature does not verify",
+            Refusal::Protocol => "protocol version not supported",
+            Refusal::Malformed => "malformed message",
+            Refusal::NameTaken => "agent name taken",
+        }
+    }
+
+    /// Refusals that a retry cannot fix: the agent stops instead of looping.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Refusal::Malformed)
+    }
+}
+
+/// One queued item, numbered by the agent. (Not `deny_unknown_fields`: serde
+/// cannot combine it with `flatten`; the body's own types are strict.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub body: RecordBody,
+}
+
+/// What a record says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RecordBody {
+    /// The outcome of a check, a probe or a pushed result.
+    Result(CheckResult),
+    /// The queue was full and the oldest records were dropped.
+    Dropped {
+        count: u64,
+        first_seq: u64,
+        last_seq: u64,
+    },
+    /// Inventory facts about the host (name → value).
+    Facts { facts: BTreeMap<String, String> },
+}
+
+/// A check result in the Nagios convention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckResult {
+    pub check: String,
+    /// The system the result belongs to; absent means the agent's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Nagios exit code: 0 OK, 1 WARNING, 2 CRITICAL, anything else UNKNOWN.
+    pub status: i32,
+    /// The whole output (capped by the agent).
+    pub output: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<Metric>,
+    /// When the check started, µs since the Unix epoch.
+    pub executed_at: i64,
+    pub duration_ms: u64,
+    /// Where the result came from: `check`, `probe`, `push` or `ttl`.
+    pub source: String,
+}
+
+/// One performance data item (`'label'=value[UOM];warn;crit;min;max`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// The Nagios verdict of an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckState {
+    Ok,
+    Warning,
+    Critical,
+    Unknown,
+}
+
+impl CheckState {
+    pub fn from_exit(code: i32) -> CheckState {
+        match code {
+            0 => CheckState::Ok,
+            1 => CheckState::Warning,
+            2 => CheckState::Critical,
+            _ => CheckState::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Ok => "ok",
+            CheckState::Warning => "warning",
+            CheckState::Critical => "critical",
+            CheckState::Unknown => "unknown",
+        }
+    }
+}
+
+/// A check as the agent runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckDefinition {
+    pub name: String,
+    pub run: Runner,
+    pub schedule: Schedule,
+    /// Seconds before the process group is killed and the result is UNKNOWN.
+    pub timeout_secs: u32,
+    /// Dead-man's switch: the server marks the check CRITICAL if no result
+    /// arrives for this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u32>,
+    /// The system results belong to; absent means the agent's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Output beyond this many bytes is cut (default 64 KiB).
+    #[serde(default = "default_output_limit")]
+    pub output_limit: u32,
+}
+
+pub fn default_output_limit() -> u32 {
+    64 * 1024
+}
+
+/// How a check produces its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Runner {
+    /// A program run as argv, without a shell.
+    Command {
+        argv: Vec<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        env: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+    },
+    /// A command line for `/bin/sh -c`, only when asked for explicitly.
+    Shell {
+        script: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        env: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+    },
+    /// A probe built into the agent.
+    Probe(Probe),
+}
+
+/// Probes that need no plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "probe", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Probe {
+    /// Always OK while the agent runs.
+    Keepalive,
+    /// Load average against per-core thresholds.
+    Load {
+        #[serde(default = "default_load_warn")]
+        warn: f64,
+        #[serde(default = "default_load_crit")]
+        crit: f64,
+    },
+    /// Memory in use (percent of total, counting reclaimable cache as free).
+    Memory {
+        #[serde(default = "default_pct_warn")]
+        warn_pct: f64,
+        #[serde(default = "default_pct_crit")]
+        crit_pct: f64,
+    },
+    /// Disk usage of one mount, or of every real mount if none given.
+    Disk {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mount: Option<String>,
+        #[serde(default = "default_pct_warn")]
+        warn_pct: f64,
+        #[serde(default = "default_pct_crit")]
+        crit_pct: f64,
+    },
+    /// A TCP connect.
+    Tcp { host: String, port: u16 },
+    /// An HTTP(S) GET.
+    Http {
+        url: String,
+        #[serde(default = "default_http_status")]
+        expect_status: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body_contains: Option<String>,
+        /// WARNING when the certificate expires within this many days.
+        #[serde(default = "default_cert_warn")]
+        cert_warn_days: u32,
+        #[serde(default = "default_cert_crit")]
+        cert_crit_days: u32,
+    },
+    /// At least `min` and at most `max` processes with this name.
+    Process {
+        name: String,
+        #[serde(default = "default_one")]
+        min: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<u32>,
+    },
+    /// A systemd unit is active.
+    Systemd { unit: String },
+}
+
+fn default_load_warn() -> f64 {
+    2.0
+}
+fn default_load_crit() -> f64 {
+    4.0
+}
+fn default_pct_warn() -> f64 {
+    85.0
+}
+fn default_pct_crit() -> f64 {
+    95.0
+}
+fn default_http_status() -> u16 {
+    200
+}
+fn default_cert_warn() -> u32 {
+    21
+}
+fn default_cert_crit() -> u32 {
+    7
+}
+fn default_one() -> u32 {
+    1
+}
+
+/// When a check runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    /// Every `secs` seconds; with `splay`, each agent starts at its own
+    /// offset inside the interval so that a fleet does not fire at once.
+    Interval {
+        secs: u32,
+        #[serde(default = "default_true")]
+        splay: bool,
+    },
+    /// A five-field cron expression, evaluated in `timezone` (IANA name,
+    /// default UTC).
+    Cron {
+        expr: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timezone: Option<String>,
+    },
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A request to run a named, allow-listed action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    /// The run this request belongs to, echoed in every update.
+    pub run_id: String,
+    /// The name of an action in the agent's local allow-list.
+    pub action: String,
+    /// Values for the action's declared parameters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+}
+
+/// Progress or outcome of an action run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionUpdate {
+    pub run_id: String,
+    pub state: ActionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionState {
+    Started,
+    Succeeded,
+    Failed,
+    /// The action is not in the agent's allow-list.
+    NotAllowed,
+}
+
+/// What the server signs: domain, both nonces and the agent id, so that a
+/// signature cannot be replayed in another session or for another agent.
+pub fn server_transcript(agent_id: &str, agent_nonce: &str, server_nonce: &str) -> Vec<u8> {
+    transcript(
+        b"aramaki-agent-server-v1",
+        agent_id,
+        agent_nonce,
+        server_nonce,
+    )
+}
+
+/// What the agent signs (a different domain than the server's, so that one
+/// side's signature is never valid as the other's).
+pub fn agent_transcript(agent_id: &str, agent_nonce: &str, server_nonce: &str) -> Vec<u8> {
+    transcript(
+        b"aramaki-agent-client-v1",
+        agent_id,
+        agent_nonce,
+        server_nonce,
+    )
+}
+
+fn transcript(domain: &[u8], agent_id: &str, agent_nonce: &str, server_nonce: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(domain.len() + 200);
+    for part in [
+        domain,
+        agent_id.as_bytes(),
+        agent_nonce.as_bytes(),
+        server_nonce.as_bytes(),
+    ] {
+        // Length-prefixed, so that no two different inputs give the same bytes.
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// An enrollment token: `aek_<id>_<secret>_<fingerprint>`.
+///
+/// `id` is the short visible prefix (stored and shown in lists), `secret` is
+/// stored only hashed, and `fingerprint` is the server key's fingerprint
+/// without dashes, which lets the agent pin the right server on first
+/// contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollToken {
+    pub id: String,
+    pub secret: String,
+    pub fingerprint: String,
+}
+
+impl EnrollToken {
+    pub fn parse(s: &str) -> Option<EnrollToken> {
+        let mut parts = s.trim().split('_');
+        let (Some("aek"), Some(id), Some(secret), Some(fp), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        let plain = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
+        (plain(id) && plain(secret) && plain(fp)).then(|| EnrollToken {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            fingerprint: fp.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for EnrollToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "aek_{}_{}_{}", self.id, self.secret, self.fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_and_strict() {
+        let hb = serde_json::to_string(&AgentMessage::Heartbeat {
+            queue_depth: 3,
+            dropped: 0,
+        })
+        .unwrap();
+        assert_eq!(hb, r#"{"type":"heartbeat","queue_depth":3,"dropped":0}"#);
+        let err =
+            serde_json::from_str::<AgentMessage>(r#"{"type":"heartbeat","queue_depth":1,"x":1}"#);
+        assert!(err.is_err(), "unknown fields are refused");
+        let ack: ServerMessage = serde_json::from_str(r#"{"type":"ack","up_to":7}"#).unwrap();
+        assert_eq!(ack, ServerMessage::Ack { up_to: 7 });
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let rec = Record {
+            seq: 5,
+            body: RecordBody::Result(CheckResult {
+                check: "disk".into(),
+                system: None,
+                labels: BTreeMap::new(),
+                status: 2,
+                output: "DISK CRITICAL".into(),
+                metrics: vec![],
+                executed_at: 1,
+                duration_ms: 3,
+                source: "check".into(),
+            }),
+        };
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(text.contains(r#""kind":"result""#), "{text}");
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);
+    }
+
+    #[test]
+    fn definitions_fill_defaults() {
+        let def: CheckDefinition = serde_json::from_str(
+            r#"{"name":"web","run":{"kind":"probe","probe":"http","url":"http://127.0.0.1/"},
+                "schedule":{"kind":"interval","secs":10},"timeout_secs":5}"#,
+        )
+        .unwrap();
+        assert_eq!(def.output_limit, 64 * 1024);
+        assert_eq!(
+            def.schedule,
+            Schedule::Interval {
+                secs: 10,
+                splay: true
+            }
+        );
+        let Runner::Probe(Probe::Http { expect_status, .. }) = def.run else {
+            panic!("an http probe");
+        };
+        assert_eq!(expect_status, 200);
+    }
+
+    #[test]
+    fn exit_codes_follow_nagios() {
+        assert_eq!(CheckState::from_exit(0), CheckState::Ok);
+        assert_eq!(CheckState::from_exit(1), CheckState::Warning);
+        assert_eq!(CheckState::from_exit(2), CheckState::Critical);
+        assert_eq!(CheckState::from_exit(3), CheckState::Unknown);
+        assert_eq!(CheckState::from_exit(-1), CheckState::Unknown);
+        assert_eq!(CheckState::from_exit(127), CheckState::Unknown);
+    }
+
+    #[test]
+    fn transcripts_differ_by_side_and_input() {
+        let s = server_transcript("a", "n1", "n2");
+        assert_ne!(s, agent_transcript("a", "n1", "n2"));
+        assert_ne!(s, server_transcript("a", "n2", "n1"));
+        assert_ne!(
+            server_transcript("ab", "c", "d"),
+            server_transcript("a", "bc", "d")
+        );
+    }
+
+    #[test]
+    fn tokens_parse_strictly() {
+        let t = EnrollToken::parse("aek_ab12_SECRETsecret_ABCDEFGH").unwrap();
+        assert_eq!(t.id, "ab12");
+        assert_eq!(t.to_string(), "aek_ab12_SECRETsecret_ABCDEFGH");
+        for bad in [
+            "",
+            "aek_a_b",
+            "xek_a_b_c",
+            "aek_a_b_c_d",
+            "aek__b_c",
+            "aek_a-1_b_c",
+        ] {
+            assert_eq!(EnrollToken::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,781 @@
+//! The results writer: one task commits what all agents sent, in batches.
+//!
+//! Sessions hand their records here and wait for the commit before they
+//! acknowledge to the agent, so an acknowledged result is durable. The
+//! agent's high-water mark (`agents.acked_seq`) is written in the same
+//! transaction as its results: a record at or below it is a duplicate
+//! (a replay after a lost acknowledgement) and is skipped. The writer is
+//! the only one that writes observations, so it can keep the last verdict
+//! of each (system, check, labels) in memory instead of reading it back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aramaki_protocol::agent::{CheckResult, CheckState, Record, RecordBody};
+use aramaki_protocol::Severity;
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::store;
+use crate::context::Context;
+use crate::db::{to_micros, Tx};
+use crate::timeline::{self, Actor, NewEvent, Target};
+
+/// The agent a batch comes from.
+#[derive(Debug, Clone)]
+pub struct AgentRef {
+    pub id: String,
+    pub name: String,
+    pub system_id: String,
+    pub system: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("the results writer has stopped")]
+    Stopped,
+}
+
+/// A result that did not come from an agent's queue (keepalive, TTL).
+#[derive(Debug, Clone)]
+pub struct Synthetic {
+    pub system_id: String,
+    pub system: String,
+    pub agent: Option<AgentRef>,
+    pub result: CheckResult,
+}
+
+enum Item {
+    Records {
+        agent: AgentRef,
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<u64, IngestError>>,
+    },
+    Seen {
+        agent: AgentRef,
+        queue_depth: u64,
+        dropped: u64,
+    },
+    Synthetic {
+        result: Synthetic,
+        reply: oneshot::Sender<Result<(), IngestError>>,
+    },
+}
+
+/// The queue in front of the writer.
+#[derive(Debug)]
+pub struct Ingest {
+    tx: mpsc::Sender<Item>,
+    rx: Mutex<Option<mpsc::Receiver<Item>>>,
+    checks_version: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Item")
+    }
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        Ingest {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            checks_version: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Most records committed in one transaction.
+const MAX_BATCH: usize = 4000;
+
+/// The keepalive is an observation like any other, under this check name.
+pub const KEEPALIVE_CHECK: &str = "keepalive";
+
+impl Ingest {
+    /// Starts the writer; it stops when `stop` turns true.
+    pub fn spawn(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+        let rx = ctx.ingest.rx.lock().ok().and_then(|mut r| r.take());
+        if let Some(rx) = rx {
+            tokio::spawn(run(ctx, rx, stop));
+        }
+    }
+
+    /// Commits records and returns the agent's new high-water mark.
+    pub async fn records(&self, agent: AgentRef, records: Vec<Record>) -> Result<u64, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Item::Records {
+                agent,
+                records,
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Stopped)?;
+        answer.await.map_err(|_| IngestError::Stopped)?
+    }
+
+    /// Notes that an agent is alive (a heartbeat); not waited for.
+    pub fn seen(&self, agent: AgentRef, queue_depth: u64, dropped: u64) {
+        let _ = self.tx.try_send(Item::Seen {
+            agent,
+            queue_depth,
+            dropped,
+        });
+    }
+
+    pub async fn synthetic(&self, result: Synthetic) -> Result<(), IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Item::Synthetic { result, reply })
+            .await
+            .map_err(|_| IngestError::Stopped)?;
+        answer.await.map_err(|_| IngestError::Stopped)?
+    }
+
+    /// Check definitions changed: the writer reloads thresholds and TTLs.
+    pub fn checks_changed(&self) {
+        self.checks_version.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the writer needs of a check definition.
+#[derive(Debug, Clone)]
+struct Rule {
+    occurrences: u32,
+    ttl_secs: Option<u32>,
+    system: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Last {
+    status: i32,
+    state: CheckState,
+    occurrences: i64,
+    state_since: i64,
+}
+
+struct Writer {
+    ctx: Arc<Context>,
+    rules: HashMap<String, Rule>,
+    rules_version: u64,
+    acked: HashMap<String, u64>,
+    last: HashMap<(String, String, String), Option<Last>>,
+    slugs: HashMap<String, Option<String>>,
+}
+
+async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::Receiver<bool>) {
+    let mut w = Writer {
+        ctx,
+        rules: HashMap::new(),
+        rules_version: u64::MAX,
+        acked: HashMap::new(),
+        last: HashMap::new(),
+        slugs: HashMap::new(),
+    };
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => item,
+            _ = stop.changed() => None,
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        let mut size = weight(&batch[0]);
+        while size < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => {
+                    size += weight(&item);
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        w.commit(batch).await;
+    }
+}
+
+fn weight(item: &Item) -> usize {
+    match item {
+        Item::Records { records, .. } => records.len().max(1),
+        _ => 1,
+    }
+}
+
+enum Answer {
+    Acked(oneshot::Sender<Result<u64, IngestError>>, u64),
+    Done(oneshot::Sender<Result<(), IngestError>>),
+}
+
+impl Writer {
+    async fn commit(&mut self, batch: Vec<Item>) {
+        if let Err(e) = self.load_rules().await {
+            tracing::warn!(error = %e, "cannot load check definitions");
+        }
+        let mut answers = Vec::new();
+        let outcome = self.write(batch, &mut answers).await;
+        match outcome {
+            Ok(()) => {
+                for a in answers {
+                    match a {
+                        Answer::Acked(reply, seq) => {
+                            let _ = reply.send(Ok(seq));
+                        }
+                        Answer::Done(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot commit results; agents will resend");
+                // The caches may hold what was rolled back.
+                self.acked.clear();
+                self.last.clear();
+                for a in answers {
+                    match a {
+                        Answer::Acked(reply, _) => {
+                            let _ = reply.send(Err(IngestError::Stopped));
+                        }
+                        Answer::Done(reply) => {
+                            let _ = reply.send(Err(IngestError::Stopped));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(
+        &mut self,
+        batch: Vec<Item>,
+        answers: &mut Vec<Answer>,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.ctx.db.begin().await?;
+        let now = to_micros(self.ctx.now());
+        let mut wrote_events = false;
+        let mut seen: HashMap<String, (AgentRef, Option<u64>)> = HashMap::new();
+        for item in batch {
+            match item {
+                Item::Records {
+                    agent,
+                    records,
+                    reply,
+                } => {
+                    let acked = self.acked_of(&mut tx, &agent.id).await?;
+                    let mut high = acked;
+                    for record in records {
+                        if record.seq <= high {
+                            continue;
+                        }
+                        high = record.seq;
+                        wrote_events |= self.record(&mut tx, &agent, record, now).await?;
+                    }
+                    sqlx::query("UPDATE agents SET acked_seq = $2, last_seen = $3 WHERE id = $1")
+                        .bind(agent.id.as_str())
+                        .bind(i64::try_from(high).unwrap_or(i64::MAX))
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    self.acked.insert(agent.id.clone(), high);
+                    seen.entry(agent.id.clone()).or_insert((agent, None));
+                    answers.push(Answer::Acked(reply, high));
+                }
+                Item::Seen {
+                    agent,
+                    queue_depth,
+                    dropped,
+                } => {
+                    // The agent's own count of drops arrives as Dropped
+                    // records; the heartbeat's copy is only informative.
+                    let _ = dropped;
+                    seen.insert(agent.id.clone(), (agent, Some(queue_depth)));
+                }
+                Item::Synthetic { result, reply } => {
+                    let agent_id = result.agent.as_ref().map(|a| a.id.clone());
+                    wrote_events |= self
+                        .observe(
+                            &mut tx,
+                            (&result.system_id, &result.system),
+                            result.agent.as_ref(),
+                            &result.result,
+                            None,
+                            now,
+                        )
+                        .await?;
+                    if result.result.check == KEEPALIVE_CHECK {
+                        if let Some(id) = agent_id {
+                            let state = CheckState::from_exit(result.result.status).as_str();
+                            sqlx::query("UPDATE agents SET keepalive = $2 WHERE id = $1")
+                                .bind(id)
+                                .bind(state)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                    answers.push(Answer::Done(reply));
+                }
+            }
+        }
+        for (id, (agent, depth)) in seen {
+            wrote_events |= self.alive(&mut tx, &agent, now).await?;
+            match depth {
+                Some(depth) => {
+                    sqlx::query("UPDATE agents SET last_seen = $2, queue_depth = $3 WHERE id = $1")
+                        .bind(id)
+                        .bind(now)
+                        .bind(i64::try_from(depth).unwrap_or(i64::MAX))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                None => {
+                    sqlx::query("UPDATE agents SET last_seen = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        if wrote_events {
+            self.ctx.commit(tx).await
+        } else {
+            tx.commit().await
+        }
+    }
+
+    /// A heartbeat or result from an agent whose keepalive had lapsed turns
+    /// it OK again.
+    async fn alive(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query("SELECT keepalive FROM agents WHERE id = $1")
+            .bind(agent.id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+        let state: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
+        if state.as_deref() == Some("ok") {
+            return Ok(false);
+        }
+        let summary = if state.as_deref() == Some("unknown") {
+            "agent connected"
+        } else {
+            "agent is sending heartbeats again"
+        };
+        let result = keepalive_result(agent, 0, summary.into(), now);
+        let wrote = self
+            .observe(
+                tx,
+                (&agent.system_id, &agent.system),
+                Some(agent),
+                &result,
+                None,
+                now,
+            )
+            .await?;
+        sqlx::query("UPDATE agents SET keepalive = 'ok' WHERE id = $1")
+            .bind(agent.id.as_str())
+            .execute(&mut **tx)
+            .await?;
+        Ok(wrote)
+    }
+
+    async fn load_rules(&mut self) -> Result<(), sqlx::Error> {
+        let version = self.ctx.ingest.checks_version.load(Ordering::Relaxed);
+        if version == self.rules_version {
+            return Ok(());
+        }
+        let mut conn = self.ctx.db.reader().acquire().await?;
+        let checks = store::checks(&mut conn).await?;
+        self.rules = checks
+            .into_iter()
+            .map(|c| {
+                (
+                    c.spec.name.clone(),
+                    Rule {
+                        occurrences: c.spec.occurrences,
+                        ttl_secs: c.spec.ttl,
+                        system: c.spec.system.map(|s| s.to_string()),
+                    },
+                )
+            })
+            .collect();
+        self.rules_version = version;
+        Ok(())
+    }
+
+    async fn acked_of(&mut self, tx: &mut Tx, agent_id: &str) -> Result<u64, sqlx::Error> {
+        if let Some(seq) = self.acked.get(agent_id) {
+            return Ok(*seq);
+        }
+        let row = sqlx::query("SELECT acked_seq FROM agents WHERE id = $1")
+            .bind(agent_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let seq: i64 = row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+        let seq = u64::try_from(seq).unwrap_or(0);
+        self.acked.insert(agent_id.to_owned(), seq);
+        Ok(seq)
+    }
+
+    /// One record from an agent's queue; true if it wrote a timeline event.
+    async fn record(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        record: Record,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        match record.body {
+            RecordBody::Result(mut result) => {
+                let (system_id, system) = self.target(tx, agent, &mut result).await?;
+                self.observe(
+                    tx,
+                    (&system_id, &system),
+                    Some(agent),
+                    &result,
+                    Some(record.seq),
+                    now,
+                )
+                .await
+            }
+            RecordBody::Dropped {
+                count,
+                first_seq,
+                last_seq,
+            } => {
+                sqlx::query("UPDATE agents SET dropped = dropped + $2 WHERE id = $1")
+                    .bind(agent.id.as_str())
+                    .bind(i64::try_from(count).unwrap_or(i64::MAX))
+                    .execute(&mut **tx)
+                    .await?;
+                let event = NewEvent::internal(
+                    "agent.results_dropped",
+                    Severity::Warning,
+                    format!(
+                        "Agent '{}' dropped {count} results (#{first_seq}–#{last_seq}): its queue was full while the server was unreachable",
+                        agent.name
+                    ),
+                    serde_json::json!({"agent": agent.name, "count": count, "first_seq": first_seq, "last_seq": last_seq}),
+                );
+                self.event(tx, agent, (&agent.system_id, &agent.system), event)
+                    .await?;
+                Ok(true)
+            }
+            RecordBody::Facts { facts } => {
+                let text = serde_json::to_string(&facts).unwrap_or_else(|_| "{}".to_owned());
+                sqlx::query("UPDATE agents SET facts = $2 WHERE id = $1")
+                    .bind(agent.id.as_str())
+                    .bind(text)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Where a result belongs: the agent's own system, or the system a check
+    /// definition names. An agent cannot report on a system no check of its
+    /// points at; such a result is kept on its own system, marked.
+    async fn target(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        result: &mut CheckResult,
+    ) -> Result<(String, String), sqlx::Error> {
+        let own = (agent.system_id.clone(), agent.system.clone());
+        let Some(slug) = result.system.clone() else {
+            return Ok(own);
+        };
+        if slug == agent.system {
+            return Ok(own);
+        }
+        let allowed = self
+            .rules
+            .get(&result.check)
+            .and_then(|r| r.system.as_deref())
+            == Some(slug.as_str());
+        if allowed {
+            if let Some(id) = self.system_id(tx, &slug).await? {
+                return Ok((id, slug));
+            }
+        }
+        result.labels.insert("reported_system".to_owned(), slug);
+        Ok(own)
+    }
+
+    async fn system_id(&mut self, tx: &mut Tx, slug: &str) -> Result<Option<String>, sqlx::Error> {
+        if let Some(id) = self.slugs.get(slug) {
+            return Ok(id.clone());
+        }
+        let id = crate::agents::store::system_by_slug(tx, slug)
+            .await?
+            .map(|(id, _)| id);
+        self.slugs.insert(slug.to_owned(), id.clone());
+        Ok(id)
+    }
+
+    /// Updates the observation and its history; records a state change.
+    async fn observe(
+        &mut self,
+        tx: &mut Tx,
+        (system_id, system): (&str, &str),
+        agent: Option<&AgentRef>,
+        result: &CheckResult,
+        seq: Option<u64>,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let labels_key = serde_json::to_string(&result.labels).unwrap_or_else(|_| "{}".to_owned());
+        let key = (
+            system_id.to_owned(),
+            result.check.clone(),
+            labels_key.clone(),
+        );
+        let last = self.last_of(tx, &key).await?;
+        let rule = self.rules.get(&result.check).cloned();
+        let threshold = i64::from(rule.as_ref().map_or(1, |r| r.occurrences.max(1)));
+        let reported = CheckState::from_exit(result.status);
+        let occurrences = match &last {
+            Some(l) if l.status == result.status => l.occurrences + 1,
+            _ => 1,
+        };
+        let state = match &last {
+            Some(l) if reported != CheckState::Ok && occurrences < threshold => l.state,
+            None if reported != CheckState::Ok && occurrences < threshold => CheckState::Unknown,
+            _ => reported,
+        };
+        let changed = last.as_ref().is_none_or(|l| l.state != state);
+        let state_since = match &last {
+            Some(l) if !changed => l.state_since,
+            _ => now,
+        };
+        let ttl_deadline = match (result.source.as_str(), rule.and_then(|r| r.ttl_secs)) {
+            ("ttl", _) | (_, None) => None,
+            (_, Some(secs)) => Some(now + i64::from(secs) * 1_000_000),
+        };
+        let metrics = serde_json::to_string(&result.metrics).unwrap_or_else(|_| "[]".to_owned());
+        let agent_id = agent.map(|a| a.id.as_str());
+        sqlx::query(
+            "INSERT INTO observations (system_id, check_name, labels_key, labels, status, state, output, metrics, \
+             agent_id, executed_at, received_at, occurrences, state_since, ttl_deadline) \
+             VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (system_id, check_name, labels_key) DO UPDATE SET status = excluded.status, \
+             state = excluded.state, output = excluded.output, metrics = excluded.metrics, \
+             agent_id = excluded.agent_id, executed_at = excluded.executed_at, received_at = excluded.received_at, \
+             occurrences = excluded.occurrences, state_since = excluded.state_since, ttl_deadline = excluded.ttl_deadline",
+        )
+        .bind(system_id)
+        .bind(result.check.as_str())
+        .bind(labels_key.as_str())
+        .bind(result.status)
+        .bind(state.as_str())
+        .bind(result.output.as_str())
+        .bind(metrics.as_str())
+        .bind(agent_id)
+        .bind(result.executed_at)
+        .bind(now)
+        .bind(occurrences)
+        .bind(state_since)
+        .bind(ttl_deadline)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO observation_history (system_id, check_name, labels_key, status, output, metrics, agent_id, \
+             agent_seq, executed_at, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(system_id)
+        .bind(result.check.as_str())
+        .bind(labels_key.as_str())
+        .bind(result.status)
+        .bind(result.output.as_str())
+        .bind(metrics.as_str())
+        .bind(agent_id)
+        .bind(seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)))
+        .bind(result.executed_at)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        let from = last.as_ref().map(|l| l.state);
+        self.last.insert(
+            key,
+            Some(Last {
+                status: result.status,
+                state,
+                occurrences,
+                state_since,
+            }),
+        );
+        if !changed {
+            return Ok(false);
+        }
+        let event = state_event(system, result, from, state, agent);
+        let actor_agent = agent.cloned();
+        match actor_agent {
+            Some(a) => self.event(tx, &a, (system_id, system), event).await?,
+            None => {
+                let actor = Actor::instance(&self.ctx.identity.instance_id, "monitoring");
+                timeline::append(
+                    &self.ctx,
+                    tx,
+                    &actor,
+                    Target {
+                        id: system_id,
+                        slug: system,
+                    },
+                    event,
+                )
+                .await?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn event(
+        &self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        (system_id, system): (&str, &str),
+        event: NewEvent,
+    ) -> Result<(), sqlx::Error> {
+        let actor = Actor::agent(&agent.id, &agent.name);
+        timeline::append(
+            &self.ctx,
+            tx,
+            &actor,
+            Target {
+                id: system_id,
+                slug: system,
+            },
+            event,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn last_of(
+        &mut self,
+        tx: &mut Tx,
+        key: &(String, String, String),
+    ) -> Result<Option<Last>, sqlx::Error> {
+        if let Some(last) = self.last.get(key) {
+            return Ok(last.clone());
+        }
+        let row = sqlx::query(
+            "SELECT status, state, occurrences, state_since FROM observations \
+             WHERE system_id = $1 AND check_name = $2 AND labels_key = $3",
+        )
+        .bind(key.0.as_str())
+        .bind(key.1.as_str())
+        .bind(key.2.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let last = row
+            .map(|r| -> Result<Last, sqlx::Error> {
+                let state: String = r.try_get("state")?;
+                Ok(Last {
+                    status: r.try_get("status")?,
+                    state: parse_state(&state),
+                    occurrences: r.try_get("occurrences")?,
+                    state_since: r.try_get("state_since")?,
+                })
+            })
+            .transpose()?;
+        self.last.insert(key.clone(), last.clone());
+        Ok(last)
+    }
+}
+
+pub fn parse_state(s: &str) -> CheckState {
+    match s {
+        "ok" => CheckState::Ok,
+        "warning" => CheckState::Warning,
+        "critical" => CheckState::Critical,
+        _ => CheckState::Unknown,
+    }
+}
+
+/// The severity a check state has on the timeline (UNKNOWN has no verdict).
+pub fn severity_of(state: CheckState) -> Severity {
+    match state {
+        CheckState::Ok => Severity::Ok,
+        CheckState::Warning => Severity::Warning,
+        CheckState::Critical => Severity::Critical,
+        CheckState::Unknown => Severity::Info,
+    }
+}
+
+/// `disk` or `disk{mount=/}`: how a check shows up as a state source.
+pub fn source_name(check: &str, labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return check.to_owned();
+    }
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{check}{{{}}}", inner.join(","))
+}
+
+fn state_event(
+    system: &str,
+    result: &CheckResult,
+    from: Option<CheckState>,
+    to: CheckState,
+    agent: Option<&AgentRef>,
+) -> NewEvent {
+    let source = source_name(&result.check, &result.labels);
+    let summary: String = result
+        .output
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect();
+    let from_text = from.map_or("none", |s| s.as_str());
+    let title = format!(
+        "{source} {} → {}: {summary}",
+        from_text.to_uppercase(),
+        to.as_str().to_uppercase()
+    );
+    let title: String = title.chars().take(500).collect();
+    let output: String = result.output.chars().take(8 * 1024).collect();
+    let mut event = NewEvent::internal(
+        "check.state_changed",
+        severity_of(to),
+        title,
+        serde_json::json!({
+            "source": format!("check:{source}"),
+            "check": result.check,
+            "labels": result.labels,
+            "system": system,
+            "from": from_text,
+            "to": to.as_str(),
+            "status": result.status,
+            "agent": agent.map(|a| a.name.clone()),
+            "via": result.source,
+        }),
+    );
+    event.body = format!("```\n{}\n```", output.replace("```", "'''"));
+    event.occurred_at = Some(crate::db::from_micros(result.executed_at));
+    event
+}
+
+/// The keepalive observation for an agent.
+pub fn keepalive_result(agent: &AgentRef, status: i32, summary: String, now: i64) -> CheckResult {
+    let verdict = CheckState::from_exit(status).as_str().to_uppercase();
+    CheckResult {
+        check: KEEPALIVE_CHECK.to_owned(),
+        system: None,
+        labels: BTreeMap::from([("agent".to_owned(), agent.name.clone())]),
+        status,
+        output: format!("KEEPALIVE {verdict} - {summary}"),
+        metrics: Vec::new(),
+        executed_at: now,
+        duration_ms: 0,
+        source: "keepalive".to_owned(),
+    }
+}

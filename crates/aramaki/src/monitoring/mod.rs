@@ -1,0 +1,249 @@
+//! Monitoring: check definitions, agents' results, observations and their
+//! history, keepalives and TTLs, and the Sensu import.
+//!
+//! Results flow agent → [`ingest`] (one writer, group commit) → observation,
+//! history and, when the verdict changes, a `check.state_changed` event on
+//! the timeline, which is what a system's status is built from.
+
+pub mod checks;
+pub mod commands;
+pub mod http;
+pub mod ingest;
+pub mod pages;
+pub mod sensu;
+pub mod store;
+pub mod watch;
+
+use std::collections::BTreeMap;
+
+use aramaki_protocol::agent::{CheckDefinition, Metric, ServerMessage};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use self::checks::CheckSpec;
+use crate::agents::Agent;
+use crate::context::Context;
+use crate::db::{new_id, to_micros};
+use crate::systems::model::Invalid;
+use crate::timeline::{self, Actor, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitoringError {
+    #[error("no check '{0}'")]
+    NotFound(String),
+    #[error("a check named '{0}' exists already")]
+    Exists(String),
+    #[error("no system '{0}'")]
+    UnknownSystem(String),
+    #[error("{}: {}", .0.field, .0.message)]
+    Invalid(Invalid),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<Invalid> for MonitoringError {
+    fn from(i: Invalid) -> Self {
+        MonitoringError::Invalid(i)
+    }
+}
+
+/// A stored check definition.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Check {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: CheckSpec,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: jiff::Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: jiff::Timestamp,
+}
+
+/// The latest result of a check on a system (per label set).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Observation {
+    pub system: String,
+    pub check: String,
+    pub labels: BTreeMap<String, String>,
+    /// The Nagios exit code of the latest result.
+    pub status: i32,
+    /// The verdict that counts: ok, warning, critical or unknown (a non-OK
+    /// status counts once it repeated `occurrences` times).
+    pub state: String,
+    pub output: String,
+    #[schema(value_type = Vec<Object>)]
+    pub metrics: Vec<Metric>,
+    pub agent_id: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub executed_at: jiff::Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub received_at: jiff::Timestamp,
+    /// Consecutive results with this status.
+    pub occurrences: i64,
+    #[schema(value_type = String, format = DateTime)]
+    pub state_since: jiff::Timestamp,
+    /// When the dead-man's switch fires if nothing arrives.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub ttl_deadline: Option<jiff::Timestamp>,
+}
+
+/// One result in a check's history.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Sample {
+    pub labels: BTreeMap<String, String>,
+    pub status: i32,
+    pub output: String,
+    #[schema(value_type = Vec<Object>)]
+    pub metrics: Vec<Metric>,
+    pub agent_id: Option<String>,
+    pub agent_seq: Option<i64>,
+    #[schema(value_type = String, format = DateTime)]
+    pub executed_at: jiff::Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub received_at: jiff::Timestamp,
+}
+
+/// The instance's own system, where changes to checks are recorded.
+async fn instance_system(tx: &mut crate::db::Tx) -> Result<(String, String), sqlx::Error> {
+    use sqlx::Row;
+    let row =
+        sqlx::query("SELECT s.id, s.slug FROM instance i JOIN systems s ON s.id = i.system_id")
+            .fetch_one(&mut **tx)
+            .await?;
+    Ok((row.try_get("id")?, row.try_get("slug")?))
+}
+
+async fn validate_target(tx: &mut crate::db::Tx, spec: &CheckSpec) -> Result<(), MonitoringError> {
+    spec.validate()?;
+    if let Some(slug) = &spec.system {
+        crate::agents::store::system_by_slug(tx, slug.as_str())
+            .await?
+            .ok_or_else(|| MonitoringError::UnknownSystem(slug.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Creates a check, or replaces one of the same name when `replace`.
+pub async fn save_check(
+    ctx: &Context,
+    actor: &Actor,
+    spec: CheckSpec,
+    replace: bool,
+) -> Result<(Check, bool), MonitoringError> {
+    let mut tx = ctx.db.begin().await?;
+    validate_target(&mut tx, &spec).await?;
+    let now = ctx.now();
+    let existing = store::check(&mut tx, &spec.name).await?;
+    let created = existing.is_none();
+    let id = match existing {
+        Some(_) if !replace => return Err(MonitoringError::Exists(spec.name)),
+        Some(old) => {
+            store::update_check(&mut tx, &spec, to_micros(now)).await?;
+            old.id
+        }
+        None => {
+            let id = new_id().to_string();
+            store::insert_check(&mut tx, &id, &spec, to_micros(now)).await?;
+            id
+        }
+    };
+    let (sid, slug) = instance_system(&mut tx).await?;
+    let verb = if created { "created" } else { "updated" };
+    timeline::record(
+        ctx,
+        &mut tx,
+        actor,
+        Target {
+            id: &sid,
+            slug: &slug,
+        },
+        if created {
+            "check.created"
+        } else {
+            "check.updated"
+        },
+        format!("Check '{}' {verb}", spec.name),
+        serde_json::json!({"check": spec.name, "spec": spec}),
+    )
+    .await?;
+    ctx.commit(tx).await?;
+    ctx.ingest.checks_changed();
+    push_checks(ctx).await;
+    let check = store::check(&mut *ctx.db.reader().acquire().await?, &spec.name)
+        .await?
+        .unwrap_or(Check {
+            id,
+            spec,
+            created_at: now,
+            updated_at: now,
+        });
+    Ok((check, created))
+}
+
+pub async fn delete_check(ctx: &Context, actor: &Actor, name: &str) -> Result<(), MonitoringError> {
+    let mut tx = ctx.db.begin().await?;
+    if !store::delete_check(&mut tx, name).await? {
+        return Err(MonitoringError::NotFound(name.to_owned()));
+    }
+    let (sid, slug) = instance_system(&mut tx).await?;
+    timeline::record(
+        ctx,
+        &mut tx,
+        actor,
+        Target {
+            id: &sid,
+            slug: &slug,
+        },
+        "check.deleted",
+        format!("Check '{name}' deleted"),
+        serde_json::json!({"check": name}),
+    )
+    .await?;
+    ctx.commit(tx).await?;
+    ctx.ingest.checks_changed();
+    push_checks(ctx).await;
+    Ok(())
+}
+
+/// The subscriptions an agent answers to: its own plus `agent:<name>` and
+/// `system:<slug>`.
+pub fn agent_subscriptions(agent: &Agent) -> Vec<String> {
+    let mut subs = agent.subscriptions.clone();
+    subs.push(format!("agent:{}", agent.name));
+    subs.push(format!("system:{}", agent.system));
+    subs
+}
+
+/// The published checks whose subscriptions meet the agent's.
+pub fn checks_for(agent: &Agent, checks: &[Check]) -> Vec<CheckDefinition> {
+    let subs = agent_subscriptions(agent);
+    checks
+        .iter()
+        .filter(|c| c.spec.publish && c.spec.subscriptions.iter().any(|s| subs.contains(s)))
+        .map(|c| c.spec.definition())
+        .collect()
+}
+
+/// Sends every connected agent its current set of checks.
+pub async fn push_checks(ctx: &Context) {
+    let connected = ctx.agents.connected();
+    if connected.is_empty() {
+        return;
+    }
+    let Ok(mut conn) = ctx.db.reader().acquire().await else {
+        return;
+    };
+    let Ok(all) = store::checks(&mut conn).await else {
+        return;
+    };
+    for id in connected {
+        if let Ok(Some(agent)) = crate::agents::store::agent_by_id(&mut conn, &id).await {
+            ctx.agents.send(
+                &id,
+                ServerMessage::Checks {
+                    checks: checks_for(&agent, &all),
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Observations and checks on the system page.

@@ -1,0 +1,707 @@
+//! Agents and monitoring through the real agent protocol: enrollment and its
+//! refusals, results with deduplication, state changes, keepalives, TTLs,
+//! check definitions reaching agents. The agent here is a small protocol
+//! client written against `aramaki-protocol`; `agent_e2e` runs the real one.
+
+use std::collections::BTreeMap;
+
+use aramaki::monitoring::watch::sweep;
+use aramaki_protocol::agent::{
+    agent_transcript, server_transcript, AgentMessage, CheckResult, Record, RecordBody, Refusal,
+    ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
+};
+use aramaki_protocol::keys::{hex, unhex_array};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use futures_util::{SinkExt, StreamExt};
+use jiff::SignedDuration;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::both;
+use crate::support::{start_time, TestApp};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct SimAgent {
+    pub ws: Ws,
+    pub checks: Vec<aramaki_protocol::agent::CheckDefinition>,
+    pub acked: u64,
+}
+
+async fn open(app: &TestApp) -> Ws {
+    let url = format!("{}{CONNECT_PATH}", app.base.replace("http://", "ws://"));
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+async fn send(ws: &mut Ws, m: &AgentMessage) {
+    ws.send(Message::Text(serde_json::to_string(m).unwrap().into()))
+        .await
+        .unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> ServerMessage {
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .expect("the server answers within 10 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let Message::Text(t) = frame {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+pub fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// Issues a token for `system` through the API.
+pub async fn token(app: &TestApp, system: &str, extra: Value) -> String {
+    let mut body = json!({"system": system});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (status, v) = app.post("/api/v1/agents/tokens", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
+/// Enrolls; returns the agent id or the refusal.
+pub async fn enroll(
+    app: &TestApp,
+    token: &str,
+    key: &SigningKey,
+    name: &str,
+) -> Result<(String, String), (Refusal, String)> {
+    let mut ws = open(app).await;
+    send(
+        &mut ws,
+        &AgentMessage::Enroll {
+            protocol: AGENT_PROTOCOL_VERSION,
+            token: token.to_owned(),
+            public_key: hex(key.verifying_key().as_bytes()),
+            name: name.to_owned(),
+            version: "test".into(),
+        },
+    )
+    .await;
+    match recv(&mut ws).await {
+        ServerMessage::Enrolled {
+            agent_id,
+            server_key,
+            ..
+        } => Ok((agent_id, server_key)),
+        ServerMessage::Refused { reason, message } => Err((reason, message)),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+impl SimAgent {
+    /// Opens an authenticated session, checking the server's signature.
+    pub async fn connect(
+        app: &TestApp,
+        id: &str,
+        key: &SigningKey,
+    ) -> Result<SimAgent, (Refusal, String)> {
+        let mut ws = open(app).await;
+        let nonce = hex(&[7u8; 32]);
+        send(
+            &mut ws,
+            &AgentMessage::Hello {
+                protocol: AGENT_PROTOCOL_VERSION,
+                agent_id: id.to_owned(),
+                public_key: hex(key.verifying_key().as_bytes()),
+                nonce: nonce.clone(),
+                version: "test".into(),
+                subscriptions: vec!["linux".into()],
+                queue_depth: 0,
+            },
+        )
+        .await;
+        let (server_nonce, signature) = match recv(&mut ws).await {
+            ServerMessage::Challenge { nonce, signature } => (nonce, signature),
+            ServerMessage::Refused { reason, message } => return Err((reason, message)),
+            other => panic!("unexpected {other:?}"),
+        };
+        let server_key =
+            VerifyingKey::from_bytes(app.ctx.identity.public_key().as_bytes()).unwrap();
+        let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
+        server_key
+            .verify(&server_transcript(id, &nonce, &server_nonce), &sig)
+            .expect("the server signs the challenge with its instance key");
+        let mine = key.sign(&agent_transcript(id, &nonce, &server_nonce));
+        send(
+            &mut ws,
+            &AgentMessage::Auth {
+                signature: hex(&mine.to_bytes()),
+            },
+        )
+        .await;
+        match recv(&mut ws).await {
+            ServerMessage::Welcome { acked, checks, .. } => Ok(SimAgent { ws, checks, acked }),
+            ServerMessage::Refused { reason, message } => Err((reason, message)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Sends records and waits for their acknowledgement.
+    pub async fn send(&mut self, records: Vec<Record>) -> u64 {
+        send(&mut self.ws, &AgentMessage::Records { records }).await;
+        loop {
+            match recv(&mut self.ws).await {
+                ServerMessage::Ack { up_to } => {
+                    self.acked = up_to;
+                    return up_to;
+                }
+                ServerMessage::Checks { checks } => self.checks = checks,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> ServerMessage {
+        recv(&mut self.ws).await
+    }
+}
+
+pub fn result(seq: u64, check: &str, status: i32, output: &str) -> Record {
+    Record {
+        seq,
+        body: RecordBody::Result(CheckResult {
+            check: check.into(),
+            system: None,
+            labels: BTreeMap::new(),
+            status,
+            output: output.into(),
+            metrics: vec![],
+            executed_at: start_time().as_microsecond() + seq as i64,
+            duration_ms: 1,
+            source: "check".into(),
+        }),
+    }
+}
+
+/// A host system with one enrolled agent.
+pub async fn enrolled(app: &TestApp, name: &str, seed: u8) -> (String, SigningKey) {
+    if app
+        .call(Method::GET, &format!("/api/v1/systems/{name}-host"), None)
+        .await
+        .0
+        != StatusCode::OK
+    {
+        app.system(&format!("{name}-host"), "host", json!({})).await;
+    }
+    let t = token(app, &format!("{name}-host"), json!({})).await;
+    let k = key(seed);
+    let (id, _) = enroll(app, &t, &k, name).await.unwrap();
+    (id, k)
+}
+
+async fn timeline_kinds(app: &TestApp, system: &str, kind: &str) -> Vec<Value> {
+    let v = app
+        .get(&format!(
+            "/api/v1/systems/{system}/timeline?kind={kind}&limit=100"
+        ))
+        .await;
+    v["items"].as_array().unwrap().clone()
+}
+
+both!(enrollment_refusals_name_the_reason, |app| async move {
+    app.system("web-host", "host", json!({})).await;
+    let single = token(&app, "web-host", json!({})).await;
+    let (id, server_key) = enroll(&app, &single, &key(1), "web-1").await.unwrap();
+    assert_eq!(
+        server_key,
+        app.ctx.identity.public_key_hex(),
+        "the agent learns the key to pin"
+    );
+    assert!(
+        single.ends_with(&app.ctx.identity.fingerprint().replace('-', "")),
+        "the token carries the fingerprint"
+    );
+
+    // A single-use token works once.
+    let err = enroll(&app, &single, &key(2), "web-2").await.unwrap_err();
+    assert_eq!(err.0, Refusal::TokenUsed, "{}", err.1);
+
+    // Expired tokens are refused.
+    let short = token(&app, "web-host", json!({"ttl": "5m"})).await;
+    app.clock.advance(SignedDuration::from_mins(6));
+    let err = enroll(&app, &short, &key(3), "web-3").await.unwrap_err();
+    assert_eq!(err.0, Refusal::TokenExpired, "{}", err.1);
+    assert!(err.1.contains("expired"));
+
+    // A wrong secret, and a revoked token.
+    let good = token(&app, "web-host", json!({"reusable": true})).await;
+    let forged = good.replacen('_', "_x", 2);
+    assert_eq!(
+        enroll(&app, &forged, &key(4), "web-4").await.unwrap_err().0,
+        Refusal::TokenInvalid
+    );
+    let prefix = good.split('_').nth(1).unwrap();
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/agents/tokens/{prefix}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        enroll(&app, &good, &key(4), "web-4").await.unwrap_err().0,
+        Refusal::TokenInvalid
+    );
+
+    // The enrolled agent connects; with another key it is refused.
+    SimAgent::connect(&app, &id, &key(1)).await.unwrap();
+    let err = SimAgent::connect(&app, &id, &key(9)).await.err().unwrap();
+    assert_eq!(err.0, Refusal::KeyChanged);
+    assert!(err.1.contains("reenroll"), "{}", err.1);
+    // Enrolling the same name with a new key is refused until an admin allows it.
+    let again = token(&app, "web-host", json!({"reusable": true})).await;
+    assert_eq!(
+        enroll(&app, &again, &key(9), "web-1").await.unwrap_err().0,
+        Refusal::KeyChanged
+    );
+    let (status, _) = app.post("/api/v1/agents/web-1/reenroll", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (same_id, _) = enroll(&app, &again, &key(9), "web-1").await.unwrap();
+    assert_eq!(same_id, id, "re-enrollment keeps the agent's identity");
+    SimAgent::connect(&app, &id, &key(9)).await.unwrap();
+    assert_eq!(
+        SimAgent::connect(&app, &id, &key(1)).await.err().unwrap().0,
+        Refusal::KeyChanged
+    );
+
+    // Unknown agents and bad signatures.
+    assert_eq!(
+        SimAgent::connect(&app, "nobody", &key(1))
+            .await
+            .err()
+            .unwrap()
+            .0,
+        Refusal::UnknownAgent
+    );
+});
+
+both!(a_revoked_agent_is_cut_off_at_once, |app| async move {
+    let (id, k) = enrolled(&app, "db-1", 11).await;
+    let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+    let agents = app.get("/api/v1/agents").await;
+    assert_eq!(agents["items"][0]["connected"], true);
+    let (status, v) = app.post("/api/v1/agents/db-1/revoke", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    match agent.next().await {
+        ServerMessage::Refused { reason, .. } => assert_eq!(reason, Refusal::Revoked),
+        other => panic!("expected the socket to close with a refusal, got {other:?}"),
+    }
+    let err = SimAgent::connect(&app, &id, &k).await.err().unwrap();
+    assert_eq!(err.0, Refusal::Revoked);
+    let events = timeline_kinds(&app, "db-1-host", "agent.revoked").await;
+    assert_eq!(events.len(), 1);
+});
+
+both!(results_are_deduplicated_by_sequence, |app| async move {
+    let (id, k) = enrolled(&app, "app-1", 21).await;
+    let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+    assert_eq!(agent.acked, 0);
+    let up_to = agent
+        .send(
+            (1..=5)
+                .map(|s| result(s, "disk", 0, &format!("DISK OK - run {s}")))
+                .collect(),
+        )
+        .await;
+    assert_eq!(up_to, 5);
+    // The acknowledgement was "lost": the agent replays from 3.
+    drop(agent);
+    let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+    assert_eq!(agent.acked, 5, "the welcome carries the high-water mark");
+    let up_to = agent
+        .send(
+            (3..=8)
+                .map(|s| result(s, "disk", 0, &format!("DISK OK - run {s}")))
+                .collect(),
+        )
+        .await;
+    assert_eq!(up_to, 8);
+    let history = app
+        .get("/api/v1/systems/app-1-host/observations/disk/history?limit=100")
+        .await;
+    let seqs: Vec<i64> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["agent_seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![8, 7, 6, 5, 4, 3, 2, 1],
+        "each result exactly once"
+    );
+    // Out-of-order batches are refused.
+    send(
+        &mut agent.ws,
+        &AgentMessage::Records {
+            records: vec![result(10, "disk", 0, "x"), result(9, "disk", 0, "y")],
+        },
+    )
+    .await;
+    assert!(matches!(
+        agent.next().await,
+        ServerMessage::Refused {
+            reason: Refusal::Malformed,
+            ..
+        }
+    ));
+});
+
+both!(state_changes_reach_the_timeline_once, |app| async move {
+    let (id, k) = enrolled(&app, "mq-1", 31).await;
+    let (status, v) = app
+        .post(
+            "/api/v1/checks",
+            json!({"name": "queue", "command": ["/bin/true"], "subscriptions": ["linux"], "interval": 10, "occurrences": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+    assert_eq!(
+        agent.checks.len(),
+        1,
+        "the welcome carries the agent's checks"
+    );
+    let statuses = [0, 0, 0, 2, 0, 2, 2, 2, 1, 1, 0];
+    let records = statuses
+        .iter()
+        .enumerate()
+        .map(|(i, s)| result(i as u64 + 1, "queue", *s, &format!("QUEUE {s}")))
+        .collect();
+    agent.send(records).await;
+    let events = timeline_kinds(&app, "mq-1-host", "check.state_changed").await;
+    let changes: Vec<(String, String)> = events
+        .iter()
+        .rev()
+        .filter(|e| e["data"]["check"] == "queue")
+        .map(|e| {
+            (
+                e["data"]["from"].as_str().unwrap().to_owned(),
+                e["data"]["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    // One CRITICAL is not enough (occurrences 2); repeats are not news.
+    let expect = [
+        ("none", "ok"),
+        ("ok", "critical"),
+        ("critical", "warning"),
+        ("warning", "ok"),
+    ];
+    let expect: Vec<(String, String)> = expect
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(changes, expect);
+    let obs = app.get("/api/v1/systems/mq-1-host/observations").await;
+    let queue = obs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["check"] == "queue")
+        .unwrap()
+        .clone();
+    assert_eq!(queue["state"], "ok");
+    assert_eq!(queue["output"], "QUEUE 0");
+    // The system's status comes from the observations.
+    agent
+        .send(vec![
+            result(12, "queue", 2, "QUEUE 2"),
+            result(13, "queue", 2, "QUEUE 2"),
+        ])
+        .await;
+    let status = app.get("/api/v1/systems/mq-1-host/status").await;
+    assert_eq!(status["state"], "critical", "{status}");
+    let history = app
+        .get("/api/v1/systems/mq-1-host/observations/queue/history?limit=5")
+        .await;
+    assert_eq!(history["items"].as_array().unwrap().len(), 5);
+    assert!(history["next"].is_string(), "more history pages");
+});
+
+both!(checks_reach_connected_agents_at_once, |app| async move {
+    let (id, k) = enrolled(&app, "edge-1", 41).await;
+    let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+    assert!(agent.checks.is_empty());
+    let (status, v) = app
+        .post(
+            "/api/v1/checks",
+            json!({"name": "edge-tcp", "probe": {"probe": "tcp", "host": "127.0.0.1", "port": 22},
+                   "subscriptions": ["agent:edge-1"], "cron": "*/5 * * * *", "timezone": "Europe/Berlin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    match agent.next().await {
+        ServerMessage::Checks { checks } => {
+            assert_eq!(checks.len(), 1);
+            assert_eq!(checks[0].name, "edge-tcp");
+        }
+        other => panic!("expected checks, got {other:?}"),
+    }
+    // Another agent's subscription does not match.
+    app.post(
+        "/api/v1/checks",
+        json!({"name": "other", "command": ["/bin/true"], "subscriptions": ["windows"], "interval": 60}),
+    )
+    .await;
+    match agent.next().await {
+        ServerMessage::Checks { checks } => {
+            assert_eq!(checks.len(), 1, "'other' is not for this agent")
+        }
+        other => panic!("expected checks, got {other:?}"),
+    }
+    let (status, _) = app
+        .call(Method::DELETE, "/api/v1/checks/edge-tcp", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    match agent.next().await {
+        ServerMessage::Checks { checks } => assert!(checks.is_empty()),
+        other => panic!("expected checks, got {other:?}"),
+    }
+});
+
+both!(
+    bad_check_definitions_are_refused_by_field,
+    |app| async move {
+        let cases = [
+            (
+                json!({"name": "Bad Name", "command": ["/bin/true"], "subscriptions": ["a"], "interval": 10}),
+                "name",
+            ),
+            (
+                json!({"name": "x", "subscriptions": ["a"], "interval": 10}),
+                "command",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "shell": "true", "subscriptions": ["a"], "interval": 10}),
+                "command",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"]}),
+                "interval",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"], "cron": "61 * * * *"}),
+                "cron",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"], "cron": "* * * * *", "timezone": "Mars/Olympus"}),
+                "timezone",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "subscriptions": [], "interval": 10}),
+                "subscriptions",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"], "interval": 10, "ttl": 5}),
+                "ttl",
+            ),
+            (
+                json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"], "interval": 10, "system": "nope"}),
+                "system",
+            ),
+        ];
+        for (body, field) in cases {
+            let (status, v) = app.post("/api/v1/checks", body.clone()).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+            assert_eq!(v["field"], field, "{body}: {v}");
+        }
+        let (status, v) = app
+        .post("/api/v1/checks", json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"], "interval": 10, "bogus": 1}))
+        .await;
+        assert!(status.is_client_error(), "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("bogus"), "{v}");
+        assert_eq!(
+            app.get("/api/v1/checks").await["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0,
+            "nothing written"
+        );
+    }
+);
+
+both!(
+    missed_keepalives_turn_the_system_warning_then_critical,
+    |app| async move {
+        let (id, k) = enrolled(&app, "cache-1", 51).await;
+        let started = app.ctx.now();
+        let agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        drop(agent);
+        // Wait until the server noticed the session ended.
+        for _ in 0..200 {
+            if !app.ctx.agents.is_connected(&id) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        app.clock.advance(SignedDuration::from_secs(60));
+        assert_eq!(
+            sweep(&app.ctx, started).await.unwrap().keepalives,
+            0,
+            "within the timeout"
+        );
+        app.clock.advance(SignedDuration::from_secs(70));
+        assert_eq!(sweep(&app.ctx, started).await.unwrap().keepalives, 1);
+        assert_eq!(
+            sweep(&app.ctx, started).await.unwrap().keepalives,
+            0,
+            "no repeats"
+        );
+        app.clock.advance(SignedDuration::from_secs(200));
+        assert_eq!(sweep(&app.ctx, started).await.unwrap().keepalives, 1);
+        let changes: Vec<String> = timeline_kinds(&app, "cache-1-host", "check.state_changed")
+            .await
+            .iter()
+            .rev()
+            .map(|e| e["data"]["to"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(changes, ["ok", "warning", "critical"]);
+        assert_eq!(
+            app.get("/api/v1/agents/cache-1").await["keepalive"],
+            "critical"
+        );
+
+        // After a server restart, silence counts from the restart: agents get
+        // the warning period to come back, then are judged.
+        let (id2, k2) = enrolled(&app, "cache-2", 52).await;
+        drop(SimAgent::connect(&app, &id2, &k2).await.unwrap());
+        for _ in 0..200 {
+            if !app.ctx.agents.is_connected(&id2) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        app.clock.advance(SignedDuration::from_secs(600));
+        let restarted = app.ctx.now();
+        assert_eq!(
+            sweep(&app.ctx, restarted).await.unwrap().keepalives,
+            0,
+            "grace after the restart"
+        );
+        app.clock.advance(SignedDuration::from_secs(121));
+        assert_eq!(
+            sweep(&app.ctx, restarted).await.unwrap().keepalives,
+            1,
+            "detected after the restart"
+        );
+        assert_eq!(
+            app.get("/api/v1/agents/cache-2").await["keepalive"],
+            "warning"
+        );
+
+        // Coming back turns it OK.
+        let mut back = SimAgent::connect(&app, &id2, &k2).await.unwrap();
+        back.send(vec![result(1, "disk", 0, "fine")]).await;
+        assert_eq!(app.get("/api/v1/agents/cache-2").await["keepalive"], "ok");
+    }
+);
+
+both!(a_silent_check_trips_its_ttl, |app| async move {
+    let (id, k) = enrolled(&app, "batch-1", 61).await;
+    app.post(
+        "/api/v1/checks",
+        json!({"name": "backup", "command": ["/bin/true"], "subscriptions": ["linux"], "interval": 60, "ttl": 300}),
+    )
+    .await;
+    let started = app.ctx.now();
+    let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+    agent.send(vec![result(1, "backup", 0, "BACKUP OK")]).await;
+    app.clock.advance(SignedDuration::from_secs(299));
+    assert_eq!(sweep(&app.ctx, started).await.unwrap().ttls, 0);
+    app.clock.advance(SignedDuration::from_secs(2));
+    assert_eq!(sweep(&app.ctx, started).await.unwrap().ttls, 1);
+    assert_eq!(
+        sweep(&app.ctx, started).await.unwrap().ttls,
+        0,
+        "fires once"
+    );
+    let obs = app.get("/api/v1/systems/batch-1-host/observations").await;
+    let backup = obs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["check"] == "backup")
+        .unwrap()
+        .clone();
+    assert_eq!(backup["state"], "critical");
+    assert!(
+        backup["output"].as_str().unwrap().contains("TTL"),
+        "{backup}"
+    );
+    agent.send(vec![result(2, "backup", 0, "BACKUP OK")]).await;
+    let obs = app.get("/api/v1/systems/batch-1-host/observations").await;
+    let backup = obs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["check"] == "backup")
+        .unwrap()
+        .clone();
+    assert_eq!(backup["state"], "ok");
+});
+
+both!(monitoring_routes_state_their_roles, |app| async move {
+    let viewer = app.user("vera", aramaki::users::Role::Viewer).await;
+    let (status, _) = app
+        .call_as(&viewer, Method::POST, "/api/v1/checks", Some(json!({"name": "x", "command": ["/bin/true"], "subscriptions": ["a"], "interval": 10})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = app
+        .call_as(&viewer, Method::GET, "/api/v1/agents", None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "agents are for admins");
+    let (status, _) = app
+        .call_as(&viewer, Method::GET, "/api/v1/checks", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app
+        .call_as(
+            &viewer,
+            Method::POST,
+            "/api/v1/agents/tokens",
+            Some(json!({"system": "aramaki"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let anonymous = app
+        .http
+        .get(app.url("/api/v1/observations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    // Garbage on the agent socket is refused, not a crash.
+    let mut ws = open(&app).await;
+    ws.send(Message::Text("{\"type\":\"hello\"}".into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerMessage::Refused {
+            reason: Refusal::Malformed,
+            ..
+        }
+    ));
+    let (status, v) = app
+        .post(
+            "/api/v1/agents/tokens",
+            json!({"system": "aramaki", "ttl": "100y"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["field"], "ttl");
+});
