@@ -5,6 +5,7 @@
 
 mod support;
 
+mod agent_e2e;
 mod auth;
 mod bad_input;
 mod binary;
