@@ -138,3 +138,16 @@ argv = ["/bin/true"]
         assert!(toml::from_str::<AgentConfig>("unknown = 1").is_err());
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_configuration_is_valid() {
+        let text = include_str!("../../../packaging/agent.toml");
+        let config: AgentConfig = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.checks[0].name, "root-disk");
+    }
+}

@@ -19,7 +19,7 @@ use crate::config::AgentConfig;
 use crate::runtime::{Scheduler, Shared};
 use crate::state::{Registration, StateDir};
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Most records sent in one message.
 const BATCH: usize = 500;
@@ -91,7 +91,7 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn open(url: &str) -> Result<Socket, SessionError> {
+pub async fn open(url: &str) -> Result<Socket, SessionError> {
     let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
         .await
         .map_err(|_| transient(format!("connecting to {url} timed out")))?
@@ -99,7 +99,7 @@ async fn open(url: &str) -> Result<Socket, SessionError> {
     Ok(socket)
 }
 
-async fn send(socket: &mut Socket, message: &AgentMessage) -> Result<(), SessionError> {
+pub async fn send(socket: &mut Socket, message: &AgentMessage) -> Result<(), SessionError> {
     let text = serde_json::to_string(message).map_err(transient)?;
     socket
         .send(Message::Text(text.into()))
@@ -108,7 +108,7 @@ async fn send(socket: &mut Socket, message: &AgentMessage) -> Result<(), Session
 }
 
 /// The next server message; `Refused` becomes an error.
-async fn receive(socket: &mut Socket) -> Result<ServerMessage, SessionError> {
+pub async fn receive(socket: &mut Socket) -> Result<ServerMessage, SessionError> {
     loop {
         let frame = socket
             .next()
@@ -157,12 +157,34 @@ pub async fn enroll(
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| SessionError::Local(e.to_string()))?;
     let key = SigningKey::from_bytes(&seed);
-    let mut socket = open(&url).await?;
+    let (agent_id, system, server_key) = register(&url, &parsed, &key, name).await?;
+    let local = |e: crate::state::StateError| SessionError::Local(e.to_string());
+    state.write_key(&seed).map_err(local)?;
+    state.pin_server_key(&server_key).map_err(local)?;
+    let registration = Registration {
+        agent_id,
+        name: name.to_owned(),
+        system,
+        server: server.trim_end_matches('/').to_owned(),
+    };
+    state.save_registration(&registration).map_err(local)?;
+    Ok(registration)
+}
+
+/// Trades a token for a registration of `key` and returns the agent id, its
+/// system and the server key, checked against the token's fingerprint.
+pub async fn register(
+    url: &str,
+    token: &EnrollToken,
+    key: &SigningKey,
+    name: &str,
+) -> Result<(String, String, VerifyingKey), SessionError> {
+    let mut socket = open(url).await?;
     send(
         &mut socket,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
-            token: token.trim().to_owned(),
+            token: token.to_string(),
             public_key: hex(key.verifying_key().as_bytes()),
             name: name.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -177,28 +199,18 @@ pub async fn enroll(
         } => (agent_id, system, server_key),
         other => return Err(transient(format!("unexpected answer to enroll: {other:?}"))),
     };
+    let _ = socket.close(None).await;
     let server_key = unhex_array::<32>(&server_key)
         .and_then(|b| VerifyingKey::from_bytes(&b).ok())
         .ok_or_else(|| SessionError::WrongServer("the server sent no valid key".into()))?;
     let actual = compact_fingerprint(server_key.as_bytes());
-    if actual != parsed.fingerprint {
+    if actual != token.fingerprint {
         return Err(SessionError::WrongServer(format!(
             "token says {}, server has {actual}",
-            parsed.fingerprint
+            token.fingerprint
         )));
     }
-    let _ = socket.close(None).await;
-    let local = |e: crate::state::StateError| SessionError::Local(e.to_string());
-    state.write_key(&seed).map_err(local)?;
-    state.pin_server_key(&server_key).map_err(local)?;
-    let registration = Registration {
-        agent_id,
-        name: name.to_owned(),
-        system,
-        server: server.trim_end_matches('/').to_owned(),
-    };
-    state.save_registration(&registration).map_err(local)?;
-    Ok(registration)
+    Ok((agent_id, system, server_key))
 }
 
 /// Everything a running agent needs.
@@ -251,23 +263,66 @@ fn jitter(d: Duration) -> Duration {
 async fn session(agent: &mut Agent) -> Result<(), SessionError> {
     let url = socket_url(&agent.registration.server, agent.allow_plaintext)?;
     let mut socket = open(&url).await?;
-    let id = agent.registration.agent_id.clone();
-    let nonce = random_nonce()?;
     let (depth, _) = agent.shared.depth();
-    send(
+    let welcome = handshake(
         &mut socket,
+        &Credentials {
+            agent_id: &agent.registration.agent_id,
+            key: &agent.key,
+            server_key: &agent.server_key,
+        },
+        agent.config.subscriptions.clone(),
+        depth,
+    )
+    .await?;
+    let Welcome {
+        acked,
+        heartbeat_secs,
+        checks,
+    } = welcome;
+    tracing::info!(server = %agent.registration.server, checks = checks.len(), "connected");
+    agent.shared.ack(acked).map_err(transient)?;
+    apply_checks(agent, checks);
+    exchange(agent, &mut socket, heartbeat_secs.max(1)).await
+}
+
+/// Who the agent is and whom it trusts.
+pub struct Credentials<'a> {
+    pub agent_id: &'a str,
+    pub key: &'a SigningKey,
+    pub server_key: &'a VerifyingKey,
+}
+
+/// What the server says once the session is authenticated.
+pub struct Welcome {
+    pub acked: u64,
+    pub heartbeat_secs: u32,
+    pub checks: Vec<CheckDefinition>,
+}
+
+/// Hello, challenge (checked against the pinned key), auth, welcome.
+pub async fn handshake(
+    socket: &mut Socket,
+    me: &Credentials<'_>,
+    subscriptions: Vec<String>,
+    queue_depth: u64,
+) -> Result<Welcome, SessionError> {
+    let id = me.agent_id;
+    let nonce = random_nonce()?;
+    send(
+        socket,
         &AgentMessage::Hello {
             protocol: AGENT_PROTOCOL_VERSION,
-            agent_id: id.clone(),
-            public_key: hex(agent.key.verifying_key().as_bytes()),
+            agent_id: id.to_owned(),
+            public_key: hex(me.key.verifying_key().as_bytes()),
             nonce: nonce.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            subscriptions: agent.config.subscriptions.clone(),
-            queue_depth: depth,
+            subscriptions,
+            queue_depth,
         },
     )
     .await?;
-    let (server_nonce, signature) = match receive_within(&mut socket).await? {
+    let (server_nonce, signature) = match receive_within(socket).await? {
         ServerMessage::Challenge { nonce, signature } => (nonce, signature),
         other => return Err(transient(format!("expected a challenge, got {other:?}"))),
     };
@@ -276,37 +331,34 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         .ok_or_else(|| {
             SessionError::WrongServer("the challenge carries no valid signature".into())
         })?;
-    agent
-        .server_key
-        .verify(&server_transcript(&id, &nonce, &server_nonce), &signature)
+    me.server_key
+        .verify(&server_transcript(id, &nonce, &server_nonce), &signature)
         .map_err(|_| {
             SessionError::WrongServer(format!(
                 "pinned {}",
-                aramaki_protocol::keys::fingerprint(agent.server_key.as_bytes())
+                aramaki_protocol::keys::fingerprint(me.server_key.as_bytes())
             ))
         })?;
-    let mine = agent
-        .key
-        .sign(&agent_transcript(&id, &nonce, &server_nonce));
+    let mine = me.key.sign(&agent_transcript(id, &nonce, &server_nonce));
     send(
-        &mut socket,
+        socket,
         &AgentMessage::Auth {
             signature: hex(&mine.to_bytes()),
         },
     )
     .await?;
-    let (acked, heartbeat_secs, checks) = match receive_within(&mut socket).await? {
+    match receive_within(socket).await? {
         ServerMessage::Welcome {
             acked,
             heartbeat_secs,
             checks,
-        } => (acked, heartbeat_secs, checks),
-        other => return Err(transient(format!("expected welcome, got {other:?}"))),
-    };
-    tracing::info!(server = %agent.registration.server, checks = checks.len(), "connected");
-    agent.shared.ack(acked).map_err(transient)?;
-    apply_checks(agent, checks);
-    exchange(agent, &mut socket, heartbeat_secs.max(1)).await
+        } => Ok(Welcome {
+            acked,
+            heartbeat_secs,
+            checks,
+        }),
+        other => Err(transient(format!("expected welcome, got {other:?}"))),
+    }
 }
 
 fn apply_checks(agent: &mut Agent, checks: Vec<CheckDefinition>) {

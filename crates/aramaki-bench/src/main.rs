@@ -4,6 +4,8 @@
 //! which runs the same `App` as `aramaki server`), and is driven over real
 //! HTTP on loopback. Figures go to stdout; record them in BENCHMARKS.md.
 
+mod agents;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -50,6 +52,38 @@ enum Scenario {
         /// Database URL (default: SQLite in a temporary data directory).
         #[arg(long)]
         database_url: Option<String>,
+    },
+    /// Results per second ingested from simulated agents over WebSockets.
+    Results {
+        #[arg(long, default_value_t = 50)]
+        agents: usize,
+        #[arg(long, default_value_t = 200_000)]
+        results: u64,
+        /// Records per message (the agent sends up to 500).
+        #[arg(long, default_value_t = 100)]
+        batch: u64,
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Many agents connected at once, heartbeating; server memory.
+    Connections {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Seconds to hold the connections.
+        #[arg(long, default_value_t = 60)]
+        hold: u64,
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// The real agent's binary size, memory and CPU, idle and with checks.
+    AgentFootprint {
+        #[arg(long, default_value_t = 50)]
+        checks: usize,
+        #[arg(long, default_value_t = 10)]
+        interval: u32,
+        /// Seconds measured per phase.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
     },
     /// Internal: run the server on a prepared data directory.
     #[command(hide = true)]
@@ -395,6 +429,22 @@ async fn main() -> Result<()> {
             clients,
             database_url,
         } => timeline_scenario(events, requests, record, clients.max(1), database_url).await,
+        Scenario::Results {
+            agents: n,
+            results,
+            batch,
+            database_url,
+        } => agents::results(n.max(1), results, batch.max(1), database_url).await,
+        Scenario::Connections {
+            agents: n,
+            hold,
+            database_url,
+        } => agents::connections(n.max(1), hold, database_url).await,
+        Scenario::AgentFootprint {
+            checks,
+            interval,
+            duration,
+        } => agents::footprint(checks, interval.max(1), duration.max(1)).await,
         Scenario::Serve {
             data_dir,
             database_url,

@@ -705,3 +705,184 @@ both!(monitoring_routes_state_their_roles, |app| async move {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["field"], "ttl");
 });
+
+/// Runs the `aramaki` command line against the app.
+async fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    let (base, token) = (app.base.clone(), app.token.clone());
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aramaki"))
+            .args(&args)
+            .env("ARAMAKI_URL", base)
+            .env("ARAMAKI_TOKEN", token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+both!(checks_and_agents_from_the_command_line, |app| async move {
+    app.system("cli-host", "host", json!({})).await;
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "check",
+            "add",
+            "load",
+            "--subscriptions",
+            "linux,web",
+            "--interval",
+            "30",
+            "--ttl",
+            "120",
+            "--label",
+            "team=ops",
+            "--",
+            "/usr/lib/nagios/plugins/check_load",
+            "-w",
+            "5,4,3",
+            "-c",
+            "10,8,6",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(&app, &["check", "list"]).await;
+    assert!(
+        ok && out.contains("load")
+            && out.contains("check_load -w 5,4,3")
+            && out.contains("linux,web"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&app, &["check", "show", "load"]).await;
+    assert!(ok);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["ttl"], 120);
+    assert_eq!(shown["labels"]["team"], "ops");
+    let (ok, _, err) = cli(
+        &app,
+        &[
+            "check",
+            "add",
+            "load",
+            "--subscriptions",
+            "x",
+            "--interval",
+            "30",
+            "--",
+            "/bin/true",
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("409"), "{err}");
+    let (ok, _, err) = cli(
+        &app,
+        &[
+            "check",
+            "add",
+            "bad",
+            "--subscriptions",
+            "x",
+            "--interval",
+            "0",
+            "--",
+            "/bin/true",
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("interval"), "{err}");
+    let (ok, out, _) = cli(&app, &["check", "delete", "load"]).await;
+    assert!(ok && out.contains("deleted"));
+
+    let (ok, token, err) = cli(
+        &app,
+        &["agent", "token", "--system", "cli-host", "--ttl", "15m"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(token.trim().starts_with("aek_"));
+    assert!(err.contains("shown once"));
+    let (ok, out, _) = cli(&app, &["agent", "tokens"]).await;
+    assert!(
+        ok && out.contains("cli-host") && out.contains("single use"),
+        "{out}"
+    );
+    assert!(!out.contains(token.trim()), "secrets are never listed");
+    enroll(&app, token.trim(), &key(77), "cli-agent")
+        .await
+        .unwrap();
+    let (ok, out, _) = cli(&app, &["agent", "list"]).await;
+    assert!(
+        ok && out.contains("cli-agent") && out.contains("disconnected"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&app, &["agent", "revoke", "cli-agent"]).await;
+    assert!(ok && out.contains("revoked"), "{out}");
+});
+
+both!(a_sensu_dump_is_imported_with_a_report, |app| async move {
+    app.system("www-example-com", "service", json!({})).await;
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sensu-dump.yaml"
+    );
+    let (ok, out, err) = cli(&app, &["import", "sensu", fixture, "--dry-run"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("would create"), "{out}");
+    for unmapped in [
+        "handlers",
+        "high_flap_threshold",
+        "runtime_assets",
+        "check_hooks",
+    ] {
+        assert!(
+            out.contains(unmapped),
+            "the report names the unmapped field {unmapped}: {out}"
+        );
+    }
+    assert!(
+        out.contains("Handler") && out.contains("Entity"),
+        "skipped resources are listed: {out}"
+    );
+    assert_eq!(
+        app.get("/api/v1/checks").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0,
+        "a dry run changes nothing"
+    );
+
+    let (_, out, err) = cli(&app, &["import", "sensu", fixture]).await;
+    let checks = app.get("/api/v1/checks").await;
+    let names: Vec<&str> = checks["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(names.len() >= 5, "{names:?}\n{out}{err}");
+    assert!(names.contains(&"check-website"), "{names:?}");
+    let website = checks["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "check-website")
+        .unwrap();
+    assert_eq!(
+        website["system"], "www-example-com",
+        "proxy_entity_name became the system"
+    );
+
+    let (_, out, _) = cli(&app, &["import", "sensu", fixture, "--dry-run"]).await;
+    assert!(
+        out.contains(&format!("{} unchanged", names.len())),
+        "importing again changes nothing: {out}"
+    );
+});
