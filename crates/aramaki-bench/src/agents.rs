@@ -431,7 +431,7 @@ pub async fn footprint(checks: usize, interval: u32, duration: u64) -> Result<()
     tokio::time::sleep(Duration::from_secs(u64::from(interval))).await;
     let (busy_cpu, busy_rss) = measure(pid, duration).await;
     println!(
-        "  {checks} checks every {interval} s: CPU {:.2} % of one core (including the plugins' own start-up is not counted), RSS peak {:.1} MiB",
+        "  {checks} checks every {interval} s: CPU {:.2} % of one core (the plugins' own CPU is not counted), RSS peak {:.1} MiB",
         busy_cpu,
         busy_rss as f64 / 1024.0
     );

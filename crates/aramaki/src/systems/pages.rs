@@ -18,6 +18,7 @@ use crate::web::AppState;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .merge(super::forms::routes())
+        .merge(crate::monitoring::pages::routes())
         .route("/", get(dashboard))
         .route("/systems/{slug}", get(system_page))
         .route("/systems/{slug}/notes", axum::routing::post(add_note))
@@ -226,6 +227,8 @@ struct SystemPage {
     labels: Vec<String>,
     selector: Option<String>,
     status_html: String,
+    /// Observations and checks, rendered by `monitoring::pages`.
+    monitoring_html: String,
     handbook_html: String,
     description_html: String,
     contacts: Vec<crate::systems::model::Contact>,
@@ -341,6 +344,7 @@ async fn system_page(
         let includers = named(graph.parents(&id));
         drop(conn);
         let status = super::status::status(&ctx, &slug).await?;
+        let monitoring_html = crate::monitoring::pages::section(&ctx, &session, &id, &slug).await?;
         let closure = graph.closure(&id);
         let (mut events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
         let previous = super::store::visit(&ctx, &session.principal.user_id, &id).await?;
@@ -360,6 +364,7 @@ async fn system_page(
                 .collect(),
             selector: system.selector.as_ref().map(|s| s.to_string()),
             status_html: layers_html(&status.top, true),
+            monitoring_html,
             handbook_html: crate::ui::markdown(&system.handbook),
             description_html: crate::ui::markdown(&system.description),
             contacts: system.contacts.clone(),

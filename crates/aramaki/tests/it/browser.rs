@@ -498,3 +498,108 @@ async fn pages_fit_a_phone() {
     phone.find("#handbook-h").await;
     phone.screenshot("system-phone.png").await;
 }
+
+/// Records a check result on a system through the results writer.
+async fn observe(app: &TestApp, system: &str, check: &str, status: i32, output: &str) {
+    let (id, slug) = {
+        let v = app.get(&format!("/api/v1/systems/{system}")).await;
+        (v["id"].as_str().unwrap().to_owned(), system.to_owned())
+    };
+    app.ctx
+        .ingest
+        .synthetic(aramaki::monitoring::ingest::Synthetic {
+            system_id: id,
+            system: slug,
+            agent: None,
+            result: aramaki_protocol::agent::CheckResult {
+                check: check.into(),
+                system: None,
+                labels: Default::default(),
+                status,
+                output: output.into(),
+                metrics: vec![],
+                executed_at: app.ctx.now().as_microsecond(),
+                duration_ms: 4,
+                source: "check".into(),
+            },
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_reads_a_checks_history_and_the_agents() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    estate(&app).await;
+    users::create_user(
+        &app.ctx,
+        &crate::support::tester(),
+        "ada",
+        "Ada Admin",
+        Some(Role::Admin),
+        PASSWORD,
+        false,
+    )
+    .await
+    .unwrap();
+    let issued = aramaki::agents::issue_token(
+        &app.ctx,
+        &crate::support::tester(),
+        "acme-production",
+        jiff::SignedDuration::from_hours(1),
+        false,
+    )
+    .await
+    .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    aramaki::agents::enroll(
+        &app.ctx,
+        &issued.token,
+        &aramaki_protocol::keys::hex(key.verifying_key().as_bytes()),
+        "shop-web-1",
+        "0.1.0",
+    )
+    .await
+    .unwrap();
+    observe(
+        &app,
+        "acme-production",
+        "checkout",
+        0,
+        "HTTP OK: 200 in 0.12 s",
+    )
+    .await;
+    observe(
+        &app,
+        "acme-production",
+        "checkout",
+        2,
+        "HTTP CRITICAL: 502 Bad Gateway",
+    )
+    .await;
+
+    let b = Browser::start().await;
+    b.login(&app.base, "ada", PASSWORD).await;
+    b.goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    let line = b.text("#observations li.observation").await;
+    assert!(line.contains("checkout") && line.contains("502"), "{line}");
+    assert_eq!(b.text("#observations .badge").await, "critical");
+    // The history loads in place when opened.
+    b.click("#observations details summary").await;
+    b.find("#observations ol.history li").await;
+    assert_eq!(b.count("#observations ol.history li").await, 2);
+    assert!(b.current_url().await.ends_with("/systems/acme-production"));
+    b.screenshot("observations.png").await;
+
+    b.goto(&format!("{}/agents", app.base)).await;
+    let row = b.text("table.agents tbody tr").await;
+    assert!(
+        row.contains("shop-web-1") && row.contains("acme-production"),
+        "{row}"
+    );
+    assert!(row.contains(&aramaki_protocol::keys::fingerprint(
+        key.verifying_key().as_bytes()
+    )));
+    b.screenshot("agents.png").await;
+}

@@ -12,6 +12,7 @@ mod binary;
 mod browser;
 mod demo;
 mod monitoring;
+mod monitoring_pages;
 mod pages;
 mod properties;
 mod systems;

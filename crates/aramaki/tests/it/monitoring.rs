@@ -652,6 +652,22 @@ both!(a_silent_check_trips_its_ttl, |app| async move {
         .unwrap()
         .clone();
     assert_eq!(backup["state"], "ok");
+
+    // History is kept for the retention period (30 days), not a fixed count.
+    let path = "/api/v1/systems/batch-1-host/observations/backup/history?limit=1000";
+    assert_eq!(app.get(path).await["items"].as_array().unwrap().len(), 3);
+    app.clock.advance(SignedDuration::from_hours(24 * 29));
+    // Nothing arrived for 29 days: the TTL fires again; nothing is old enough to go.
+    let swept = sweep(&app.ctx, started).await.unwrap();
+    assert_eq!((swept.ttls, swept.purged), (1, 0), "{swept:?}");
+    app.clock.advance(SignedDuration::from_hours(24 * 2));
+    // Past 30 days the three early results (and the agent's first keepalive) go.
+    let swept = sweep(&app.ctx, started).await.unwrap();
+    assert_eq!(swept.purged, 4, "{swept:?}");
+    let left = app.get(path).await;
+    let left = left["items"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "only the recent TTL result is left");
+    assert!(left[0]["output"].as_str().unwrap().contains("TTL"));
 });
 
 both!(monitoring_routes_state_their_roles, |app| async move {

@@ -9,7 +9,8 @@ use serde_json::json;
 use crate::both;
 use crate::support::TestApp;
 
-fn browser() -> reqwest::Client {
+/// An HTTP client that, like a test should, sees redirects instead of following them.
+pub(crate) fn browser() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(redirect::Policy::none())
         .build()
@@ -64,7 +65,7 @@ async fn get(app: &TestApp, path: &str, cookie: &str) -> reqwest::Response {
         .unwrap()
 }
 
-fn csrf_of(html: &str) -> String {
+pub(crate) fn csrf_of(html: &str) -> String {
     let at =
         html.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
     html[at..].split('"').next().unwrap().to_owned()
