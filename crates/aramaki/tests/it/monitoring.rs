@@ -902,3 +902,57 @@ both!(a_sensu_dump_is_imported_with_a_report, |app| async move {
         "importing again changes nothing: {out}"
     );
 });
+
+both!(
+    proxy_results_and_drops_land_where_they_belong,
+    |app| async move {
+        let (id, k) = enrolled(&app, "poller-1", 81).await;
+        app.system("router-7", "host", json!({})).await;
+        app.system("secret-db", "host", json!({})).await;
+        app.post(
+        "/api/v1/checks",
+        json!({"name": "router-ping", "command": ["/bin/true"], "subscriptions": ["linux"], "interval": 60, "system": "router-7"}),
+    )
+    .await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        let mut proxied = result(1, "router-ping", 2, "PING CRITICAL - 100% loss");
+        let mut sneaky = result(2, "disk", 2, "DISK CRITICAL");
+        for (r, system) in [(&mut proxied, "router-7"), (&mut sneaky, "secret-db")] {
+            if let RecordBody::Result(res) = &mut r.body {
+                res.system = Some(system.into());
+            }
+        }
+        let dropped = Record {
+            seq: 3,
+            body: RecordBody::Dropped {
+                count: 120,
+                first_seq: 100,
+                last_seq: 219,
+            },
+        };
+        agent.send(vec![proxied, sneaky, dropped]).await;
+
+        // A check definition naming the system makes it a proxy check.
+        let router = app.get("/api/v1/systems/router-7/observations").await;
+        assert_eq!(router["items"][0]["check"], "router-ping");
+        assert_eq!(router["items"][0]["state"], "critical");
+        // An agent cannot report on a system no check of its points at.
+        let secret = app.get("/api/v1/systems/secret-db/observations").await;
+        assert_eq!(secret["items"].as_array().unwrap().len(), 0);
+        let own = app.get("/api/v1/systems/poller-1-host/observations").await;
+        let disk = own["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["check"] == "disk")
+            .unwrap()
+            .clone();
+        assert_eq!(disk["labels"]["reported_system"], "secret-db");
+        // Drops are counted and told on the timeline.
+        let events = timeline_kinds(&app, "poller-1-host", "agent.results_dropped").await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["severity"], "warning");
+        assert_eq!(events[0]["data"]["count"], 120);
+        assert_eq!(app.get("/api/v1/agents/poller-1").await["dropped"], 120);
+    }
+);
