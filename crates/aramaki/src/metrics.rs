@@ -18,6 +18,8 @@ const BUCKETS: [f64; 12] = [
 pub struct Metrics {
     http: Mutex<Http>,
     events_recorded: AtomicU64,
+    results_ingested: AtomicU64,
+    results_duplicate: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +62,40 @@ impl Metrics {
 
     pub fn events_recorded(&self, n: u64) {
         self.events_recorded.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Agent results committed, and replays skipped as duplicates.
+    pub fn results(&self, ingested: u64, duplicates: u64) {
+        self.results_ingested.fetch_add(ingested, Ordering::Relaxed);
+        self.results_duplicate
+            .fetch_add(duplicates, Ordering::Relaxed);
+    }
+
+    /// Adds the agent figures: connected sessions of this process.
+    pub fn render_agents(&self, out: &mut String, connected: usize) {
+        let counters = [
+            (
+                "aramaki_agent_records_committed_total",
+                "Agent records committed by this process.",
+                &self.results_ingested,
+            ),
+            (
+                "aramaki_agent_records_duplicate_total",
+                "Agent records skipped as replays (already committed).",
+                &self.results_duplicate,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_agents_connected Agent sessions open on this process."
+        );
+        let _ = writeln!(out, "# TYPE aramaki_agents_connected gauge");
+        let _ = writeln!(out, "aramaki_agents_connected {connected}");
     }
 
     pub fn render(&self, pool: PoolStats) -> String {
@@ -165,5 +201,11 @@ mod tests {
         assert!(text.contains("le=\"0.05\"} 2"));
         assert!(text.contains("aramaki_events_recorded_total 5"));
         assert!(text.contains("aramaki_db_pool_connections 2"));
+        m.results(7, 2);
+        let mut text = String::new();
+        m.render_agents(&mut text, 3);
+        assert!(text.contains("aramaki_agent_records_committed_total 7"));
+        assert!(text.contains("aramaki_agent_records_duplicate_total 2"));
+        assert!(text.contains("aramaki_agents_connected 3"));
     }
 }

@@ -388,6 +388,7 @@ async fn metrics(State(ctx): State<AppState>, headers: HeaderMap) -> Result<Resp
     if !ctx.config.metrics.public {
         principal(&headers, &ctx).await?.ok_or_else(needs_token)?;
     }
-    let body = ctx.metrics.render(ctx.db.pool_stats());
+    let mut body = ctx.metrics.render(ctx.db.pool_stats());
+    ctx.metrics.render_agents(&mut body, ctx.agents.count());
     Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

@@ -257,6 +257,7 @@ impl Writer {
         let mut tx = self.ctx.db.begin().await?;
         let now = to_micros(self.ctx.now());
         let mut wrote_events = false;
+        let (mut committed, mut duplicates) = (0u64, 0u64);
         let mut seen: HashMap<String, (AgentRef, Option<u64>)> = HashMap::new();
         for item in batch {
             match item {
@@ -269,9 +270,11 @@ impl Writer {
                     let mut high = acked;
                     for record in records {
                         if record.seq <= high {
+                            duplicates += 1;
                             continue;
                         }
                         high = record.seq;
+                        committed += 1;
                         wrote_events |= self.record(&mut tx, &agent, record, now).await?;
                     }
                     sqlx::query("UPDATE agents SET acked_seq = $2, last_seen = $3 WHERE id = $1")
@@ -341,10 +344,12 @@ impl Writer {
             }
         }
         if wrote_events {
-            self.ctx.commit(tx).await
+            self.ctx.commit(tx).await?;
         } else {
-            tx.commit().await
+            tx.commit().await?;
         }
+        self.ctx.metrics.results(committed, duplicates);
+        Ok(())
     }
 
     /// A heartbeat or result from an agent whose keepalive had lapsed turns

@@ -342,6 +342,19 @@ both!(results_are_deduplicated_by_sequence, |app| async move {
         vec![8, 7, 6, 5, 4, 3, 2, 1],
         "each result exactly once"
     );
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("aramaki_agent_records_committed_total 8"), "{metrics}");
+    assert!(metrics.contains("aramaki_agent_records_duplicate_total 3"), "{metrics}");
+    assert!(metrics.contains("aramaki_agents_connected 1"), "{metrics}");
     // Out-of-order batches are refused.
     send(
         &mut agent.ws,
