@@ -1,83 +1,422 @@
 //! Actions the server may ask for by name. Only names in the local
-//! configuration's allow-list run, with the command line written there; the
-//! server never sends a command.
+//! configuration's allow-list run, with the argv written there; parameter
+//! values become argv elements (never a shell). Every request must carry the
+//! server's signature, this agent as its audience, an unexpired deadline and
+//! a run id never seen before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
 
-use aramaki_protocol::agent::{
-    ActionRequest, ActionState, ActionUpdate, CheckDefinition, Runner, Schedule,
-};
+use aramaki_protocol::agent::{action_transcript, ActionState, ActionUpdate, SignedAction};
+use aramaki_protocol::keys::unhex_array;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::config::AgentConfig;
+use crate::config::ActionConfig;
 
-/// Runs an allow-listed action to the end and says how it went.
-pub async fn run(config: &AgentConfig, request: &ActionRequest) -> ActionUpdate {
-    let Some(action) = config.actions.get(&request.action) else {
-        tracing::warn!(action = %request.action, "refused an action that is not allow-listed");
-        return ActionUpdate {
-            run_id: request.run_id.clone(),
-            state: ActionState::NotAllowed,
-            exit_code: None,
-            output: format!(
-                "action '{}' is not in this agent's allow-list",
-                request.action
-            ),
-        };
+/// Most output streamed per run; the rest is drained and counted.
+pub const OUTPUT_LIMIT: usize = 256 * 1024;
+
+/// Why a request is not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("action '{0}' is not in this agent's allow-list")]
+    NotAllowed(String),
+    #[error("the request's signature does not verify against the pinned server key")]
+    BadSignature,
+    #[error("the request is for agent {0}, not this one")]
+    WrongAudience(String),
+    #[error("the request expired")]
+    Expired,
+    #[error("run id {0} was seen before (replay)")]
+    Replayed(String),
+    #[error("action '{action}' takes no parameter '{param}'")]
+    UnknownParam { action: String, param: String },
+    #[error("action '{action}' needs parameter '{param}'")]
+    MissingParam { action: String, param: String },
+}
+
+/// Run ids already accepted, kept until their requests expire (on disk, so
+/// a restart does not reopen the replay window).
+#[derive(Debug)]
+pub struct Seen {
+    path: PathBuf,
+    ids: HashMap<String, i64>,
+}
+
+impl Seen {
+    pub fn load(path: PathBuf) -> Seen {
+        let ids = std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .unwrap_or_default();
+        Seen { path, ids }
+    }
+
+    /// Records `id` (until `expires_at`); false if it was seen before.
+    fn first_time(&mut self, id: &str, expires_at: i64, now: i64) -> bool {
+        self.ids.retain(|_, exp| *exp > now);
+        if self.ids.contains_key(id) {
+            return false;
+        }
+        self.ids.insert(id.to_owned(), expires_at);
+        if let Ok(text) = serde_json::to_vec(&self.ids) {
+            let tmp = self.path.with_extension("tmp");
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, &self.path);
+            }
+        }
+        true
+    }
+}
+
+/// Checks a request; returns the argv to run.
+pub fn admit(
+    signed: &SignedAction,
+    me: &str,
+    server_key: &VerifyingKey,
+    allow: &BTreeMap<String, ActionConfig>,
+    seen: &mut Seen,
+    now: i64,
+) -> Result<Vec<String>, Refused> {
+    let r = &signed.request;
+    let signature = unhex_array::<64>(&signed.signature)
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or(Refused::BadSignature)?;
+    server_key
+        .verify(&action_transcript(r), &signature)
+        .map_err(|_| Refused::BadSignature)?;
+    if r.audience != me {
+        return Err(Refused::WrongAudience(r.audience.clone()));
+    }
+    if r.expires_at <= now {
+        return Err(Refused::Expired);
+    }
+    if !seen.first_time(&r.run_id, r.expires_at, now) {
+        return Err(Refused::Replayed(r.run_id.clone()));
+    }
+    let config = allow
+        .get(&r.action)
+        .ok_or_else(|| Refused::NotAllowed(r.action.clone()))?;
+    argv(&r.action, config, &r.params)
+}
+
+/// The allow-listed argv with `{name}` placeholders replaced by values.
+/// A value is always (part of) one argv element: no shell, no splitting.
+pub fn argv(
+    action: &str,
+    config: &ActionConfig,
+    params: &BTreeMap<String, String>,
+) -> Result<Vec<String>, Refused> {
+    for name in params.keys() {
+        if !config.params.contains(name) {
+            return Err(Refused::UnknownParam {
+                action: action.to_owned(),
+                param: name.clone(),
+            });
+        }
+    }
+    let mut out = Vec::with_capacity(config.argv.len());
+    for element in &config.argv {
+        let mut element = element.clone();
+        for name in &config.params {
+            let placeholder = format!("{{{name}}}");
+            if element.contains(&placeholder) {
+                let value = params.get(name).ok_or_else(|| Refused::MissingParam {
+                    action: action.to_owned(),
+                    param: name.clone(),
+                })?;
+                element = element.replace(&placeholder, value);
+            }
+        }
+        out.push(element);
+    }
+    Ok(out)
+}
+
+/// Runs an admitted action: `Started`, `Output` chunks, then one final
+/// update. A message on `cancel` kills the process group.
+pub async fn run(
+    run_id: String,
+    argv: Vec<String>,
+    timeout: Duration,
+    updates: mpsc::UnboundedSender<ActionUpdate>,
+    cancel: oneshot::Receiver<()>,
+) -> ActionUpdate {
+    let update = |state, exit_code, output: String| ActionUpdate {
+        run_id: run_id.clone(),
+        state,
+        exit_code,
+        output,
     };
-    tracing::info!(action = %request.action, run = %request.run_id, "running an allow-listed action");
-    let def = CheckDefinition {
-        name: request.action.clone(),
-        run: Runner::Command {
-            argv: action.argv.clone(),
-            env: BTreeMap::new(),
-            cwd: None,
-        },
-        schedule: Schedule::Interval {
-            secs: 1,
-            splay: false,
-        },
-        timeout_secs: action.timeout_secs,
-        ttl_secs: None,
-        system: None,
-        labels: BTreeMap::new(),
-        output_limit: aramaki_protocol::agent::default_output_limit(),
+    let Some((program, args)) = argv.split_first() else {
+        return update(
+            ActionState::Failed,
+            None,
+            "the allow-listed argv is empty".into(),
+        );
     };
-    let result = crate::exec::run(&def).await;
-    ActionUpdate {
-        run_id: request.run_id.clone(),
-        state: if result.status == 0 {
-            ActionState::Succeeded
-        } else {
-            ActionState::Failed
-        },
-        exit_code: Some(result.status),
-        output: result.output,
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return update(
+                ActionState::Failed,
+                None,
+                format!("cannot run {program}: {e}"),
+            )
+        }
+    };
+    let _ = updates.send(update(ActionState::Started, None, String::new()));
+    let mut group = crate::exec::Group::of(&child);
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    for pipe in [stdout.map(boxed), stderr.map(boxed)].into_iter().flatten() {
+        tokio::spawn(pump(pipe, tx.clone()));
+    }
+    drop(tx);
+    let mut sent = 0usize;
+    let mut forward = |chunk: Vec<u8>| {
+        let room = OUTPUT_LIMIT.saturating_sub(sent).min(chunk.len());
+        sent += chunk.len();
+        if room > 0 {
+            let text = String::from_utf8_lossy(&chunk[..room]).into_owned();
+            let _ = updates.send(update(ActionState::Output, None, text));
+        }
+    };
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    tokio::pin!(cancel);
+    let mut output_done = false;
+    let ending = loop {
+        tokio::select! {
+            chunk = rx.recv(), if !output_done => match chunk {
+                Some(c) => forward(c),
+                None => output_done = true,
+            },
+            status = child.wait(), if output_done => break status.map_err(|e| e.to_string()),
+            _ = &mut deadline => {
+                group.kill();
+                let _ = child.wait().await;
+                group.disarm();
+                return update(ActionState::TimedOut, None, format!("timed out after {} s; process group killed", timeout.as_secs()));
+            }
+            _ = &mut cancel => {
+                group.kill();
+                let _ = child.wait().await;
+                group.disarm();
+                return update(ActionState::Cancelled, None, "cancelled; process group killed".into());
+            }
+        }
+    };
+    group.disarm();
+    let note = if sent > OUTPUT_LIMIT {
+        format!("{sent} bytes of output, {OUTPUT_LIMIT} streamed")
+    } else {
+        String::new()
+    };
+    match ending {
+        Ok(status) if status.success() => update(ActionState::Succeeded, Some(0), note),
+        Ok(status) => update(ActionState::Failed, status.code(), note),
+        Err(e) => update(ActionState::Failed, None, e),
+    }
+}
+
+fn boxed<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    r: R,
+) -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
+    Box::new(r)
+}
+
+async fn pump(
+    mut pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+) {
+    let mut buf = vec![0u8; 8192];
+    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+        if tx.send(buf[..n].to_vec()).is_err() {
+            return;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aramaki_protocol::agent::ActionRequest;
+    use aramaki_protocol::keys::hex;
+    use ed25519_dalek::{Signer, SigningKey};
 
-    #[tokio::test]
-    async fn only_allow_listed_actions_run() {
-        let mut config = AgentConfig::default();
-        config.actions.insert(
-            "hello".into(),
-            crate::config::ActionConfig {
-                argv: vec!["/bin/echo".into(), "hi".into()],
+    fn allow() -> BTreeMap<String, ActionConfig> {
+        BTreeMap::from([(
+            "echo".to_owned(),
+            ActionConfig {
+                argv: vec!["/bin/echo".into(), "path={path}".into()],
+                params: vec!["path".into()],
                 timeout_secs: 5,
             },
-        );
-        let ask = |name: &str| ActionRequest {
-            run_id: "r1".into(),
-            action: name.into(),
-            params: BTreeMap::new(),
+        )])
+    }
+
+    fn signed(key: &SigningKey, f: impl FnOnce(&mut ActionRequest)) -> SignedAction {
+        let mut request = ActionRequest {
+            run_id: "run-1".into(),
+            audience: "me".into(),
+            action: "echo".into(),
+            params: BTreeMap::from([("path".into(), "/; rm -rf / $(id)".into())]),
+            expires_at: 2_000,
+            timeout_secs: 5,
         };
-        let done = run(&config, &ask("hello")).await;
+        f(&mut request);
+        let signature = hex(&key.sign(&action_transcript(&request)).to_bytes());
+        SignedAction { request, signature }
+    }
+
+    #[test]
+    fn only_signed_fresh_requests_for_me_on_the_allow_list_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = SigningKey::from_bytes(&[1; 32]);
+        let pinned = server.verifying_key();
+        let mut seen = Seen::load(dir.path().join("seen.json"));
+        let ok = signed(&server, |_| {});
+        let argv = admit(&ok, "me", &pinned, &allow(), &mut seen, 1_000).unwrap();
+        assert_eq!(
+            argv,
+            ["/bin/echo", "path=/; rm -rf / $(id)"],
+            "values stay one inert argv element"
+        );
+        assert_eq!(
+            admit(&ok, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::Replayed("run-1".into()))
+        );
+        // Replays are remembered across restarts.
+        let mut reloaded = Seen::load(dir.path().join("seen.json"));
+        assert!(matches!(
+            admit(&ok, "me", &pinned, &allow(), &mut reloaded, 1_000),
+            Err(Refused::Replayed(_))
+        ));
+
+        let forged = signed(&SigningKey::from_bytes(&[2; 32]), |r| {
+            r.run_id = "run-2".into()
+        });
+        assert_eq!(
+            admit(&forged, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::BadSignature)
+        );
+        let mut tampered = signed(&server, |r| r.run_id = "run-3".into());
+        tampered
+            .request
+            .params
+            .insert("path".into(), "/other".into());
+        assert_eq!(
+            admit(&tampered, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::BadSignature)
+        );
+        let other = signed(&server, |r| {
+            r.run_id = "run-4".into();
+            r.audience = "you".into();
+        });
+        assert_eq!(
+            admit(&other, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::WrongAudience("you".into()))
+        );
+        let late = signed(&server, |r| r.run_id = "run-5".into());
+        assert_eq!(
+            admit(&late, "me", &pinned, &allow(), &mut seen, 3_000),
+            Err(Refused::Expired)
+        );
+        let unknown = signed(&server, |r| {
+            r.run_id = "run-6".into();
+            r.action = "reboot".into();
+        });
+        assert_eq!(
+            admit(&unknown, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::NotAllowed("reboot".into()))
+        );
+        let extra = signed(&server, |r| {
+            r.run_id = "run-7".into();
+            r.params.insert("cmd".into(), "x".into());
+        });
+        assert!(matches!(
+            admit(&extra, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::UnknownParam { .. })
+        ));
+        let missing = signed(&server, |r| {
+            r.run_id = "run-8".into();
+            r.params.clear();
+        });
+        assert!(matches!(
+            admit(&missing, "me", &pinned, &allow(), &mut seen, 1_000),
+            Err(Refused::MissingParam { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn runs_stream_output_and_can_be_cancelled() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_keep, cancel) = oneshot::channel();
+        let done = run(
+            "r1".into(),
+            vec!["/bin/echo".into(), "hello".into()],
+            Duration::from_secs(5),
+            tx,
+            cancel,
+        )
+        .await;
         assert_eq!(done.state, ActionState::Succeeded);
-        assert_eq!(done.output.trim(), "hi");
-        let refused = run(&config, &ask("rm -rf /")).await;
-        assert_eq!(refused.state, ActionState::NotAllowed);
+        assert_eq!(rx.recv().await.unwrap().state, ActionState::Started);
+        let out = rx.recv().await.unwrap();
+        assert_eq!(
+            (out.state, out.output.as_str()),
+            (ActionState::Output, "hello\n")
+        );
+
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (stop, cancel) = oneshot::channel();
+        let task = tokio::spawn(run(
+            "r2".into(),
+            vec!["/bin/sleep".into(), "30".into()],
+            Duration::from_secs(20),
+            tx,
+            cancel,
+        ));
+        let _ = stop.send(());
+        let done = task.await.unwrap();
+        assert_eq!(done.state, ActionState::Cancelled);
+
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_keep, cancel) = oneshot::channel();
+        let done = run(
+            "r3".into(),
+            vec!["/bin/sleep".into(), "30".into()],
+            Duration::from_millis(200),
+            tx,
+            cancel,
+        )
+        .await;
+        assert_eq!(done.state, ActionState::TimedOut);
+
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_keep, cancel) = oneshot::channel();
+        let done = run(
+            "r4".into(),
+            vec!["/bin/false".into()],
+            Duration::from_secs(5),
+            tx,
+            cancel,
+        )
+        .await;
+        assert_eq!((done.state, done.exit_code), (ActionState::Failed, Some(1)));
     }
 }

@@ -54,7 +54,12 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
+    /// The command; `{name}` in an element is replaced by that parameter's
+    /// value (always inside that one element, never through a shell).
     pub argv: Vec<String>,
+    /// The parameters the server may send.
+    #[serde(default)]
+    pub params: Vec<String>,
     #[serde(default = "default_action_timeout")]
     pub timeout_secs: u32,
 }

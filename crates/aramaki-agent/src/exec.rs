@@ -228,14 +228,14 @@ async fn supervise(child: &mut Child, timeout: Duration, limit: usize) -> Watche
 
 /// The program's process group, killed on drop unless disarmed, so that a
 /// cancelled check does not leave its processes behind.
-struct Group {
+pub(crate) struct Group {
     pgid: Option<libc::pid_t>,
 }
 
 impl Group {
     /// The group led by `child` (spawned with `process_group(0)`, so its
     /// group id is its pid).
-    fn of(child: &Child) -> Group {
+    pub(crate) fn of(child: &Child) -> Group {
         let pgid = child.id().and_then(|id| libc::pid_t::try_from(id).ok());
         // 0 and 1 would address our own group or every process: never.
         Group {
@@ -243,7 +243,7 @@ impl Group {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(pgid) = self.pgid {
             // SAFETY: kill has no memory effects; -pgid addresses exactly
             // the program's own group (pgid > 1 is checked in `of`).
@@ -253,7 +253,7 @@ impl Group {
         }
     }
 
-    fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         self.pgid = None;
     }
 }

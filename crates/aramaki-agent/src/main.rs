@@ -118,7 +118,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 server = %registration.server,
                 "aramaki-agent started"
             );
+            let seen = aramaki_agent::actions::Seen::load(state.dir.join("actions-seen.json"));
             let mut agent = Agent {
+                seen,
+                running: Default::default(),
+                updates: tokio::sync::mpsc::unbounded_channel(),
                 state,
                 config,
                 registration,

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aramaki_protocol::agent::{
-    agent_transcript, server_transcript, AgentMessage, CheckDefinition, EnrollToken, Refusal,
-    ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
+    agent_transcript, server_transcript, ActionState, ActionUpdate, AgentMessage, CheckDefinition,
+    EnrollToken, Refusal, ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
 };
 use aramaki_protocol::keys::{compact_fingerprint, hex, unhex_array};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -215,6 +215,15 @@ pub async fn register(
 
 /// Everything a running agent needs.
 pub struct Agent {
+    /// Action run ids already accepted (replay protection).
+    pub seen: crate::actions::Seen,
+    /// Running actions, to cancel by run id.
+    pub running: std::collections::HashMap<String, tokio::sync::oneshot::Sender<()>>,
+    /// Live progress of running actions, sent while a session is open.
+    pub updates: (
+        tokio::sync::mpsc::UnboundedSender<ActionUpdate>,
+        tokio::sync::mpsc::UnboundedReceiver<ActionUpdate>,
+    ),
     pub state: StateDir,
     pub config: AgentConfig,
     pub registration: Registration,
@@ -284,6 +293,60 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
     agent.shared.ack(acked).map_err(transient)?;
     apply_checks(agent, checks);
     exchange(agent, &mut socket, heartbeat_secs.max(1)).await
+}
+
+/// Admits and starts an action, or queues its refusal. The final outcome
+/// always goes through the disk queue.
+fn start_action(agent: &mut Agent, signed: aramaki_protocol::agent::SignedAction) {
+    let now = jiff::Timestamp::now().as_microsecond();
+    let request = signed.request.clone();
+    let admitted = crate::actions::admit(
+        &signed,
+        &agent.registration.agent_id,
+        &agent.server_key,
+        &agent.config.actions,
+        &mut agent.seen,
+        now,
+    );
+    let shared = agent.shared.clone();
+    let argv = match admitted {
+        Ok(argv) => argv,
+        Err(refused) => {
+            tracing::warn!(action = %request.action, run = %request.run_id, "refused an action: {refused}");
+            let update = ActionUpdate {
+                run_id: request.run_id,
+                state: ActionState::Refused,
+                exit_code: None,
+                output: refused.to_string(),
+            };
+            tokio::spawn(async move { queue_final(&shared, update).await });
+            return;
+        }
+    };
+    tracing::info!(action = %request.action, run = %request.run_id, "running an allow-listed action");
+    let local = agent
+        .config
+        .actions
+        .get(&request.action)
+        .map_or(request.timeout_secs, |a| a.timeout_secs);
+    let timeout = Duration::from_secs(u64::from(request.timeout_secs.min(local).max(1)));
+    let (stop, cancel) = tokio::sync::oneshot::channel();
+    agent.running.retain(|_, s| !s.is_closed());
+    agent.running.insert(request.run_id.clone(), stop);
+    let updates = agent.updates.0.clone();
+    tokio::spawn(async move {
+        let done = crate::actions::run(request.run_id, argv, timeout, updates, cancel).await;
+        queue_final(&shared, done).await;
+    });
+}
+
+async fn queue_final(shared: &Arc<Shared>, update: ActionUpdate) {
+    if let Err(e) = shared
+        .push(vec![aramaki_protocol::agent::RecordBody::Action(update)])
+        .await
+    {
+        tracing::error!(error = %e, "cannot queue an action's outcome");
+    }
 }
 
 /// Who the agent is and whom it trusts.
@@ -395,6 +458,9 @@ async fn exchange(
         }
         tokio::select! {
             _ = agent.shared.added.notified(), if in_flight.is_none() => {}
+            Some(update) = agent.updates.1.recv() => {
+                send(socket, &AgentMessage::ActionUpdate(update)).await?;
+            }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > beat * 3 {
                     return Err(transient("the server went silent"));
@@ -413,9 +479,11 @@ async fn exchange(
                     }
                     ServerMessage::Checks { checks } => apply_checks(agent, checks),
                     ServerMessage::Heartbeat => {}
-                    ServerMessage::Action(request) => {
-                        let update = crate::actions::run(&agent.config, &request).await;
-                        send(socket, &AgentMessage::ActionUpdate(update)).await?;
+                    ServerMessage::Action(signed) => start_action(agent, signed),
+                    ServerMessage::Cancel { run_id } => {
+                        if let Some(stop) = agent.running.remove(&run_id) {
+                            let _ = stop.send(());
+                        }
                     }
                     other => {
                         return Err(transient(format!("unexpected message in a session: {other:?}")));

@@ -128,7 +128,9 @@ pub enum ServerMessage {
     Heartbeat,
     /// Run a named, locally allow-listed action. The server names the action;
     /// it never sends a command line.
-    Action(ActionRequest),
+    Action(SignedAction),
+    /// Stop a running action (its process group is killed).
+    Cancel { run_id: String },
 }
 
 /// Why a session or an enrollment was refused.
@@ -203,6 +205,9 @@ pub enum RecordBody {
     },
     /// Inventory facts about the host (name → value).
     Facts { facts: BTreeMap<String, String> },
+    /// The final outcome of an action run (queued like results, so that it
+    /// survives a lost connection).
+    Action(ActionUpdate),
 }
 
 /// A check result in the Nagios convention.
@@ -432,20 +437,62 @@ fn default_true() -> bool {
     true
 }
 
-/// A request to run a named, allow-listed action.
+/// A request to run a named, allow-listed action, as the server signs it.
+///
+/// The agent runs it only if the signature verifies against the pinned
+/// server key, `audience` is its own agent id, `expires_at` has not passed
+/// and `run_id` was never seen before (replay).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
-    /// The run this request belongs to, echoed in every update.
+    /// Unique per request; echoed in every update.
     pub run_id: String,
+    /// The agent id this request is for.
+    pub audience: String,
     /// The name of an action in the agent's local allow-list.
     pub action: String,
-    /// Values for the action's declared parameters.
+    /// Values for the action's parameters, passed as argv elements.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
+    /// µs since the Unix epoch after which the agent refuses it.
+    pub expires_at: i64,
+    /// Seconds before the agent kills the run's process group.
+    pub timeout_secs: u32,
 }
 
-/// Progress or outcome of an action run.
+/// An action request with the server's Ed25519 signature over
+/// [`action_transcript`], hex.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedAction {
+    pub request: ActionRequest,
+    pub signature: String,
+}
+
+/// What the server signs for an action request: a domain and every field,
+/// length-prefixed, so that no field can be moved into another.
+pub fn action_transcript(r: &ActionRequest) -> Vec<u8> {
+    let mut parts: Vec<Vec<u8>> = vec![
+        b"aramaki-action-v1".to_vec(),
+        r.run_id.as_bytes().to_vec(),
+        r.audience.as_bytes().to_vec(),
+        r.action.as_bytes().to_vec(),
+        r.expires_at.to_be_bytes().to_vec(),
+        r.timeout_secs.to_be_bytes().to_vec(),
+    ];
+    for (k, v) in &r.params {
+        parts.push(k.as_bytes().to_vec());
+        parts.push(v.as_bytes().to_vec());
+    }
+    let mut out = Vec::new();
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(&part);
+    }
+    out
+}
+
+/// Progress or outcome of an action run on one agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionUpdate {
@@ -453,6 +500,7 @@ pub struct ActionUpdate {
     pub state: ActionState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// For `output`: the next chunk; for a final state: a message.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub output: String,
 }
@@ -461,10 +509,24 @@ pub struct ActionUpdate {
 #[serde(rename_all = "snake_case")]
 pub enum ActionState {
     Started,
+    /// A chunk of output while it runs.
+    Output,
     Succeeded,
     Failed,
-    /// The action is not in the agent's allow-list.
-    NotAllowed,
+    /// Killed on the server's request.
+    Cancelled,
+    /// Killed after its timeout.
+    TimedOut,
+    /// Not run: not in the allow-list, bad signature, wrong audience,
+    /// expired, replayed, or parameters the allow-list does not take.
+    Refused,
+}
+
+impl ActionState {
+    /// Whether the run is over on this agent.
+    pub fn is_final(self) -> bool {
+        !matches!(self, ActionState::Started | ActionState::Output)
+    }
 }
 
 /// What the server signs: domain, both nonces and the agent id, so that a
@@ -624,6 +686,29 @@ mod tests {
             server_transcript("ab", "c", "d"),
             server_transcript("a", "bc", "d")
         );
+    }
+
+    #[test]
+    fn action_transcripts_cover_every_field() {
+        let base = ActionRequest {
+            run_id: "r".into(),
+            audience: "a".into(),
+            action: "flush".into(),
+            params: BTreeMap::from([("path".into(), "/".into())]),
+            expires_at: 5,
+            timeout_secs: 60,
+        };
+        let t = action_transcript(&base);
+        let mut other = base.clone();
+        other.audience = "b".into();
+        assert_ne!(t, action_transcript(&other));
+        let mut other = base.clone();
+        other.params.insert("path".into(), "/x".into());
+        assert_ne!(t, action_transcript(&other));
+        let mut other = base.clone();
+        other.expires_at = 6;
+        assert_ne!(t, action_transcript(&other));
+        assert!(ActionState::Succeeded.is_final() && !ActionState::Output.is_final());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! routes (`http`). [`context::Context`] carries everything from the outside
 //! world; [`web`] only assembles the routes.
 
+pub mod actions;
 pub mod agents;
 pub mod app;
 pub mod cli;

@@ -82,6 +82,13 @@ enum Command {
         #[command(subcommand)]
         command: aramaki::agents::commands::AgentCommand,
     },
+    /// Actions: definitions and runs.
+    Action {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: aramaki::actions::commands::ActionCommand,
+    },
     /// Check definitions.
     Check {
         #[command(flatten)]
@@ -234,6 +241,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Agent { client, command } => {
             aramaki::agents::commands::run(&cli::Client::new(&client)?, command).await
+        }
+        Command::Action { client, command } => {
+            aramaki::actions::commands::run(&cli::Client::new(&client)?, command).await
         }
         Command::Check { client, command } => {
             aramaki::monitoring::commands::run(&cli::Client::new(&client)?, command).await

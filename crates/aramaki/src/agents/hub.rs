@@ -22,11 +22,31 @@ struct Session {
     tx: mpsc::UnboundedSender<Push>,
 }
 
+/// A chunk of a running action's output, for live viewers.
+#[derive(Debug, Clone)]
+pub struct LiveOutput {
+    pub run_id: String,
+    pub agent: String,
+    pub chunk: String,
+}
+
+/// Fan-out of live action output (viewers that lag lose chunks; the
+/// stored output is complete).
+#[derive(Debug)]
+pub struct Live(tokio::sync::broadcast::Sender<LiveOutput>);
+
+impl Default for Live {
+    fn default() -> Self {
+        Live(tokio::sync::broadcast::channel(1024).0)
+    }
+}
+
 /// Registry of open agent sessions.
 #[derive(Debug, Default)]
 pub struct AgentHub {
     sessions: Mutex<HashMap<String, Session>>,
     next: AtomicU64,
+    live: Live,
 }
 
 impl AgentHub {
@@ -67,6 +87,19 @@ impl AgentHub {
             .lock()
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Publishes a chunk of a run's output to live viewers.
+    pub fn output(&self, run_id: &str, agent: &str, chunk: &str) {
+        let _ = self.live.0.send(LiveOutput {
+            run_id: run_id.to_owned(),
+            agent: agent.to_owned(),
+            chunk: chunk.to_owned(),
+        });
+    }
+
+    pub fn watch_output(&self) -> tokio::sync::broadcast::Receiver<LiveOutput> {
+        self.live.0.subscribe()
     }
 
     pub fn count(&self) -> usize {

@@ -398,7 +398,10 @@ async fn handle(
                 .map_err(|e| e.to_string())
         }
         AgentMessage::ActionUpdate(update) => {
-            tracing::info!(agent = %me.name, run = %update.run_id, state = ?update.state, "action update");
+            // Live progress only; the outcome arrives as a queued record.
+            if let Err(e) = crate::actions::runs::progress(ctx, me, &update).await {
+                tracing::warn!(agent = %me.name, run = %update.run_id, error = %e, "cannot record action progress");
+            }
             Ok(())
         }
         AgentMessage::Enroll { .. } | AgentMessage::Hello { .. } | AgentMessage::Auth { .. } => {

@@ -473,6 +473,9 @@ impl Writer {
                     .await?;
                 Ok(true)
             }
+            RecordBody::Action(update) => {
+                crate::actions::runs::finish(&self.ctx, tx, agent, &update).await
+            }
             RecordBody::Facts { facts } => {
                 let text = serde_json::to_string(&facts).unwrap_or_else(|_| "{}".to_owned());
                 sqlx::query("UPDATE agents SET facts = $2 WHERE id = $1")

@@ -15,7 +15,7 @@ use crate::support::{Backend, TestApp};
 
 const PLUGINS: &str = "/usr/lib/nagios/plugins";
 
-fn agent_bin() -> PathBuf {
+pub(crate) fn agent_bin() -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_aramaki")).with_file_name("aramaki-agent");
     assert!(
         path.exists(),
@@ -34,7 +34,7 @@ fn plugin(name: &str) -> String {
     path
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -43,7 +43,7 @@ fn free_port() -> u16 {
 }
 
 /// A child process killed when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -66,7 +66,7 @@ fn agent() -> Command {
 }
 
 /// Enrolls with the real binary; returns (exit code, stderr).
-fn enroll(server: &str, token: &str, state: &Path, name: &str) -> (i32, String) {
+pub(crate) fn enroll(server: &str, token: &str, state: &Path, name: &str) -> (i32, String) {
     let out = agent()
         .args([
             "enroll",
@@ -87,14 +87,14 @@ fn enroll(server: &str, token: &str, state: &Path, name: &str) -> (i32, String) 
     )
 }
 
-struct AgentHost {
+pub(crate) struct AgentHost {
     dir: tempfile::TempDir,
     push_http: u16,
     push_tcp: u16,
 }
 
 impl AgentHost {
-    fn new() -> AgentHost {
+    pub(crate) fn new() -> AgentHost {
         let dir = tempfile::tempdir().unwrap();
         let host = AgentHost {
             dir,
@@ -112,19 +112,26 @@ impl AgentHost {
         host
     }
 
-    fn state(&self) -> PathBuf {
+    pub(crate) fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
-    fn config(&self) -> PathBuf {
+    pub(crate) fn config(&self) -> PathBuf {
         self.dir.path().join("agent.toml")
+    }
+
+    /// Appends TOML (actions, say) to the agent's configuration.
+    pub(crate) fn configure(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(self.config()).unwrap();
+        text.push_str(toml);
+        std::fs::write(self.config(), text).unwrap();
     }
 
     fn log(&self) -> PathBuf {
         self.dir.path().join("agent.log")
     }
 
-    fn run(&self) -> Proc {
+    pub(crate) fn run(&self) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -143,7 +150,7 @@ impl AgentHost {
         )
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
     }
 
@@ -160,7 +167,7 @@ impl AgentHost {
 }
 
 /// Polls `probe` until it returns Some, failing with `what` after 60 s.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -352,8 +352,14 @@ both!(results_are_deduplicated_by_sequence, |app| async move {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("aramaki_agent_records_committed_total 8"), "{metrics}");
-    assert!(metrics.contains("aramaki_agent_records_duplicate_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("aramaki_agent_records_committed_total 8"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("aramaki_agent_records_duplicate_total 3"),
+        "{metrics}"
+    );
     assert!(metrics.contains("aramaki_agents_connected 1"), "{metrics}");
     // Out-of-order batches are refused.
     send(

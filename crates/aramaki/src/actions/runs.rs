@@ -1,0 +1,651 @@
+//! Running an action: the rules (role, parameters, time window, concurrency,
+//! confirmation), the signed requests to each target agent, their progress
+//! and outcome, and the record on the timeline.
+
+use std::collections::BTreeMap;
+
+use aramaki_protocol::agent::{
+    action_transcript, ActionRequest, ActionState, ActionUpdate, ServerMessage, SignedAction,
+};
+use aramaki_protocol::keys::hex;
+use aramaki_protocol::Severity;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{store, Action, ActionError};
+use crate::context::Context;
+use crate::db::{new_id, to_micros, Tx};
+use crate::monitoring::ingest::AgentRef;
+use crate::timeline::{self, Actor, NewEvent, Target};
+use crate::users::access::Access;
+use crate::users::Role;
+
+/// How long an agent may take to receive a request before refusing it.
+const REQUEST_TTL_SECS: i64 = 300;
+/// Output kept per target (the full size is noted).
+pub const OUTPUT_LIMIT: usize = 256 * 1024;
+
+/// One run of an action on its targets.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Run {
+    pub id: String,
+    pub action: String,
+    pub system: String,
+    pub actor: Actor,
+    pub params: BTreeMap<String, String>,
+    /// Set when the run was started outside its windows.
+    pub override_reason: Option<String>,
+    /// running, succeeded, failed or cancelled.
+    pub state: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<Timestamp>,
+    pub targets: Vec<RunTarget>,
+}
+
+/// One agent's part of a run.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RunTarget {
+    pub agent_id: String,
+    pub agent: String,
+    /// sent, running, succeeded, failed, cancelled, timed_out, refused, unreachable
+    pub state: String,
+    pub exit_code: Option<i32>,
+    /// Output, cut at 256 KiB.
+    pub output: String,
+    /// The full size of the output in bytes.
+    pub output_size: i64,
+    /// Why it ended this way (refusal reason, timeout…).
+    pub message: String,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<Timestamp>,
+}
+
+/// The body of a run request.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Confirms a run the confirmation rule asks about.
+    #[serde(default)]
+    pub confirm: bool,
+    /// Runs outside the allowed windows; the reason is flagged on the timeline.
+    #[serde(default)]
+    pub override_reason: Option<String>,
+}
+
+fn state_name(s: ActionState) -> &'static str {
+    match s {
+        ActionState::Started | ActionState::Output => "running",
+        ActionState::Succeeded => "succeeded",
+        ActionState::Failed => "failed",
+        ActionState::Cancelled => "cancelled",
+        ActionState::TimedOut => "timed_out",
+        ActionState::Refused => "refused",
+    }
+}
+
+/// Refuses and records the refusal on the system's timeline.
+async fn refuse(
+    ctx: &Context,
+    actor: &Actor,
+    action: &Action,
+    code: &'static str,
+    message: String,
+    details: serde_json::Value,
+) -> ActionError {
+    let recorded = async {
+        let mut tx = ctx.db.begin().await?;
+        let mut event = NewEvent::internal(
+            "action.refused",
+            Severity::Warning,
+            format!("Refused to run '{}': {message}", action.spec.name),
+            serde_json::json!({"action": action.spec.name, "code": code, "details": details}),
+        );
+        event.title = event.title.chars().take(500).collect();
+        timeline::append(
+            ctx,
+            &mut tx,
+            actor,
+            Target {
+                id: &action.system_id,
+                slug: &action.system,
+            },
+            event,
+        )
+        .await?;
+        ctx.commit(tx).await
+    };
+    if let Err(e) = recorded.await {
+        tracing::error!(error = %e, "cannot record a refused action");
+    }
+    ActionError::Refused {
+        code,
+        message,
+        details,
+    }
+}
+
+/// The agents an action targets.
+async fn targets(ctx: &Context, action: &Action) -> Result<Vec<crate::agents::Agent>, sqlx::Error> {
+    let mut conn = ctx.db.reader().acquire().await?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    let systems = if action.spec.include_subsystems {
+        graph.closure(&action.system_id)
+    } else {
+        vec![action.system_id.clone()]
+    };
+    let agents = crate::agents::store::agents(&mut conn).await?;
+    Ok(agents
+        .into_iter()
+        .filter(|a| !a.revoked && systems.contains(&a.system_id))
+        .filter(|a| {
+            action.spec.subscriptions.is_empty()
+                || crate::monitoring::agent_subscriptions(a)
+                    .iter()
+                    .any(|s| action.spec.subscriptions.contains(s))
+        })
+        .collect())
+}
+
+/// Starts a run, or refuses it with the reason (recorded on the timeline).
+pub async fn start(
+    ctx: &Context,
+    access: &Access,
+    action: &Action,
+    req: RunRequest,
+) -> Result<Run, ActionError> {
+    let actor = access.actor();
+    let needed = action.spec.required_role()?;
+    let role = {
+        let mut conn = ctx.db.reader().acquire().await?;
+        let graph = crate::systems::store::load_graph(&mut conn).await?;
+        access.role_on(&graph, &action.system_id)
+    };
+    if access.principal().is_none() || role.is_none_or(|r| r < needed) {
+        let message = format!(
+            "running '{}' needs the {needed} role on '{}'",
+            action.spec.name, action.system
+        );
+        return Err(refuse(
+            ctx,
+            &actor,
+            action,
+            "forbidden",
+            message,
+            serde_json::json!({}),
+        )
+        .await);
+    }
+    let params = match action.spec.check_params(&req.params) {
+        Ok(p) => p,
+        Err(invalid) => {
+            let message = format!("{}: {}", invalid.field, invalid.message);
+            return Err(refuse(
+                ctx,
+                &actor,
+                action,
+                "invalid_params",
+                message,
+                serde_json::json!({"field": invalid.field}),
+            )
+            .await);
+        }
+    };
+    let now = ctx.now();
+    let override_reason = req
+        .override_reason
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty());
+    if !action.spec.in_window(now) && override_reason.is_none() {
+        let message = format!(
+            "outside the allowed windows: {}; give an override reason to run it anyway",
+            action.spec.describe_windows()
+        );
+        return Err(refuse(
+            ctx,
+            &actor,
+            action,
+            "outside_window",
+            message,
+            serde_json::json!({"windows": action.spec.windows}),
+        )
+        .await);
+    }
+    let agents = targets(ctx, action).await?;
+    if agents.is_empty() {
+        let message = format!(
+            "no enrolled agent of '{}' matches this action",
+            action.system
+        );
+        return Err(refuse(
+            ctx,
+            &actor,
+            action,
+            "no_targets",
+            message,
+            serde_json::json!({}),
+        )
+        .await);
+    }
+    let mut conn = ctx.db.reader().acquire().await?;
+    let recent = store::runs_of(&mut conn, &action.id, 50).await?;
+    drop(conn);
+    let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+    let on_targets = |r: &&Run| r.targets.iter().any(|t| ids.contains(&t.agent_id.as_str()));
+    let running: Vec<&Run> = recent
+        .iter()
+        .filter(on_targets)
+        .filter(|r| {
+            r.targets
+                .iter()
+                .any(|t| matches!(t.state.as_str(), "sent" | "running"))
+        })
+        .collect();
+    if running.len() >= action.spec.concurrency as usize {
+        if let Some(busy) = running.first() {
+            let message = format!(
+                "'{}' is already running on these targets: started by {} at {}",
+                action.spec.name, busy.actor.name, busy.started_at
+            );
+            let details = serde_json::json!({"run": busy.id, "by": busy.actor.name, "since": busy.started_at.to_string()});
+            return Err(refuse(ctx, &actor, action, "busy", message, details).await);
+        }
+    }
+    if let (Some(minutes), false) = (action.spec.confirm_within_minutes, req.confirm) {
+        let since = now
+            .checked_sub(jiff::SignedDuration::from_mins(i64::from(minutes)))
+            .unwrap_or(now);
+        if let Some(last) = recent
+            .iter()
+            .filter(on_targets)
+            .find(|r| r.started_at >= since)
+        {
+            // Not a refusal worth a timeline entry: the caller is asked.
+            return Err(ActionError::Refused {
+                code: "confirm",
+                message: format!(
+                    "'{}' ran on these targets at {} by {} ({}); confirm to run it again",
+                    action.spec.name, last.started_at, last.actor.name, last.state
+                ),
+                details: serde_json::json!({"run": last.id, "by": last.actor.name, "at": last.started_at.to_string(), "state": last.state}),
+            });
+        }
+    }
+    let run_id = new_id().to_string();
+    let mut run = Run {
+        id: run_id.clone(),
+        action: action.spec.name.clone(),
+        system: action.system.clone(),
+        actor: actor.clone(),
+        params: params.clone(),
+        override_reason: override_reason.clone(),
+        state: "running".into(),
+        started_at: now,
+        finished_at: None,
+        targets: agents
+            .iter()
+            .map(|a| {
+                let connected = ctx.agents.is_connected(&a.id);
+                RunTarget {
+                    agent_id: a.id.clone(),
+                    agent: a.name.clone(),
+                    state: if connected { "sent" } else { "unreachable" }.into(),
+                    exit_code: None,
+                    output: String::new(),
+                    output_size: 0,
+                    message: if connected {
+                        String::new()
+                    } else {
+                        "the agent is not connected".into()
+                    },
+                    finished_at: None,
+                }
+            })
+            .collect(),
+    };
+    let mut tx = ctx.db.begin().await?;
+    store::insert_run(&mut tx, &run, &action.id, &action.system_id).await?;
+    let names: Vec<&str> = run.targets.iter().map(|t| t.agent.as_str()).collect();
+    let (severity, title) = match &override_reason {
+        Some(reason) => (
+            Severity::Warning,
+            format!(
+                "EMERGENCY OVERRIDE: {} ran '{}' outside its windows on {} — {reason}",
+                actor.name,
+                action.spec.name,
+                names.join(", ")
+            ),
+        ),
+        None => (
+            Severity::Info,
+            format!(
+                "{} ran '{}' on {}",
+                actor.name,
+                action.spec.name,
+                names.join(", ")
+            ),
+        ),
+    };
+    let mut event = NewEvent::internal(
+        "action.started",
+        severity,
+        title.chars().take(500).collect(),
+        serde_json::json!({"action": action.spec.name, "run": run_id, "params": params, "targets": names, "override_reason": override_reason}),
+    );
+    event.body = action.spec.description.chars().take(2000).collect();
+    timeline::append(
+        ctx,
+        &mut tx,
+        &actor,
+        Target {
+            id: &action.system_id,
+            slug: &action.system,
+        },
+        event,
+    )
+    .await?;
+    if run.targets.iter().all(|t| t.state == "unreachable") {
+        run_finished(ctx, &mut tx, &run_id).await?;
+        run.state = "failed".into();
+        run.finished_at = Some(now);
+    }
+    ctx.commit(tx).await?;
+    dispatch(ctx, action, &run, &params);
+    Ok(run)
+}
+
+/// Signs and sends the request to each connected target.
+fn dispatch(ctx: &Context, action: &Action, run: &Run, params: &BTreeMap<String, String>) {
+    let expires_at = to_micros(ctx.now()) + REQUEST_TTL_SECS * 1_000_000;
+    for t in run.targets.iter().filter(|t| t.state == "sent") {
+        let request = ActionRequest {
+            run_id: run.id.clone(),
+            audience: t.agent_id.clone(),
+            action: action.spec.name.clone(),
+            params: params.clone(),
+            expires_at,
+            timeout_secs: action.spec.timeout,
+        };
+        let signature = hex(&ctx.identity.sign(&action_transcript(&request)).to_bytes());
+        ctx.agents.send(
+            &t.agent_id,
+            ServerMessage::Action(SignedAction { request, signature }),
+        );
+    }
+}
+
+/// Live progress from an agent: `started` and output chunks.
+pub async fn progress(
+    ctx: &Context,
+    agent: &AgentRef,
+    update: &ActionUpdate,
+) -> Result<(), sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    match update.state {
+        ActionState::Started => {
+            sqlx::query("UPDATE action_run_targets SET state = 'running' WHERE run_id = $1 AND agent_id = $2 AND state = 'sent'")
+                .bind(update.run_id.as_str())
+                .bind(agent.id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        ActionState::Output => {
+            append_output(&mut tx, &update.run_id, &agent.id, &update.output).await?
+        }
+        _ => {}
+    }
+    tx.commit().await?;
+    ctx.agents
+        .output(&update.run_id, &agent.name, &update.output);
+    Ok(())
+}
+
+async fn append_output(
+    tx: &mut Tx,
+    run_id: &str,
+    agent_id: &str,
+    chunk: &str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Row;
+    let row =
+        sqlx::query("SELECT output FROM action_run_targets WHERE run_id = $1 AND agent_id = $2")
+            .bind(run_id)
+            .bind(agent_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(row) = row else { return Ok(()) };
+    let mut output: String = row.try_get(0)?;
+    let room = OUTPUT_LIMIT.saturating_sub(output.len());
+    let mut cut = room.min(chunk.len());
+    while !chunk.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    output.push_str(&chunk[..cut]);
+    sqlx::query("UPDATE action_run_targets SET output = $3, output_size = output_size + $4 WHERE run_id = $1 AND agent_id = $2")
+        .bind(run_id)
+        .bind(agent_id)
+        .bind(output)
+        .bind(chunk.len() as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The final outcome of a target, committed by the results writer with the
+/// rest of the agent's records. Returns true if it wrote a timeline event.
+pub async fn finish(
+    ctx: &Context,
+    tx: &mut Tx,
+    agent: &AgentRef,
+    update: &ActionUpdate,
+) -> Result<bool, sqlx::Error> {
+    let Some(current) = store::target_state(tx, &update.run_id, &agent.id).await? else {
+        if update.state != ActionState::Refused {
+            tracing::warn!(agent = %agent.name, run = %update.run_id, "an outcome for an unknown run");
+            return Ok(false);
+        }
+        // A request this server did not make for this agent (forged,
+        // replayed, misaddressed): worth a loud record.
+        let event = NewEvent::internal(
+            "action.refused",
+            Severity::Warning,
+            format!(
+                "Agent '{}' refused an action request: {}",
+                agent.name, update.output
+            )
+            .chars()
+            .take(500)
+            .collect(),
+            serde_json::json!({"run": update.run_id, "agent": agent.name, "reason": update.output}),
+        );
+        timeline::append(
+            ctx,
+            tx,
+            &Actor::agent(&agent.id, &agent.name),
+            Target {
+                id: &agent.system_id,
+                slug: &agent.system,
+            },
+            event,
+        )
+        .await?;
+        return Ok(true);
+    };
+    if !matches!(current.as_str(), "sent" | "running") {
+        return Ok(false);
+    }
+    let state = state_name(update.state);
+    sqlx::query(
+        "UPDATE action_run_targets SET state = $3, exit_code = $4, message = $5, finished_at = $6 WHERE run_id = $1 AND agent_id = $2",
+    )
+    .bind(update.run_id.as_str())
+    .bind(agent.id.as_str())
+    .bind(state)
+    .bind(update.exit_code.map(i64::from))
+    .bind(update.output.chars().take(2000).collect::<String>())
+    .bind(to_micros(ctx.now()))
+    .execute(&mut **tx)
+    .await?;
+    if update.state == ActionState::Refused {
+        let run = store::run(tx, &update.run_id).await?;
+        if let Some(run) = run {
+            let (sid, slug) = crate::agents::store::system_by_slug(tx, &run.system)
+                .await?
+                .unwrap_or_default();
+            let event = NewEvent::internal(
+                "action.refused",
+                Severity::Warning,
+                format!(
+                    "Agent '{}' refused '{}': {}",
+                    agent.name, run.action, update.output
+                )
+                .chars()
+                .take(500)
+                .collect(),
+                serde_json::json!({"action": run.action, "run": run.id, "agent": agent.name, "reason": update.output}),
+            );
+            timeline::append(
+                ctx,
+                tx,
+                &Actor::agent(&agent.id, &agent.name),
+                Target {
+                    id: &sid,
+                    slug: &slug,
+                },
+                event,
+            )
+            .await?;
+        }
+    }
+    run_finished(ctx, tx, &update.run_id).await
+}
+
+/// Closes the run once every target is done; records the outcome.
+async fn run_finished(ctx: &Context, tx: &mut Tx, run_id: &str) -> Result<bool, sqlx::Error> {
+    let Some(run) = store::run(tx, run_id).await? else {
+        return Ok(false);
+    };
+    if run.state != "running"
+        || run
+            .targets
+            .iter()
+            .any(|t| matches!(t.state.as_str(), "sent" | "running"))
+    {
+        return Ok(false);
+    }
+    let all_ok = run.targets.iter().all(|t| t.state == "succeeded");
+    let cancelled = run.targets.iter().any(|t| t.state == "cancelled");
+    let state = if all_ok {
+        "succeeded"
+    } else if cancelled {
+        "cancelled"
+    } else {
+        "failed"
+    };
+    let now = to_micros(ctx.now());
+    sqlx::query("UPDATE action_runs SET state = $2, finished_at = $3 WHERE id = $1")
+        .bind(run_id)
+        .bind(state)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    let per_target: Vec<String> = run
+        .targets
+        .iter()
+        .map(|t| match t.exit_code {
+            Some(code) => format!("{}: {} (exit {code})", t.agent, t.state),
+            None => format!("{}: {}", t.agent, t.state),
+        })
+        .collect();
+    let mut body = String::new();
+    for t in &run.targets {
+        let cut = if t.output_size as usize > t.output.len() {
+            format!(" (first {} of {} bytes)", t.output.len(), t.output_size)
+        } else {
+            String::new()
+        };
+        body.push_str(&format!(
+            "**{}** — {}{cut}\n\n```\n{}\n```\n\n",
+            t.agent,
+            t.state,
+            t.output
+                .replace("```", "'''")
+                .chars()
+                .take(8000)
+                .collect::<String>()
+        ));
+        if !t.message.is_empty() {
+            body.push_str(&format!("{}\n\n", t.message));
+        }
+    }
+    let severity = if all_ok {
+        Severity::Ok
+    } else {
+        Severity::Warning
+    };
+    let mut event = NewEvent::internal(
+        "action.finished",
+        severity,
+        format!("'{}' {state}: {}", run.action, per_target.join(", "))
+            .chars()
+            .take(500)
+            .collect(),
+        serde_json::json!({"action": run.action, "run": run.id, "state": state, "targets": run.targets.iter().map(|t| serde_json::json!({"agent": t.agent, "state": t.state, "exit_code": t.exit_code, "output_size": t.output_size})).collect::<Vec<_>>()}),
+    );
+    event.body = body.chars().take(60_000).collect();
+    let (sid, slug) = crate::agents::store::system_by_slug(tx, &run.system)
+        .await?
+        .unwrap_or_default();
+    timeline::append(
+        ctx,
+        tx,
+        &run.actor,
+        Target {
+            id: &sid,
+            slug: &slug,
+        },
+        event,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Asks the agents of a running run to stop it.
+pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run, ActionError> {
+    let mut conn = ctx.db.reader().acquire().await?;
+    let run = store::run(&mut conn, run_id)
+        .await?
+        .ok_or_else(|| ActionError::UnknownRun(run_id.to_owned()))?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    let (system_id, _) = crate::agents::store::system_by_slug(&mut conn, &run.system)
+        .await?
+        .unwrap_or_default();
+    if access
+        .role_on(&graph, &system_id)
+        .is_none_or(|r| r < Role::Operator)
+    {
+        return Err(ActionError::Refused {
+            code: "forbidden",
+            message: "cancelling a run needs the operator role on its system".into(),
+            details: serde_json::json!({}),
+        });
+    }
+    for t in run
+        .targets
+        .iter()
+        .filter(|t| matches!(t.state.as_str(), "sent" | "running"))
+    {
+        ctx.agents.send(
+            &t.agent_id,
+            ServerMessage::Cancel {
+                run_id: run.id.clone(),
+            },
+        );
+    }
+    Ok(run)
+}

@@ -1,0 +1,459 @@
+//! Actions through a real agent: flushing a real Varnish, and every way a
+//! run can be refused.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use aramaki_protocol::agent::{action_transcript, ActionRequest, ServerMessage, SignedAction};
+use aramaki_protocol::keys::hex;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::agent_e2e::{enroll, eventually, free_port, AgentHost, Proc};
+use crate::monitoring::token;
+use crate::support::{Backend, TestApp};
+
+/// A backend that counts the requests reaching it; its answers may be cached.
+async fn backend() -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let body = format!("object fetched {n} times");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=3600\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    (port, hits)
+}
+
+struct Varnish {
+    _proc: Proc,
+    port: u16,
+    admin: u16,
+    secret: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn varnish(backend: u16) -> Varnish {
+    assert!(
+        Path::new("/usr/sbin/varnishd").exists(),
+        "varnishd is missing: apt-get install varnish (or run .ci/run)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a-test-secret-for-varnishadm\n").unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let child = Command::new("/usr/sbin/varnishd")
+        .args(["-j", "none", "-F", "-s", "malloc,16m"])
+        .arg("-n")
+        .arg(dir.path().join("instance"))
+        .args([
+            "-a",
+            &format!("127.0.0.1:{port}"),
+            "-T",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .arg("-S")
+        .arg(&secret)
+        .args(["-b", &format!("127.0.0.1:{backend}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Varnish {
+        _proc: Proc(child),
+        port,
+        admin,
+        secret,
+        _dir: dir,
+    }
+}
+
+async fn get(url: &str) -> Option<String> {
+    let r = reqwest::get(url).await.ok()?;
+    (r.status() == StatusCode::OK).then_some(())?;
+    r.text().await.ok()
+}
+
+/// Waits for a run to finish; returns it.
+async fn finished(app: &TestApp, run: &Value) -> Value {
+    let id = run["id"].as_str().unwrap().to_owned();
+    eventually("the run to finish", || {
+        let id = id.clone();
+        async move {
+            let v = app.get(&format!("/api/v1/actions/runs/{id}")).await;
+            (v["state"] != "running").then_some(v)
+        }
+    })
+    .await
+}
+
+async fn run(
+    app: &TestApp,
+    token: &str,
+    system: &str,
+    action: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    app.call_as(
+        token,
+        Method::POST,
+        &format!("/api/v1/systems/{system}/actions/{action}/runs"),
+        Some(body),
+    )
+    .await
+}
+
+async fn kinds(app: &TestApp, system: &str, kind: &str) -> Vec<Value> {
+    app.get(&format!(
+        "/api/v1/systems/{system}/timeline?kind={kind}&limit=100"
+    ))
+    .await["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushing_a_real_varnish_fetches_the_object_again() {
+    let (backend_port, hits) = backend().await;
+    let v = varnish(backend_port);
+    let url = format!("http://127.0.0.1:{}/product/42", v.port);
+    let first = eventually("varnish to serve", || get(&url)).await;
+    assert_eq!(first, "object fetched 1 times");
+    assert_eq!(
+        get(&url).await.unwrap(),
+        "object fetched 1 times",
+        "served from the cache"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let app = TestApp::start(Backend::Sqlite).await;
+    // The agent judges request expiry by its own (real) clock.
+    app.clock.set(jiff::Timestamp::now());
+    app.system("shop-cache", "service", json!({})).await;
+    let host = AgentHost::new();
+    host.configure(&format!(
+        r#"
+[actions.flush-cache]
+argv = ["/usr/bin/varnishadm", "-T", "127.0.0.1:{}", "-S", "{}", "ban", "req.url", "~", "{{path}}"]
+params = ["path"]
+[actions.ban-list]
+argv = ["/usr/bin/varnishadm", "-T", "127.0.0.1:{}", "-S", "{}", "ban.list"]
+"#,
+        v.admin,
+        v.secret.display(),
+        v.admin,
+        v.secret.display()
+    ));
+    let t = token(&app, "shop-cache", json!({})).await;
+    assert_eq!(enroll(&app.base, &t, &host.state(), "cache-1").0, 0);
+    let _agent = host.run();
+    eventually("the agent to connect", || async {
+        let a = app.get("/api/v1/agents/cache-1").await;
+        (a["connected"] == true).then_some(())
+    })
+    .await;
+    for spec in [
+        json!({"name": "flush-cache", "title": "Flush the Varnish cache",
+               "description": "Bans everything under **path**. Use when stale prices show.",
+               "params": [{"name": "path", "type": "string", "pattern": "/[A-Za-z0-9/._-]*", "default": "/"}]}),
+        json!({"name": "ban-list", "title": "List Varnish bans", "read_only": true, "confirm_within_minutes": null}),
+    ] {
+        let (status, body) = app.post("/api/v1/systems/shop-cache/actions", spec).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    let (status, started) = run(&app, &app.token, "shop-cache", "flush-cache", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{started}");
+    let done = finished(&app, &started).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", host.log_text());
+    assert_eq!(done["targets"][0]["exit_code"], 0);
+    assert_eq!(
+        get(&url).await.unwrap(),
+        "object fetched 2 times",
+        "Varnish fetched it from the backend again"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+    let (_, listed) = run(&app, &app.token, "shop-cache", "ban-list", json!({})).await;
+    let listed = finished(&app, &listed).await;
+    assert!(
+        listed["targets"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("req.url ~ /"),
+        "{listed}"
+    );
+
+    let started_events = kinds(&app, "shop-cache", "action.started").await;
+    assert_eq!(started_events.len(), 2);
+    let done_events = kinds(&app, "shop-cache", "action.finished").await;
+    assert_eq!(done_events.len(), 2);
+    let ban_list = done_events
+        .iter()
+        .find(|e| e["data"]["action"] == "ban-list")
+        .unwrap();
+    assert!(
+        ban_list["body"].as_str().unwrap().contains("req.url ~ /"),
+        "the output is on the timeline: {ban_list}"
+    );
+
+    // Within 30 minutes of the flush, running it again asks for confirmation.
+    let (status, ask) = run(&app, &app.token, "shop-cache", "flush-cache", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(ask["code"], "confirm");
+    assert!(
+        ask["detail"].as_str().unwrap().contains("Administrator"),
+        "{ask}"
+    );
+    let (status, again) = run(
+        &app,
+        &app.token,
+        "shop-cache",
+        "flush-cache",
+        json!({"confirm": true, "params": {"path": "/product"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(finished(&app, &again).await["state"], "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_refused_for_clear_reasons_and_on_the_record() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.clock.set(jiff::Timestamp::now());
+    app.system("ops-box", "host", json!({})).await;
+    let host = AgentHost::new();
+    host.configure(
+        r#"
+[actions.echo]
+argv = ["/bin/echo", "{text}"]
+params = ["text"]
+[actions.slow]
+argv = ["/bin/sh", "-c", "sleep 30 & sleep 30"]
+"#,
+    );
+    let t = token(&app, "ops-box", json!({})).await;
+    assert_eq!(enroll(&app.base, &t, &host.state(), "ops-1").0, 0);
+    let _agent = host.run();
+    let agent_id = eventually("the agent to connect", || async {
+        let a = app.get("/api/v1/agents/ops-1").await;
+        (a["connected"] == true).then(|| a["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    for spec in [
+        json!({"name": "echo", "title": "Echo", "confirm_within_minutes": null, "params": [{"name": "text", "type": "string", "max_len": 100}]}),
+        json!({"name": "slow", "title": "Slow", "confirm_within_minutes": null, "timeout": 60}),
+        json!({"name": "reboot", "title": "Not on the agent's list", "confirm_within_minutes": null}),
+        json!({"name": "windowed", "title": "Only at night", "confirm_within_minutes": null,
+               "windows": [{"days": ["sun"], "from": "03:00", "to": "04:00"}], "timezone": "Europe/Berlin"}),
+        json!({"name": "safe-echo", "title": "Echo a word", "confirm_within_minutes": null,
+               "params": [{"name": "text", "type": "string", "pattern": "[a-z]+"}]}),
+    ] {
+        let (status, body) = app.post("/api/v1/systems/ops-box/actions", spec).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let admin = app.token.clone();
+
+    // Shell metacharacters arrive as one inert argv element.
+    let text = "$(id); echo pwned `id` | cat > /tmp/x";
+    let (status, r) = run(
+        &app,
+        &admin,
+        "ops-box",
+        "echo",
+        json!({"params": {"text": text}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{r}");
+    let r = finished(&app, &r).await;
+    assert_eq!(r["targets"][0]["output"].as_str().unwrap().trim_end(), text);
+
+    // A parameter that fails validation.
+    let (status, p) = run(
+        &app,
+        &admin,
+        "ops-box",
+        "safe-echo",
+        json!({"params": {"text": "a; rm -rf /"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(p["code"], "invalid_params");
+    assert_eq!(p["field"], "params.text");
+
+    // A viewer may not run it.
+    let viewer = app.user("vic", aramaki::users::Role::Viewer).await;
+    let (status, p) = run(
+        &app,
+        &viewer,
+        "ops-box",
+        "echo",
+        json!({"params": {"text": "hi"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(p["detail"].as_str().unwrap().contains("operator"), "{p}");
+
+    // Outside the window: refused, unless overridden with a reason, which is flagged.
+    let (status, p) = run(&app, &admin, "ops-box", "windowed", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(p["code"], "outside_window");
+    assert!(
+        p["detail"].as_str().unwrap().contains("Europe/Berlin"),
+        "{p}"
+    );
+    let (status, r) = run(
+        &app,
+        &admin,
+        "ops-box",
+        "windowed",
+        json!({"override_reason": "checkout down, CEO on the phone"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{r}");
+    let started = kinds(&app, "ops-box", "action.started").await;
+    let flagged = started
+        .iter()
+        .find(|e| e["data"]["action"] == "windowed")
+        .unwrap();
+    assert_eq!(flagged["severity"], "warning");
+    assert!(flagged["title"]
+        .as_str()
+        .unwrap()
+        .contains("EMERGENCY OVERRIDE"));
+    assert!(flagged["title"]
+        .as_str()
+        .unwrap()
+        .contains("CEO on the phone"));
+
+    // The agent refuses what its allow-list does not define.
+    let (_, r) = run(&app, &admin, "ops-box", "reboot", json!({})).await;
+    let r = finished(&app, &r).await;
+    assert_eq!(r["targets"][0]["state"], "refused");
+    assert!(
+        r["targets"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow-list"),
+        "{r}"
+    );
+
+    // A second run while one runs is refused with the running one's details; cancel kills it.
+    let (status, slow) = run(&app, &admin, "ops-box", "slow", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    eventually("the slow run to start", || async {
+        let v = app
+            .get(&format!(
+                "/api/v1/actions/runs/{}",
+                slow["id"].as_str().unwrap()
+            ))
+            .await;
+        (v["targets"][0]["state"] == "running").then_some(())
+    })
+    .await;
+    let (status, busy) = run(&app, &admin, "ops-box", "slow", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(busy["code"], "busy");
+    assert_eq!(busy["details"]["run"], slow["id"]);
+    let (status, _) = app
+        .post(
+            &format!(
+                "/api/v1/actions/runs/{}/cancel",
+                slow["id"].as_str().unwrap()
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(finished(&app, &slow).await["state"], "cancelled");
+
+    // Requests the server did not make: bad signature, wrong audience,
+    // expired, replayed. The agent refuses each and the refusal is recorded.
+    let now = app.ctx.now().as_microsecond();
+    let request = |id: &str, audience: &str, expires_at: i64| ActionRequest {
+        run_id: id.into(),
+        audience: audience.into(),
+        action: "echo".into(),
+        params: [("text".to_owned(), "hi".to_owned())].into(),
+        expires_at,
+        timeout_secs: 10,
+    };
+    let sign = |r: ActionRequest| {
+        let signature = hex(&app.ctx.identity.sign(&action_transcript(&r)).to_bytes());
+        SignedAction {
+            request: r,
+            signature,
+        }
+    };
+    let forged = SignedAction {
+        request: request("forged-1", &agent_id, now + 60_000_000),
+        signature: "00".repeat(64),
+    };
+    let fresh = sign(request("replay-1", &agent_id, now + 60_000_000));
+    for message in [
+        forged,
+        sign(request("other-1", "someone-else", now + 60_000_000)),
+        sign(request("late-1", &agent_id, now - 1)),
+        fresh.clone(),
+        fresh,
+    ] {
+        assert!(app
+            .ctx
+            .agents
+            .send(&agent_id, ServerMessage::Action(message)));
+    }
+    let reasons = eventually("four refusals on the timeline", || async {
+        let events = kinds(&app, "ops-box", "action.refused").await;
+        let reasons: Vec<String> = events
+            .iter()
+            .filter_map(|e| e["data"]["reason"].as_str().map(str::to_owned))
+            .collect();
+        (reasons.len() >= 5).then_some(reasons)
+    })
+    .await;
+    let all = reasons.join("\n");
+    for expected in [
+        "signature does not verify",
+        "is for agent someone-else",
+        "expired",
+        "seen before (replay)",
+        "allow-list",
+    ] {
+        assert!(all.contains(expected), "missing '{expected}' in:\n{all}");
+    }
+    // Refusals the server made itself are on the record too.
+    let server_refusals = kinds(&app, "ops-box", "action.refused").await;
+    let codes: Vec<&str> = server_refusals
+        .iter()
+        .filter_map(|e| e["data"]["code"].as_str())
+        .collect();
+    for code in ["invalid_params", "forbidden", "outside_window", "busy"] {
+        assert!(codes.contains(&code), "{code} not recorded: {codes:?}");
+    }
+}
