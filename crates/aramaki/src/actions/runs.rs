@@ -256,7 +256,12 @@ pub async fn start(
             return Err(refuse(ctx, &actor, action, "busy", message, details).await);
         }
     }
-    if let (Some(minutes), false) = (action.spec.confirm_within_minutes, req.confirm) {
+    // Read-only actions change nothing: asking again would only slow discovery.
+    let confirm_rule = action
+        .spec
+        .confirm_within_minutes
+        .filter(|_| !action.spec.read_only);
+    if let (Some(minutes), false) = (confirm_rule, req.confirm) {
         let since = now
             .checked_sub(jiff::SignedDuration::from_mins(i64::from(minutes)))
             .unwrap_or(now);

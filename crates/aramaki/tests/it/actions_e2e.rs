@@ -457,3 +457,86 @@ argv = ["/bin/sh", "-c", "sleep 30 & sleep 30"]
         assert!(codes.contains(&code), "{code} not recorded: {codes:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_from_the_command_line() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.clock.set(jiff::Timestamp::now());
+    app.system("cli-box", "host", json!({})).await;
+    let host = AgentHost::new();
+    host.configure(
+        "\n[actions.greet]\nargv = [\"/bin/echo\", \"hello\", \"{who}\"]\nparams = [\"who\"]\n",
+    );
+    let t = token(&app, "cli-box", json!({})).await;
+    assert_eq!(enroll(&app.base, &t, &host.state(), "cli-1").0, 0);
+    let _agent = host.run();
+    eventually("the agent to connect", || async {
+        (app.get("/api/v1/agents/cli-1").await["connected"] == true).then_some(())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("greet.json");
+    std::fs::write(
+        &spec,
+        json!({"name": "greet", "title": "Say hello", "description": "Greets **someone**.",
+               "params": [{"name": "who", "type": "string", "pattern": "[a-z]+", "required": true}]})
+        .to_string(),
+    )
+    .unwrap();
+    let cli = |args: Vec<String>| {
+        let (base, token) = (app.base.clone(), app.token.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(env!("CARGO_BIN_EXE_aramaki"))
+                    .args(&args)
+                    .env("ARAMAKI_URL", base)
+                    .env("ARAMAKI_TOKEN", token)
+                    .output()
+                    .unwrap();
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    let (ok, out, err) = cli(vec![
+        "action".into(),
+        "add".into(),
+        "cli-box".into(),
+        "--file".into(),
+        spec.display().to_string(),
+    ])
+    .await;
+    assert!(ok && out.contains("greet"), "{out}{err}");
+    let (ok, out, _) = cli(args("action list cli-box")).await;
+    assert!(
+        ok && out.contains("greet") && out.contains("operator"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(args("action run cli-box greet --param who=ada")).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("cli-1: succeeded") && out.contains("hello ada"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(args("action run cli-box greet --param who=ada")).await;
+    assert!(
+        !ok && err.contains("confirm"),
+        "the second run asks for confirmation: {err}"
+    );
+    let (ok, _, err) = cli(args(
+        "action run cli-box greet --param who=Ada;ls --confirm",
+    ))
+    .await;
+    assert!(!ok && err.contains("params.who"), "{err}");
+    let (ok, out, _) = cli(args("action show cli-box greet")).await;
+    assert!(ok);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(shown["runs"][0]["params"]["who"], "ada");
+}
