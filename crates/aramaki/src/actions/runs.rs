@@ -43,6 +43,47 @@ pub struct Run {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<Timestamp>,
     pub targets: Vec<RunTarget>,
+    /// Identical answers grouped (JSON compared canonically when every
+    /// output is JSON, else trimmed text): discovery across many targets.
+    pub answers: Vec<Answer>,
+}
+
+/// One distinct answer and the agents that gave it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Answer {
+    /// The parsed JSON, or the text.
+    #[schema(value_type = Object)]
+    pub answer: serde_json::Value,
+    pub agents: Vec<String>,
+}
+
+/// Groups the finished targets' outputs, most common answer first.
+pub fn group_answers(targets: &[RunTarget]) -> Vec<Answer> {
+    let done: Vec<&RunTarget> = targets.iter().filter(|t| t.state == "succeeded").collect();
+    let parsed: Option<Vec<serde_json::Value>> = done
+        .iter()
+        .map(|t| serde_json::from_str::<serde_json::Value>(t.output.trim()).ok())
+        .collect();
+    let values: Vec<serde_json::Value> = match parsed {
+        Some(v) if !done.is_empty() => v,
+        _ => done
+            .iter()
+            .map(|t| serde_json::Value::String(t.output.trim().to_owned()))
+            .collect(),
+    };
+    let mut groups: Vec<Answer> = Vec::new();
+    for (t, v) in done.iter().zip(values) {
+        // Map equality ignores key order, so equal JSON compares equal.
+        match groups.iter_mut().find(|g| g.answer == v) {
+            Some(g) => g.agents.push(t.agent.clone()),
+            None => groups.push(Answer {
+                answer: v,
+                agents: vec![t.agent.clone()],
+            }),
+        }
+    }
+    groups.sort_by_key(|g| std::cmp::Reverse(g.agents.len()));
+    groups
 }
 
 /// One agent's part of a run.
@@ -292,6 +333,7 @@ pub async fn start(
         state: "running".into(),
         started_at: now,
         finished_at: None,
+        answers: Vec::new(),
         targets: agents
             .iter()
             .map(|a| {

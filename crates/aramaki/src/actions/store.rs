@@ -171,6 +171,7 @@ fn run_from(r: &AnyRow, targets: Vec<RunTarget>) -> Result<Run, sqlx::Error> {
         state: r.try_get("state")?,
         started_at: from_micros(r.try_get("started_at")?),
         finished_at: r.try_get::<Option<i64>, _>("finished_at")?.map(from_micros),
+        answers: super::runs::group_answers(&targets),
         targets,
     })
 }

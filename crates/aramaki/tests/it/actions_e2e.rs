@@ -540,3 +540,74 @@ async fn actions_from_the_command_line() {
     assert_eq!(shown["runs"].as_array().unwrap().len(), 1);
     assert_eq!(shown["runs"][0]["params"]["who"], "ada");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_discovery_groups_identical_answers() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.clock.set(jiff::Timestamp::now());
+    app.system("dc-9", "infrastructure", json!({})).await;
+    let answers = [
+        r#"{"blockdevices": [{"name": "sda", "size": "100G"}]}"#,
+        r#"{ "blockdevices" : [ {"size": "100G", "name": "sda"} ] }"#,
+        r#"{"blockdevices": [{"name": "nvme0n1", "size": "1T"}]}"#,
+    ];
+    let mut agents = Vec::new();
+    for (i, answer) in answers.iter().enumerate() {
+        let slug = format!("dc-9-host-{i}");
+        app.system(&slug, "host", json!({})).await;
+        let (status, _) = app.include("dc-9", &slug).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let host = AgentHost::new();
+        host.configure(&format!(
+            "\n[actions.lsblk]\nargv = [\"/bin/echo\", {}]\n",
+            serde_json::to_string(answer).unwrap()
+        ));
+        let t = token(&app, &slug, json!({})).await;
+        assert_eq!(
+            enroll(&app.base, &t, &host.state(), &format!("disk-{i}")).0,
+            0
+        );
+        let proc = host.run();
+        agents.push((host, proc));
+    }
+    eventually("three agents connected", || async {
+        let list = app.get("/api/v1/agents").await;
+        (list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["connected"] == true)
+            .count()
+            == 3)
+            .then_some(())
+    })
+    .await;
+    let (status, body) = app
+        .post(
+            "/api/v1/systems/dc-9/actions",
+            json!({"name": "lsblk", "title": "Block devices", "read_only": true, "include_subsystems": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, run1) = run(&app, &app.token, "dc-9", "lsblk", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run1}");
+    assert_eq!(
+        run1["targets"].as_array().unwrap().len(),
+        3,
+        "all hosts the data center includes"
+    );
+    let done = finished(&app, &run1).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let groups = done["answers"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{done}");
+    assert_eq!(
+        groups[0]["agents"],
+        json!(["disk-0", "disk-1"]),
+        "the same JSON, written differently"
+    );
+    assert_eq!(groups[0]["answer"]["blockdevices"][0]["name"], "sda");
+    assert_eq!(groups[1]["agents"], json!(["disk-2"]));
+    // Read-only: running again needs no confirmation.
+    let (status, _) = run(&app, &app.token, "dc-9", "lsblk", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}
