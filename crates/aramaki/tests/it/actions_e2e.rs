@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::agent_e2e::{enroll, eventually, free_port, AgentHost, Proc};
-use crate::monitoring::token;
+use crate::monitoring::{cli, token};
 use crate::support::{Backend, TestApp};
 
 /// A backend that counts the requests reaching it; its answers may be cached.
@@ -97,6 +97,11 @@ async fn get(url: &str) -> Option<String> {
     let r = reqwest::get(url).await.ok()?;
     (r.status() == StatusCode::OK).then_some(())?;
     r.text().await.ok()
+}
+
+/// A command line split at blanks.
+fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
 }
 
 /// Waits for a run to finish; returns it.
@@ -483,58 +488,32 @@ async fn actions_from_the_command_line() {
         .to_string(),
     )
     .unwrap();
-    let cli = |args: Vec<String>| {
-        let (base, token) = (app.base.clone(), app.token.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let out = Command::new(env!("CARGO_BIN_EXE_aramaki"))
-                    .args(&args)
-                    .env("ARAMAKI_URL", base)
-                    .env("ARAMAKI_TOKEN", token)
-                    .output()
-                    .unwrap();
-                (
-                    out.status.success(),
-                    String::from_utf8_lossy(&out.stdout).into_owned(),
-                    String::from_utf8_lossy(&out.stderr).into_owned(),
-                )
-            })
-            .await
-            .unwrap()
-        }
-    };
-    let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    let (ok, out, err) = cli(vec![
-        "action".into(),
-        "add".into(),
-        "cli-box".into(),
-        "--file".into(),
-        spec.display().to_string(),
-    ])
-    .await;
+    let spec = spec.display().to_string();
+    let (ok, out, err) = cli(&app, &["action", "add", "cli-box", "--file", &spec]).await;
     assert!(ok && out.contains("greet"), "{out}{err}");
-    let (ok, out, _) = cli(args("action list cli-box")).await;
+    let (ok, out, _) = cli(&app, &words("action list cli-box")).await;
     assert!(
         ok && out.contains("greet") && out.contains("operator"),
         "{out}"
     );
-    let (ok, out, err) = cli(args("action run cli-box greet --param who=ada")).await;
+    let (ok, out, err) = cli(&app, &words("action run cli-box greet --param who=ada")).await;
     assert!(ok, "{out}{err}");
     assert!(
         out.contains("cli-1: succeeded") && out.contains("hello ada"),
         "{out}"
     );
-    let (ok, _, err) = cli(args("action run cli-box greet --param who=ada")).await;
+    let (ok, _, err) = cli(&app, &words("action run cli-box greet --param who=ada")).await;
     assert!(
         !ok && err.contains("confirm"),
         "the second run asks for confirmation: {err}"
     );
-    let (ok, _, err) = cli(args(
-        "action run cli-box greet --param who=Ada;ls --confirm",
-    ))
+    let (ok, _, err) = cli(
+        &app,
+        &words("action run cli-box greet --param who=Ada;ls --confirm"),
+    )
     .await;
     assert!(!ok && err.contains("params.who"), "{err}");
-    let (ok, out, _) = cli(args("action show cli-box greet")).await;
+    let (ok, out, _) = cli(&app, &words("action show cli-box greet")).await;
     assert!(ok);
     let shown: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["runs"].as_array().unwrap().len(), 1);

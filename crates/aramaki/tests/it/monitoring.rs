@@ -200,6 +200,31 @@ pub async fn enrolled(app: &TestApp, name: &str, seed: u8) -> (String, SigningKe
     (id, k)
 }
 
+/// The latest result of `check` on `system`.
+async fn observation_of(app: &TestApp, system: &str, check: &str) -> Value {
+    let obs = app
+        .get(&format!("/api/v1/systems/{system}/observations"))
+        .await;
+    obs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["check"] == check)
+        .unwrap_or_else(|| panic!("no observation of {check} on {system}: {obs}"))
+        .clone()
+}
+
+/// Waits until the server noticed that the agent's session ended.
+async fn disconnected(app: &TestApp, agent_id: &str) {
+    for _ in 0..200 {
+        if !app.ctx.agents.is_connected(agent_id) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the server still counts agent {agent_id} as connected");
+}
+
 async fn timeline_kinds(app: &TestApp, system: &str, kind: &str) -> Vec<Value> {
     let v = app
         .get(&format!(
@@ -424,14 +449,7 @@ both!(state_changes_reach_the_timeline_once, |app| async move {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
     assert_eq!(changes, expect);
-    let obs = app.get("/api/v1/systems/mq-1-host/observations").await;
-    let queue = obs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["check"] == "queue")
-        .unwrap()
-        .clone();
+    let queue = observation_of(&app, "mq-1-host", "queue").await;
     assert_eq!(queue["state"], "ok");
     assert_eq!(queue["output"], "QUEUE 0");
     // The system's status comes from the observations.
@@ -560,13 +578,7 @@ both!(
         let started = app.ctx.now();
         let agent = SimAgent::connect(&app, &id, &k).await.unwrap();
         drop(agent);
-        // Wait until the server noticed the session ended.
-        for _ in 0..200 {
-            if !app.ctx.agents.is_connected(&id) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        disconnected(&app, &id).await;
         app.clock.advance(SignedDuration::from_secs(60));
         assert_eq!(
             sweep(&app.ctx, started).await.unwrap().keepalives,
@@ -598,12 +610,7 @@ both!(
         // the warning period to come back, then are judged.
         let (id2, k2) = enrolled(&app, "cache-2", 52).await;
         drop(SimAgent::connect(&app, &id2, &k2).await.unwrap());
-        for _ in 0..200 {
-            if !app.ctx.agents.is_connected(&id2) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        disconnected(&app, &id2).await;
         app.clock.advance(SignedDuration::from_secs(600));
         let restarted = app.ctx.now();
         assert_eq!(
@@ -648,28 +655,14 @@ both!(a_silent_check_trips_its_ttl, |app| async move {
         0,
         "fires once"
     );
-    let obs = app.get("/api/v1/systems/batch-1-host/observations").await;
-    let backup = obs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["check"] == "backup")
-        .unwrap()
-        .clone();
+    let backup = observation_of(&app, "batch-1-host", "backup").await;
     assert_eq!(backup["state"], "critical");
     assert!(
         backup["output"].as_str().unwrap().contains("TTL"),
         "{backup}"
     );
     agent.send(vec![result(2, "backup", 0, "BACKUP OK")]).await;
-    let obs = app.get("/api/v1/systems/batch-1-host/observations").await;
-    let backup = obs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["check"] == "backup")
-        .unwrap()
-        .clone();
+    let backup = observation_of(&app, "batch-1-host", "backup").await;
     assert_eq!(backup["state"], "ok");
 
     // History is kept for the retention period (30 days), not a fixed count.
@@ -742,7 +735,7 @@ both!(monitoring_routes_state_their_roles, |app| async move {
 });
 
 /// Runs the `aramaki` command line against the app.
-async fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     let (base, token) = (app.base.clone(), app.token.clone());
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
