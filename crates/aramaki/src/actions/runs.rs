@@ -696,3 +696,46 @@ pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run,
     }
     Ok(run)
 }
+
+/// Marks targets that never reported back as `lost` once their request
+/// expired and their timeout passed, so that a vanished agent does not
+/// hold a run (and the concurrency guard) open for ever. Returns how many.
+pub async fn expire_lost(ctx: &Context) -> Result<usize, sqlx::Error> {
+    use sqlx::Row;
+    let now = to_micros(ctx.now());
+    let rows = sqlx::query(
+        "SELECT t.run_id, t.agent_id, r.started_at, a.spec FROM action_run_targets t \
+         JOIN action_runs r ON r.id = t.run_id JOIN actions a ON a.id = r.action_id \
+         WHERE t.state IN ('sent', 'running')",
+    )
+    .fetch_all(ctx.db.reader())
+    .await?;
+    let mut lost = 0;
+    for row in rows {
+        let spec: String = row.try_get("spec")?;
+        let timeout =
+            serde_json::from_str::<super::model::ActionSpec>(&spec).map_or(60, |s| s.timeout);
+        let started: i64 = row.try_get("started_at")?;
+        let give_up = started + (REQUEST_TTL_SECS + i64::from(timeout) + 60) * 1_000_000;
+        if now < give_up {
+            continue;
+        }
+        let (run_id, agent_id): (String, String) =
+            (row.try_get("run_id")?, row.try_get("agent_id")?);
+        let mut tx = ctx.db.begin().await?;
+        sqlx::query(
+            "UPDATE action_run_targets SET state = 'lost', message = $3, finished_at = $4 \
+             WHERE run_id = $1 AND agent_id = $2 AND state IN ('sent', 'running')",
+        )
+        .bind(run_id.as_str())
+        .bind(agent_id.as_str())
+        .bind("no outcome from the agent before its request expired and its timeout passed")
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        run_finished(ctx, &mut tx, &run_id).await?;
+        ctx.commit(tx).await?;
+        lost += 1;
+    }
+    Ok(lost)
+}

@@ -32,6 +32,8 @@ pub struct Swept {
     pub keepalives: usize,
     pub ttls: usize,
     pub purged: u64,
+    /// Action targets that never reported back.
+    pub lost_actions: usize,
 }
 
 /// Runs [`sweep`] every `monitoring.sweep_interval` seconds until stopped.
@@ -63,6 +65,7 @@ pub async fn sweep(ctx: &Context, started: Timestamp) -> Result<Swept, SweepErro
         keepalives: keepalives(ctx, now, started).await?,
         ttls: ttls(ctx, now, started).await?,
         purged: purge(ctx, now).await?,
+        lost_actions: crate::actions::runs::expire_lost(ctx).await?,
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod actions;
 mod actions_e2e;
 mod agent_e2e;
 mod auth;
