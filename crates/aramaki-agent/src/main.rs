@@ -99,8 +99,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let registration = state.registration()?;
             let key = state.key()?;
             let server_key = state.server_key()?;
-            let queue =
-                Queue::open(&state.queue_dir(), config.queue_capacity).with_context(|| {
+            let queue = open_queue(&state.queue_dir(), config.queue_capacity)
+                .await
+                .with_context(|| {
                     format!("cannot open the queue in {}", state.queue_dir().display())
                 })?;
             let shared = Shared::new(queue);
@@ -141,6 +142,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             eprintln!("aramaki-agent: {err}");
             Ok(ExitCode::from(EXIT_REFUSED))
+        }
+    }
+}
+
+/// Opens the queue, waiting up to 10 s for a previous agent process to let
+/// go of it (a restart can race with the old process's last moments, or with
+/// a check it forked that has not exec'd yet).
+async fn open_queue(
+    dir: &std::path::Path,
+    capacity: u64,
+) -> Result<Queue, aramaki_agent::queue::QueueError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Queue::open(dir, capacity) {
+            Err(aramaki_agent::queue::QueueError::Locked { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod commands;
 pub mod http;
 pub mod model;
+pub mod pages;
 pub mod runs;
 pub mod store;
 

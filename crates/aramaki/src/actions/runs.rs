@@ -739,3 +739,47 @@ pub async fn expire_lost(ctx: &Context) -> Result<usize, sqlx::Error> {
     }
     Ok(lost)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(list: &[(&str, &str)]) -> Vec<RunTarget> {
+        list.iter()
+            .map(|(agent, output)| RunTarget {
+                agent_id: (*agent).to_owned(),
+                agent: (*agent).to_owned(),
+                state: "succeeded".into(),
+                exit_code: Some(0),
+                output: (*output).to_owned(),
+                output_size: output.len() as i64,
+                message: String::new(),
+                finished_at: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equal_json_answers_are_one_group_whatever_the_key_order() {
+        let got = group_answers(&done(&[
+            ("web-1", "{\"a\": 1, \"b\": [1, {\"y\": 2, \"x\": 1}]}\n"),
+            ("web-2", "{\"b\":[1,{\"x\":1,\"y\":2}],\"a\":1}"),
+            ("web-3", "{\"a\": 2}"),
+        ]));
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].agents, ["web-1", "web-2"]);
+        assert_eq!(got[1].agents, ["web-3"]);
+    }
+
+    #[test]
+    fn text_answers_compare_trimmed() {
+        let got = group_answers(&done(&[
+            ("a", "6.1.0\n"),
+            ("b", "  6.1.0"),
+            ("c", "{\"not\": \"all json\"}"),
+        ]));
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].agents, ["a", "b"]);
+        assert_eq!(got[0].answer, serde_json::Value::String("6.1.0".into()));
+    }
+}

@@ -54,7 +54,11 @@ pub async fn actions(
     conn: &mut AnyConnection,
     system_ids: Option<&[String]>,
 ) -> Result<Vec<Action>, sqlx::Error> {
-    let sql = format!("SELECT {ACTION_COLUMNS} FROM actions a JOIN systems s ON s.id = a.system_id ORDER BY s.slug, a.name");
+    // Deleted actions that keep their runs are renamed `…#deleted-…`.
+    let sql = format!(
+        "SELECT {ACTION_COLUMNS} FROM actions a JOIN systems s ON s.id = a.system_id \
+         WHERE a.name NOT LIKE '%#deleted-%' ORDER BY s.slug, a.name"
+    );
     let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
     let all = rows
         .iter()

@@ -19,6 +19,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .merge(super::forms::routes())
         .merge(crate::monitoring::pages::routes())
+        .merge(crate::actions::pages::routes())
         .route("/", get(dashboard))
         .route("/systems/{slug}", get(system_page))
         .route("/systems/{slug}/notes", axum::routing::post(add_note))
@@ -229,6 +230,8 @@ struct SystemPage {
     status_html: String,
     /// Observations and checks, rendered by `monitoring::pages`.
     monitoring_html: String,
+    /// Actions and their last runs, rendered by `actions::pages`.
+    actions_html: String,
     handbook_html: String,
     description_html: String,
     contacts: Vec<crate::systems::model::Contact>,
@@ -345,6 +348,7 @@ async fn system_page(
         drop(conn);
         let status = super::status::status(&ctx, &slug).await?;
         let monitoring_html = crate::monitoring::pages::section(&ctx, &session, &id, &slug).await?;
+        let actions_html = crate::actions::pages::section(&ctx, &session, &id, &slug, role).await?;
         let closure = graph.closure(&id);
         let (mut events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
         let previous = super::store::visit(&ctx, &session.principal.user_id, &id).await?;
@@ -365,6 +369,7 @@ async fn system_page(
             selector: system.selector.as_ref().map(|s| s.to_string()),
             status_html: layers_html(&status.top, true),
             monitoring_html,
+            actions_html,
             handbook_html: crate::ui::markdown(&system.handbook),
             description_html: crate::ui::markdown(&system.description),
             contacts: system.contacts.clone(),

@@ -155,14 +155,27 @@ impl AgentHost {
     }
 
     /// Pushes a Sensu 1.x result on the TCP socket; returns the answer.
+    /// A connection that ends without an answer was not accepted (right
+    /// after an agent restart, a check forked by the old process can hold
+    /// its listening socket until it execs): like any client, try again.
     async fn push_tcp(&self, body: Value) -> String {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.push_tcp))
-            .await
-            .unwrap();
-        s.write_all(body.to_string().as_bytes()).await.unwrap();
+        for _ in 0..50 {
+            if let Ok(answer) = self.push_tcp_once(&body).await {
+                if !answer.is_empty() {
+                    return answer;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the agent never answered a push")
+    }
+
+    async fn push_tcp_once(&self, body: &Value) -> std::io::Result<String> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.push_tcp)).await?;
+        s.write_all(body.to_string().as_bytes()).await?;
         let mut answer = String::new();
-        s.read_to_string(&mut answer).await.unwrap();
-        answer
+        s.read_to_string(&mut answer).await?;
+        Ok(answer)
     }
 }
 

@@ -603,3 +603,69 @@ async fn an_admin_reads_a_checks_history_and_the_agents() {
     )));
     b.screenshot("agents.png").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_an_action_and_watches_its_output_live() {
+    use crate::agent_e2e::{enroll, eventually, AgentHost};
+    let app = TestApp::start(Backend::Sqlite).await;
+    // Also sets the clock to now: the agent judges request expiry by its own.
+    estate(&app).await;
+    let host = AgentHost::new();
+    host.configure(
+        r#"
+[actions.warm-cache]
+argv = ["/bin/sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.4; done"]
+"#,
+    );
+    let t = crate::monitoring::token(&app, "acme-production", json!({})).await;
+    assert_eq!(enroll(&app.base, &t, &host.state(), "shop-web-1").0, 0);
+    let _agent = host.run();
+    eventually("the agent to connect", || async {
+        let a = app.get("/api/v1/agents/shop-web-1").await;
+        (a["connected"] == true).then_some(())
+    })
+    .await;
+    let (status, body) = app
+        .post(
+            "/api/v1/systems/acme-production/actions",
+            json!({"name": "warm-cache", "title": "Warm the product cache",
+                   "description": "Fetches the top pages so that the first customers get them fast. *Safe at any time.*"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+
+    let b = Browser::start().await;
+    b.login(&app.base, "olga", PASSWORD).await;
+    b.goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    b.click("#run-warm-cache button[type=submit]").await;
+    b.find("#run").await;
+    // The output arrives while the run still runs, line by line.
+    let seen = b
+        .script("const done = arguments[0]; const t = Date.now(); (function poll() { const out = document.querySelector('#output-0'); const state = document.querySelector('#run-state'); if (out && out.textContent.includes('line 1')) return done({out: out.textContent, state: state.textContent}); if (Date.now() - t > 15000) return done(null); setTimeout(poll, 20); })();")
+        .await;
+    assert_eq!(seen["state"], "running", "seen live: {seen}");
+    assert!(b.current_url().await.contains("/actions/runs/"));
+    let over = "const done = arguments[0]; const t = Date.now(); (function poll() { const out = document.querySelector('#output-0'); const state = document.querySelector('#run-state'); if (state && state.textContent !== 'running') return done({out: out.textContent, state: state.textContent}); if (Date.now() - t > 15000) return done(null); setTimeout(poll, 50); })();";
+    let end = b.script(over).await;
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(end["out"], "line 1\nline 2\nline 3\n", "{end}");
+
+    // Running it again at once asks first, naming who ran it and when.
+    b.goto(&format!("{}/systems/acme-production", app.base))
+        .await;
+    b.click("#run-warm-cache button[type=submit]").await;
+    let question = b.text("#run-warm-cache .confirm").await;
+    assert!(
+        question.contains("by Olga Operator") && question.contains("s ago"),
+        "{question}"
+    );
+    assert!(b.current_url().await.ends_with("/systems/acme-production"));
+    b.click("#run-warm-cache button[type=submit]").await;
+    // htmx is told to go to the new run's page.
+    b.find("#run").await;
+    let end = b.script(over).await;
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert!(end["out"].as_str().unwrap().contains("line 3"), "{end}");
+    b.screenshot("action-run.png").await;
+}

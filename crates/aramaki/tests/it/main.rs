@@ -7,6 +7,7 @@ mod support;
 
 mod actions;
 mod actions_e2e;
+mod actions_pages;
 mod agent_e2e;
 mod auth;
 mod bad_input;
