@@ -33,6 +33,7 @@ use crate::web::AppState;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/systems/{slug}/actions/{name}/run", post(run_action))
+        .route("/systems/{slug}/actions", post(define_action))
         .route("/actions/runs/{id}", get(run_page))
         .route("/actions/runs/{id}/stream", get(run_stream))
         .route("/actions/runs/{id}/cancel", post(cancel_run))
@@ -280,7 +281,32 @@ struct ActionCard {
 struct Section {
     csrf: String,
     actions: Vec<ActionCard>,
+    /// For admins of the system: defining (or redefining) an action.
+    define: Option<DefineForm>,
 }
+
+/// The JSON definition form, with the error of a refused attempt.
+#[derive(Debug, Clone)]
+struct DefineForm {
+    slug: String,
+    spec: String,
+    error: Option<String>,
+}
+
+/// What the form starts with: every rule, so that it can be edited in place.
+const SPEC_TEMPLATE: &str = r#"{
+  "name": "flush-cache",
+  "title": "Flush the cache",
+  "description": "What it does, and when to use it.",
+  "params": [{"name": "path", "type": "string", "pattern": "/[A-Za-z0-9/._-]*", "default": "/"}],
+  "role": "operator",
+  "timeout": 60,
+  "concurrency": 1,
+  "confirm_within_minutes": 30,
+  "windows": [],
+  "timezone": "UTC",
+  "read_only": false
+}"#;
 
 /// The actions of a system, as HTML for its page. Role: viewer on the
 /// system (checked by the caller, who passes the role) sees them and their
@@ -335,11 +361,82 @@ pub async fn section(
     let section = Section {
         csrf: session.csrf.clone(),
         actions,
+        define: (role >= Role::Admin).then(|| DefineForm {
+            slug: slug.to_owned(),
+            spec: SPEC_TEMPLATE.to_owned(),
+            error: None,
+        }),
     };
     Ok(section.render().unwrap_or_else(|e| {
         tracing::error!(error = %e, "actions section failed");
         "<p class=\"error\">Actions could not be shown; this has been logged.</p>".to_owned()
     }))
+}
+
+#[derive(Template)]
+#[template(path = "actions/define_page.html")]
+struct DefinePage {
+    user: Option<String>,
+    csrf: String,
+    define: DefineForm,
+}
+
+#[derive(Deserialize)]
+struct DefineInput {
+    #[serde(default)]
+    csrf: String,
+    spec: String,
+}
+
+/// Defines or redefines an action from its JSON on the system page; a
+/// refused definition comes back (422) with the problem named. Role: admin
+/// on the system.
+async fn define_action(
+    State(ctx): State<AppState>,
+    Page(session): Page,
+    Path(slug): Path<String>,
+    headers: HeaderMap,
+    Form(input): Form<DefineInput>,
+) -> Response {
+    if let Err(refused) = check_form(&session, &headers, Some(&input.csrf)) {
+        return refused.into_response();
+    }
+    let access = match role_on(&ctx, &session, &slug).await {
+        Ok(Some((access, _, role))) if role >= Role::Admin => access,
+        Ok(Some(_)) => {
+            return forbidden(
+                &session,
+                "defining actions needs the admin role on this system",
+            )
+        }
+        Ok(None) => return not_found(&session, &format!("system '{slug}'")),
+        Err(e) => return page_error(&e),
+    };
+    let again = |error: String| {
+        let page = DefinePage {
+            user: Some(session.principal.display_name.clone()),
+            csrf: session.csrf.clone(),
+            define: DefineForm {
+                slug: slug.clone(),
+                spec: input.spec.clone(),
+                error: Some(error),
+            },
+        };
+        render(StatusCode::UNPROCESSABLE_ENTITY, &page)
+    };
+    let spec: super::model::ActionSpec = match serde_json::from_str(&input.spec) {
+        Ok(spec) => spec,
+        Err(e) => return again(format!("the definition is not valid: {e}")),
+    };
+    match super::save(&ctx, &access.actor(), &slug, spec, true).await {
+        Ok((action, _)) => go_to(
+            &headers,
+            &format!("/systems/{}#action-{}", encode(&slug), action.spec.name),
+        ),
+        Err(ActionError::Invalid(i)) => again(format!("{}: {}", i.field, i.message)),
+        Err(ActionError::Db(e)) => page_error(&e),
+        Err(e) => again(e.to_string()),
+    }
 }
 
 #[derive(Template)]

@@ -2,12 +2,13 @@
 //! with a cookie session, run through a real agent.
 
 use aramaki::users::{self, Role};
-use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION};
 use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::agent_e2e::{enroll, eventually, AgentHost, Proc};
 use crate::monitoring::token;
+use crate::monitoring_pages::{get, logged_in, post};
 use crate::pages::{browser, csrf_of};
 use crate::support::{tester, Backend, TestApp};
 
@@ -76,55 +77,6 @@ argv = ["/bin/echo", '{"os": "debian", "cores": [2, 4]}']
         _host: host,
         _agent: agent,
     }
-}
-
-/// Creates a user with an instance-wide `role` (or none) and logs them in;
-/// returns the session cookie.
-async fn logged_in(app: &TestApp, name: &str, role: Option<Role>) -> String {
-    users::create_user(
-        &app.ctx,
-        &tester(),
-        name,
-        name,
-        role,
-        "correct horse battery",
-        false,
-    )
-    .await
-    .unwrap();
-    let resp = browser()
-        .post(app.url("/login"))
-        .form(&[
-            ("username", name),
-            ("password", "correct horse battery"),
-            ("next", "/"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "login {name}");
-    let set = resp.headers()[SET_COOKIE].to_str().unwrap().to_owned();
-    set.split(';').next().unwrap().to_owned()
-}
-
-async fn get(app: &TestApp, path: &str, cookie: &str) -> (StatusCode, String) {
-    let resp = browser()
-        .get(app.url(path))
-        .header(COOKIE, cookie)
-        .send()
-        .await
-        .unwrap();
-    (resp.status(), resp.text().await.unwrap())
-}
-
-async fn post(app: &TestApp, path: &str, cookie: &str, form: &[(&str, &str)]) -> reqwest::Response {
-    browser()
-        .post(app.url(path))
-        .header(COOKIE, cookie)
-        .form(form)
-        .send()
-        .await
-        .unwrap()
 }
 
 /// The part of a page from `from` to the next `to`.
@@ -414,4 +366,100 @@ async fn equal_answers_of_a_read_only_run_are_grouped() {
         "{answers}"
     );
     assert_eq!(answers.matches("<pre").count(), 2, "{answers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_define_actions_on_the_system_page() {
+    let b = bench().await;
+    let app = &b.app;
+    let admin = logged_in(app, "ada", Some(Role::Admin)).await;
+    let operator = logged_in(app, "olga", Some(Role::Operator)).await;
+    let (_, page) = get(app, "/systems/ops-box", &operator).await;
+    assert!(
+        !page.contains("action-spec"),
+        "operators get no definition form"
+    );
+    let (_, page) = get(app, "/systems/ops-box", &admin).await;
+    assert!(
+        page.contains("Define or change an action") && page.contains("flush-cache"),
+        "a template to start from"
+    );
+    let csrf = csrf_of(&page);
+
+    // Refused definitions come back with the problem named, writing nothing.
+    for (spec, problem) in [
+        ("{not json", "not valid"),
+        (
+            r#"{"name": "greet", "title": "Greet", "role": "root"}"#,
+            "role",
+        ),
+        (
+            r#"{"name": "greet", "title": "Greet", "params": [{"name": "who", "type": "colour"}]}"#,
+            "colour",
+        ),
+    ] {
+        let r = post(
+            app,
+            "/systems/ops-box/actions",
+            &admin,
+            &[("csrf", csrf.as_str()), ("spec", spec)],
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{spec}");
+        let html = r.text().await.unwrap();
+        assert!(
+            html.contains("action-spec-error") && html.contains(problem),
+            "{spec}: {html}"
+        );
+    }
+    let spec = r#"{"name": "greet", "title": "Greet someone", "params": [{"name": "who", "type": "string", "pattern": "[a-z]+"}]}"#;
+    let r = post(
+        app,
+        "/systems/ops-box/actions",
+        &operator,
+        &[
+            (
+                "csrf",
+                csrf_of(&get(app, "/systems/ops-box", &operator).await.1).as_str(),
+            ),
+            ("spec", spec),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "operators may not define"
+    );
+    let r = post(app, "/systems/ops-box/actions", &admin, &[("spec", spec)]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "no CSRF token, no change"
+    );
+    assert_eq!(
+        app.call(
+            reqwest::Method::GET,
+            "/api/v1/systems/ops-box/actions/greet",
+            None
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    let r = post(
+        app,
+        "/systems/ops-box/actions",
+        &admin,
+        &[("csrf", csrf.as_str()), ("spec", spec)],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let defined = app.get("/api/v1/systems/ops-box/actions/greet").await;
+    assert_eq!(defined["title"], "Greet someone");
+    let (_, page) = get(app, "/systems/ops-box", &operator).await;
+    assert!(
+        page.contains("Greet someone"),
+        "the new action is on the page"
+    );
 }

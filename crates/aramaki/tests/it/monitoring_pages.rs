@@ -17,7 +17,7 @@ use crate::support::{start_time, tester, TestApp};
 
 /// Creates a user with an instance-wide `role` (or none) and logs them in;
 /// returns the session cookie.
-async fn logged_in(app: &TestApp, name: &str, role: Option<Role>) -> String {
+pub(crate) async fn logged_in(app: &TestApp, name: &str, role: Option<Role>) -> String {
     users::create_user(
         &app.ctx,
         &tester(),
@@ -44,7 +44,7 @@ async fn logged_in(app: &TestApp, name: &str, role: Option<Role>) -> String {
     set.split(';').next().unwrap().to_owned()
 }
 
-async fn get(app: &TestApp, path: &str, cookie: &str) -> (StatusCode, String) {
+pub(crate) async fn get(app: &TestApp, path: &str, cookie: &str) -> (StatusCode, String) {
     let resp = browser()
         .get(app.url(path))
         .header(COOKIE, cookie)
@@ -54,7 +54,12 @@ async fn get(app: &TestApp, path: &str, cookie: &str) -> (StatusCode, String) {
     (resp.status(), resp.text().await.unwrap())
 }
 
-async fn post(app: &TestApp, path: &str, cookie: &str, form: &[(&str, &str)]) -> reqwest::Response {
+pub(crate) async fn post(
+    app: &TestApp,
+    path: &str,
+    cookie: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
     browser()
         .post(app.url(path))
         .header(COOKIE, cookie)
