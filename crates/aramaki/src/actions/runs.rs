@@ -672,10 +672,12 @@ pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run,
     let (system_id, _) = crate::agents::store::system_by_slug(&mut conn, &run.system)
         .await?
         .unwrap_or_default();
-    if access
-        .role_on(&graph, &system_id)
-        .is_none_or(|r| r < Role::Operator)
-    {
+    let role = access.role_on(&graph, &system_id);
+    if role.is_none() || access.principal().is_none() {
+        // Runs of systems the caller cannot see do not exist for them.
+        return Err(ActionError::UnknownRun(run_id.to_owned()));
+    }
+    if role.is_none_or(|r| r < Role::Operator) {
         return Err(ActionError::Refused {
             code: "forbidden",
             message: "cancelling a run needs the operator role on its system".into(),

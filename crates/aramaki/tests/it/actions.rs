@@ -127,6 +127,25 @@ both!(
             .verify(&action_transcript(&signed.request), &signature)
             .expect("signed with the instance key");
 
+        let stranger = app.user_with_grants("stan", &[]).await;
+        let cancel = format!(
+            "/api/v1/actions/runs/{}/cancel",
+            run["id"].as_str().unwrap()
+        );
+        let (status, _) = app
+            .call_as(&stranger, Method::POST, &cancel, Some(json!({})))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "a run one cannot see does not exist"
+        );
+        let viewer = app.user("val", aramaki::users::Role::Viewer).await;
+        let (status, _) = app
+            .call_as(&viewer, Method::POST, &cancel, Some(json!({})))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+
         // The agent never answers: the run is not held open for ever.
         let started = app.ctx.now();
         assert_eq!(sweep(&app.ctx, started).await.unwrap().lost_actions, 0);
