@@ -127,6 +127,16 @@ impl Db {
         self.write.begin().await
     }
 
+    /// A write transaction that will append to the timeline and change
+    /// other rows: it takes the timeline lock first, so that all such
+    /// transactions lock in one order (timeline, then rows) and two of them
+    /// can never deadlock on PostgreSQL.
+    pub async fn begin_recording(&self) -> Result<Tx, sqlx::Error> {
+        let mut tx = self.write.begin().await?;
+        self.lock_timeline(&mut tx).await?;
+        Ok(tx)
+    }
+
     /// Serialises event appends on PostgreSQL so that `seq` order equals
     /// commit order and a subscriber following `seq` never skips an event
     /// that commits late. SQLite's single writer already guarantees it.

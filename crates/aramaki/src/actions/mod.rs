@@ -74,7 +74,7 @@ pub async fn save(
     replace: bool,
 ) -> Result<(Action, bool), ActionError> {
     spec.validate()?;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let (system_id, slug) = crate::agents::store::system_by_slug(&mut tx, system)
         .await?
         .ok_or_else(|| ActionError::UnknownSystem(system.to_owned()))?;
@@ -124,7 +124,7 @@ pub async fn delete(
     system: &str,
     name: &str,
 ) -> Result<(), ActionError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let (system_id, slug) = crate::agents::store::system_by_slug(&mut tx, system)
         .await?
         .ok_or_else(|| ActionError::UnknownSystem(system.to_owned()))?;

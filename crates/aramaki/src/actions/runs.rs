@@ -140,7 +140,7 @@ async fn refuse(
     details: serde_json::Value,
 ) -> ActionError {
     let recorded = async {
-        let mut tx = ctx.db.begin().await?;
+        let mut tx = ctx.db.begin_recording().await?;
         let mut event = NewEvent::internal(
             "action.refused",
             Severity::Warning,
@@ -355,7 +355,7 @@ pub async fn start(
             })
             .collect(),
     };
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     store::insert_run(&mut tx, &run, &action.id, &action.system_id).await?;
     let names: Vec<&str> = run.targets.iter().map(|t| t.agent.as_str()).collect();
     let (severity, title) = match &override_reason {
@@ -724,7 +724,7 @@ pub async fn expire_lost(ctx: &Context) -> Result<usize, sqlx::Error> {
         }
         let (run_id, agent_id): (String, String) =
             (row.try_get("run_id")?, row.try_get("agent_id")?);
-        let mut tx = ctx.db.begin().await?;
+        let mut tx = ctx.db.begin_recording().await?;
         sqlx::query(
             "UPDATE action_run_targets SET state = 'lost', message = $3, finished_at = $4 \
              WHERE run_id = $1 AND agent_id = $2 AND state IN ('sent', 'running')",

@@ -156,7 +156,7 @@ pub async fn issue_token(
     let secret = base32(&random::<32>()?).to_ascii_lowercase();
     let now = ctx.now();
     let expires = now.checked_add(ttl).unwrap_or(now);
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let (system_id, slug) = store::system_by_slug(&mut tx, system)
         .await?
         .ok_or_else(|| AgentError::UnknownSystem(system.to_owned()))?;
@@ -233,7 +233,7 @@ pub async fn enroll(
     parse_key(public_key)?;
     validate_agent_name(name)?;
     let now = to_micros(ctx.now());
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let row = store::token(&mut tx, &token.id)
         .await?
         .ok_or_else(|| AgentError::refused(Refusal::TokenInvalid, "no such enrollment token"))?;
@@ -339,7 +339,7 @@ pub fn validate_agent_name(name: &str) -> Result<(), AgentError> {
 
 /// Revokes an agent: its socket closes now and its key is refused from then on.
 pub async fn revoke(ctx: &Context, actor: &Actor, id_or_name: &str) -> Result<Agent, AgentError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let agent = store::find(&mut tx, id_or_name)
         .await?
         .ok_or_else(|| AgentError::NotFound(id_or_name.to_owned()))?;
@@ -376,7 +376,7 @@ pub async fn allow_reenroll(
     actor: &Actor,
     id_or_name: &str,
 ) -> Result<Agent, AgentError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let agent = store::find(&mut tx, id_or_name)
         .await?
         .ok_or_else(|| AgentError::NotFound(id_or_name.to_owned()))?;
@@ -403,7 +403,7 @@ pub async fn allow_reenroll(
 
 /// Revokes an enrollment token (agents already enrolled stay enrolled).
 pub async fn revoke_token(ctx: &Context, actor: &Actor, id: &str) -> Result<(), AgentError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     let info = store::token_info(&mut tx, id)
         .await?
         .ok_or_else(|| AgentError::UnknownToken(id.to_owned()))?;

@@ -254,7 +254,7 @@ impl Writer {
         batch: Vec<Item>,
         answers: &mut Vec<Answer>,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = self.ctx.db.begin_recording().await?;
         let now = to_micros(self.ctx.now());
         let mut wrote_events = false;
         let (mut committed, mut duplicates) = (0u64, 0u64);

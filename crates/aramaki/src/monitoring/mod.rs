@@ -130,7 +130,7 @@ pub async fn save_check(
     spec: CheckSpec,
     replace: bool,
 ) -> Result<(Check, bool), MonitoringError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     validate_target(&mut tx, &spec).await?;
     let now = ctx.now();
     let existing = store::check(&mut tx, &spec.name).await?;
@@ -181,7 +181,7 @@ pub async fn save_check(
 }
 
 pub async fn delete_check(ctx: &Context, actor: &Actor, name: &str) -> Result<(), MonitoringError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_recording().await?;
     if !store::delete_check(&mut tx, name).await? {
         return Err(MonitoringError::NotFound(name.to_owned()));
     }
