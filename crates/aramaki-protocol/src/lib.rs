@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cron;
+pub mod federation;
 pub mod keys;
 
 use std::fmt;

@@ -68,12 +68,17 @@ impl Default for MonitoringConfig {
 pub struct InstanceConfig {
     /// Human name of this instance, shown to peers and in the UI.
     pub name: String,
+    /// The URL peers and agents reach this instance at (default:
+    /// `http://<server.listen>`).
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 impl Default for InstanceConfig {
     fn default() -> Self {
         InstanceConfig {
             name: "aramaki".into(),
+            url: None,
         }
     }
 }
@@ -277,6 +282,14 @@ impl Config {
                 file.display()
             )));
         }
+        if let Some(url) = &self.instance.url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid value for key `instance.url` in {}: expected a URL starting with https:// or http://, found {url:?}",
+                    file.display()
+                )));
+            }
+        }
         if self.instance.name.trim().is_empty() {
             return Err(ConfigError::Invalid(format!(
                 "invalid value for key `instance.name` in {}: expected a non-empty name",
@@ -372,6 +385,9 @@ pub fn default_file_text() -> String {
 [instance]
 # The name peers and users see for this instance.
 name = "aramaki"
+# The URL peers reach it at, e.g. "https://aramaki.example.org"
+# (default: http:// and server.listen).
+# url = "https://aramaki.example.org"
 
 [server]
 # Address and port the HTTP server listens on.
@@ -459,6 +475,28 @@ mod tests {
         assert!(err.contains("server.listen"), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("socket address"), "{err}");
+    }
+
+    #[test]
+    fn monitoring_and_instance_values_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        for (text, key) in [
+            ("[instance]\nurl = \"aramaki.example\"\n", "instance.url"),
+            (
+                "[monitoring]\nkeepalive_warning = 300\nkeepalive_critical = 120\n",
+                "monitoring.keepalive_critical",
+            ),
+            ("[monitoring]\nheartbeat = 500\n", "monitoring.heartbeat"),
+            (
+                "[monitoring]\nretention_days = 0\n",
+                "monitoring.retention_days",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(&path, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -322,6 +322,7 @@ pub fn app(ctx: AppState) -> Router {
         .merge(crate::users::pages::routes())
         .merge(crate::systems::pages::routes())
         .merge(crate::agents::pages::routes())
+        .merge(crate::federation::http::routes())
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || {

@@ -1,4 +1,6 @@
-//! Federation between instances. For now only the instance's identity; peers,
-//! envelopes and routing arrive with the federation issue.
+//! Federation between instances. So far the instance's identity and its
+//! self-signed description at `/.well-known/aramaki`; peers, envelopes and
+//! routing follow.
 
+pub mod http;
 pub mod identity;

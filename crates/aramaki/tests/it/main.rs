@@ -14,6 +14,7 @@ mod bad_input;
 mod binary;
 mod browser;
 mod demo;
+mod federation;
 mod monitoring;
 mod monitoring_pages;
 mod pages;
