@@ -100,3 +100,139 @@ mod tests {
         assert_ne!(t, document_transcript(&other));
     }
 }
+
+/// Every message between instances: signed by the issuer over
+/// [`Envelope::signing_bytes`] (a canonical encoding of everything but the
+/// signature), for one audience, valid for a short time, never twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub version: u32,
+    /// UUIDv7; the receiver refuses an id it has seen (replay).
+    pub id: String,
+    /// What the body is, such as `use.request` or `activity`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The sending instance's id.
+    pub issuer: String,
+    /// The receiving instance's id.
+    pub audience: String,
+    /// µs since the Unix epoch.
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub body: serde_json::Value,
+    /// Ed25519 over [`Envelope::signing_bytes`], hex.
+    pub signature: String,
+}
+
+impl Envelope {
+    /// The bytes the issuer signs: a domain, then each field but the
+    /// signature, length-prefixed; the body as canonical JSON.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let parts: [Vec<u8>; 8] = [
+            b"aramaki-envelope-v1".to_vec(),
+            self.version.to_be_bytes().to_vec(),
+            self.id.as_bytes().to_vec(),
+            self.kind.as_bytes().to_vec(),
+            self.issuer.as_bytes().to_vec(),
+            self.audience.as_bytes().to_vec(),
+            [self.issued_at.to_be_bytes(), self.expires_at.to_be_bytes()].concat(),
+            canonical_json(&self.body).into_bytes(),
+        ];
+        let mut out = Vec::new();
+        for part in parts {
+            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            out.extend_from_slice(&part);
+        }
+        out
+    }
+}
+
+/// JSON with object keys sorted at every level and no insignificant
+/// whitespace, so that both sides sign and verify the same bytes whatever
+/// order a map was built in.
+pub fn canonical_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            let inner: Vec<String> = entries
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical_json(v)))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        Value::Array(items) => {
+            let inner: Vec<String> = items.iter().map(canonical_json).collect();
+            format!("[{}]", inner.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            version: FEDERATION_VERSION,
+            id: "01a2".into(),
+            kind: "activity".into(),
+            issuer: "a".into(),
+            audience: "b".into(),
+            issued_at: 10,
+            expires_at: 20,
+            body: json!({"b": 1, "a": [true, {"y": null, "x": "é"}]}),
+            signature: String::new(),
+        }
+    }
+
+    #[test]
+    fn canonical_json_ignores_key_order_and_spacing() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1, "a":[true,{"y":null,"x":"é"}]}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{ "a" : [ true , { "x" : "é" , "y" : null } ] , "b" : 1 }"#)
+                .unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":[true,{"x":"é","y":null}],"b":1}"#
+        );
+    }
+
+    #[test]
+    fn every_field_but_the_signature_is_signed() {
+        let e = envelope();
+        let bytes = e.signing_bytes();
+        let mut signed = e.clone();
+        signed.signature = "ff".into();
+        assert_eq!(bytes, signed.signing_bytes());
+        let changes: [fn(&mut Envelope); 7] = [
+            |e| e.id.push('x'),
+            |e| e.kind.push('x'),
+            |e| e.issuer.push('x'),
+            |e| e.audience.push('x'),
+            |e| e.issued_at += 1,
+            |e| e.expires_at += 1,
+            |e| e.body["b"] = json!(2),
+        ];
+        for change in changes {
+            let mut other = e.clone();
+            change(&mut other);
+            assert_ne!(bytes, other.signing_bytes());
+        }
+    }
+
+    #[test]
+    fn envelopes_are_strict_on_the_wire() {
+        let text = serde_json::to_string(&envelope()).unwrap();
+        assert!(text.contains(r#""type":"activity""#));
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["extra"] = json!(1);
+        assert!(serde_json::from_value::<Envelope>(v).is_err());
+    }
+}

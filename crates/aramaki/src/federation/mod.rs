@@ -2,5 +2,6 @@
 //! self-signed description at `/.well-known/aramaki`; peers, envelopes and
 //! routing follow.
 
+pub mod envelope;
 pub mod http;
 pub mod identity;

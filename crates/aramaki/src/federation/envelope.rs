@@ -1,0 +1,290 @@
+//! Sealing and opening envelopes between instances.
+//!
+//! Opening checks, in this order: size, shape, audience, issuer is a peer
+//! that may talk (a suspended or revoked peer is refused before any
+//! signature work), signature against its pinned key, issue time within
+//! ±5 minutes, expiry, and last the id against the ids seen — only after
+//! the signature verified, so a forger cannot fill the seen-set.
+
+use aramaki_protocol::federation::{Envelope, FEDERATION_VERSION};
+use aramaki_protocol::keys::{hex, unhex_array};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+
+use super::identity::Identity;
+
+/// Largest envelope accepted, in bytes.
+pub const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
+/// How far an envelope's issue time may be from our clock.
+pub const MAX_SKEW_MICROS: i64 = 5 * 60 * 1_000_000;
+
+/// Where a peering stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Pending,
+    Active,
+    Unreachable,
+    Suspended,
+    Revoked,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Pending => "pending",
+            PeerState::Active => "active",
+            PeerState::Unreachable => "unreachable",
+            PeerState::Suspended => "suspended",
+            PeerState::Revoked => "revoked",
+        }
+    }
+
+    /// Whether messages from a peer in this state are read at all.
+    fn may_send(self) -> bool {
+        matches!(self, PeerState::Active | PeerState::Unreachable)
+    }
+}
+
+/// A peer as the receiver knows it: its state and pinned key.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub instance_id: String,
+    pub state: PeerState,
+    pub key: VerifyingKey,
+}
+
+/// Why an envelope was not accepted; each is logged and counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the envelope is larger than {MAX_ENVELOPE_BYTES} bytes")]
+    TooLarge,
+    #[error("not an envelope: {0}")]
+    Malformed(String),
+    #[error("envelope version {0} is not supported")]
+    Version(u32),
+    #[error("the envelope is for {0}, not for this instance")]
+    WrongAudience(String),
+    #[error("{0} is not a peer of this instance")]
+    NotAPeer(String),
+    #[error("peer {0} is {1}")]
+    PeerBlocked(String, &'static str),
+    #[error("the signature does not verify against the peer's pinned key")]
+    BadSignature,
+    #[error("issued {0} s away from this instance's clock (at most 300 s)")]
+    Skewed(i64),
+    #[error("the envelope expired")]
+    Expired,
+    #[error("envelope {0} was seen before (replay)")]
+    Replayed(String),
+}
+
+/// Signs an envelope from this instance to `audience`.
+pub fn seal(
+    me: &Identity,
+    audience: &str,
+    kind: &str,
+    body: serde_json::Value,
+    now: i64,
+    ttl_micros: i64,
+) -> Envelope {
+    let mut envelope = Envelope {
+        version: FEDERATION_VERSION,
+        id: crate::db::new_id().to_string(),
+        kind: kind.to_owned(),
+        issuer: me.instance_id.clone(),
+        audience: audience.to_owned(),
+        issued_at: now,
+        expires_at: now.saturating_add(ttl_micros),
+        body,
+        signature: String::new(),
+    };
+    envelope.signature = hex(&me.sign(&envelope.signing_bytes()).to_bytes());
+    envelope
+}
+
+/// Opens a received envelope. `peer` looks an issuer up; `first_time`
+/// records an id (until its expiry) and says whether it is new.
+pub fn open(
+    raw: &[u8],
+    me: &str,
+    now: i64,
+    peer: impl Fn(&str) -> Option<Peer>,
+    mut first_time: impl FnMut(&str, i64) -> bool,
+) -> Result<Envelope, Refused> {
+    if raw.len() > MAX_ENVELOPE_BYTES {
+        return Err(Refused::TooLarge);
+    }
+    let envelope: Envelope =
+        serde_json::from_slice(raw).map_err(|e| Refused::Malformed(e.to_string()))?;
+    if envelope.version != FEDERATION_VERSION {
+        return Err(Refused::Version(envelope.version));
+    }
+    if envelope.audience != me {
+        return Err(Refused::WrongAudience(envelope.audience.clone()));
+    }
+    let sender =
+        peer(&envelope.issuer).ok_or_else(|| Refused::NotAPeer(envelope.issuer.clone()))?;
+    if !sender.state.may_send() {
+        return Err(Refused::PeerBlocked(
+            envelope.issuer.clone(),
+            sender.state.as_str(),
+        ));
+    }
+    let signature = unhex_array::<64>(&envelope.signature)
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or(Refused::BadSignature)?;
+    sender
+        .key
+        .verify(&envelope.signing_bytes(), &signature)
+        .map_err(|_| Refused::BadSignature)?;
+    let skew = envelope.issued_at - now;
+    if skew.abs() > MAX_SKEW_MICROS {
+        return Err(Refused::Skewed(skew / 1_000_000));
+    }
+    if envelope.expires_at <= now {
+        return Err(Refused::Expired);
+    }
+    if !first_time(&envelope.id, envelope.expires_at) {
+        return Err(Refused::Replayed(envelope.id.clone()));
+    }
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use ed25519_dalek::SigningKey;
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000_000;
+    const MINUTE: i64 = 60_000_000;
+
+    fn instance(id: &str, seed: u8) -> Identity {
+        Identity::new(id.into(), id.into(), SigningKey::from_bytes(&[seed; 32]))
+    }
+
+    fn peers(a: &Identity, state: PeerState) -> impl Fn(&str) -> Option<Peer> + '_ {
+        move |id| {
+            (id == a.instance_id).then(|| Peer {
+                instance_id: id.to_owned(),
+                state,
+                key: a.public_key(),
+            })
+        }
+    }
+
+    fn raw(e: &Envelope) -> Vec<u8> {
+        serde_json::to_vec(e).unwrap()
+    }
+
+    #[test]
+    fn a_sealed_envelope_opens_once() {
+        let a = instance("a", 1);
+        let sealed = seal(
+            &a,
+            "b",
+            "activity",
+            json!({"system": "storage"}),
+            NOW,
+            MINUTE,
+        );
+        let mut seen = HashSet::new();
+        let mut first = |id: &str, _| seen.insert(id.to_owned());
+        let opened = open(
+            &raw(&sealed),
+            "b",
+            NOW,
+            peers(&a, PeerState::Active),
+            &mut first,
+        )
+        .unwrap();
+        assert_eq!(opened.body["system"], "storage");
+        let again = open(
+            &raw(&sealed),
+            "b",
+            NOW,
+            peers(&a, PeerState::Active),
+            &mut first,
+        );
+        assert_eq!(again, Err(Refused::Replayed(sealed.id.clone())));
+    }
+
+    #[test]
+    fn every_way_to_be_wrong_is_refused_with_its_reason() {
+        let a = instance("a", 1);
+        let mallory = instance("a", 9);
+        let ok = |_: &str, _| true;
+        let good = seal(&a, "b", "activity", json!({}), NOW, MINUTE);
+        let active = || peers(&a, PeerState::Active);
+
+        let forged = seal(&mallory, "b", "activity", json!({}), NOW, MINUTE);
+        assert_eq!(
+            open(&raw(&forged), "b", NOW, active(), ok),
+            Err(Refused::BadSignature)
+        );
+        let mut tampered = good.clone();
+        tampered.body = json!({"system": "elsewhere"});
+        assert_eq!(
+            open(&raw(&tampered), "b", NOW, active(), ok),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            open(&raw(&good), "c", NOW, active(), ok),
+            Err(Refused::WrongAudience("b".into()))
+        );
+        let stranger = seal(&instance("z", 3), "b", "activity", json!({}), NOW, MINUTE);
+        assert_eq!(
+            open(&raw(&stranger), "b", NOW, active(), ok),
+            Err(Refused::NotAPeer("z".into()))
+        );
+        for state in [PeerState::Suspended, PeerState::Revoked, PeerState::Pending] {
+            assert!(matches!(
+                open(&raw(&good), "b", NOW, peers(&a, state), ok),
+                Err(Refused::PeerBlocked(_, _))
+            ));
+        }
+        let early = seal(
+            &a,
+            "b",
+            "activity",
+            json!({}),
+            NOW + 10 * MINUTE,
+            20 * MINUTE,
+        );
+        assert!(matches!(
+            open(&raw(&early), "b", NOW, active(), ok),
+            Err(Refused::Skewed(_))
+        ));
+        let stale = seal(&a, "b", "activity", json!({}), NOW - 2 * MINUTE, MINUTE);
+        assert_eq!(
+            open(&raw(&stale), "b", NOW, active(), ok),
+            Err(Refused::Expired)
+        );
+        assert!(matches!(
+            open(b"{}", "b", NOW, active(), ok),
+            Err(Refused::Malformed(_))
+        ));
+        let huge = vec![b' '; MAX_ENVELOPE_BYTES + 1];
+        assert_eq!(open(&huge, "b", NOW, active(), ok), Err(Refused::TooLarge));
+    }
+
+    #[test]
+    fn forgeries_do_not_fill_the_seen_set() {
+        let a = instance("a", 1);
+        let mut forged = seal(&a, "b", "activity", json!({}), NOW, MINUTE);
+        forged.body = json!({"x": 1});
+        let mut seen = HashSet::new();
+        let mut first = |id: &str, _| seen.insert(id.to_owned());
+        assert!(open(
+            &raw(&forged),
+            "b",
+            NOW,
+            peers(&a, PeerState::Active),
+            &mut first
+        )
+        .is_err());
+        assert!(seen.is_empty());
+    }
+}
