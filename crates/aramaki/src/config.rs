@@ -33,6 +33,17 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub monitoring: MonitoringConfig,
+    #[serde(default)]
+    pub federation: FederationConfig,
+}
+
+/// Peering with other instances.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Instances that join with a valid invite become active peers without
+    /// an admin's approval. Default: they wait as pending.
+    pub auto_approve: bool,
 }
 
 /// Agents, results and keepalives.
@@ -196,6 +207,7 @@ impl Default for Config {
             web: WebConfig::default(),
             log: LogConfig::default(),
             monitoring: MonitoringConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -434,6 +446,11 @@ heartbeat = 20
 retention_days = 30
 # Seconds between sweeps for missed keepalives, TTLs and old history.
 sweep_interval = 5
+
+[federation]
+# Instances that join with a valid invite become active peers at once
+# (otherwise they wait, pending, for an admin: aramaki peer approve).
+auto_approve = false
 "#
     )
 }

@@ -89,6 +89,13 @@ enum Command {
         #[command(subcommand)]
         command: aramaki::actions::commands::ActionCommand,
     },
+    /// Peering with other instances.
+    Peer {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: aramaki::federation::commands::PeerCommand,
+    },
     /// Check definitions.
     Check {
         #[command(flatten)]
@@ -244,6 +251,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Action { client, command } => {
             aramaki::actions::commands::run(&cli::Client::new(&client)?, command).await
+        }
+        Command::Peer { client, command } => {
+            aramaki::federation::commands::run(&cli::Client::new(&client)?, command).await
         }
         Command::Check { client, command } => {
             aramaki::monitoring::commands::run(&cli::Client::new(&client)?, command).await

@@ -309,6 +309,7 @@ pub fn app(ctx: AppState) -> Router {
         .merge(crate::agents::http::routes())
         .merge(crate::monitoring::http::routes())
         .merge(crate::actions::http::routes())
+        .merge(crate::federation::http::api())
         .routes(routes!(health));
     let (api_router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)

@@ -134,7 +134,18 @@ impl TestApp {
             .await
             .expect("init");
         let admin = setup.first_admin.expect("first start creates an admin");
-        let app = App::build(setup.context.clone(), "127.0.0.1:0".parse().expect("addr"))
+        // An instance that says where peers reach it listens exactly there.
+        let listen = setup
+            .context
+            .config
+            .instance
+            .url
+            .as_deref()
+            .and_then(|u| u.strip_prefix("http://"))
+            .unwrap_or("127.0.0.1:0")
+            .parse()
+            .expect("addr");
+        let app = App::build(setup.context.clone(), listen)
             .await
             .expect("bind");
         let ctx = app.context();
@@ -149,6 +160,20 @@ impl TestApp {
             shutdown,
             _dir: dir,
         }
+    }
+
+    /// An instance that peers can reach: its `instance.url` is its address.
+    pub async fn start_reachable(name: &str) -> TestApp {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let name = name.to_owned();
+        TestApp::start_tweaked(Backend::Sqlite, move |c| {
+            c.instance.name = name;
+            c.instance.url = Some(format!("http://127.0.0.1:{port}"));
+        })
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,29 @@
+-- Federation: invites, peers with their pinned keys, and the envelope ids
+-- seen (replay protection).
+
+CREATE TABLE peer_invites (
+    id          TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    used_by     TEXT,
+    used_at     BIGINT
+);
+
+CREATE TABLE peers (
+    instance_id TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    url         TEXT NOT NULL,
+    public_key  TEXT NOT NULL,
+    -- pending, active, unreachable, suspended, revoked
+    state       TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL
+);
+
+CREATE TABLE federation_seen (
+    id         TEXT PRIMARY KEY,
+    issuer     TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);

@@ -1,0 +1,136 @@
+//! `aramaki peer …`, as a client of the instance's own API.
+
+use std::io::BufRead;
+
+use anyhow::{anyhow, bail, Result};
+use aramaki_protocol::federation::{SignedDocument, WELL_KNOWN_PATH};
+use clap::Subcommand;
+use serde_json::json;
+
+use super::peers::{verify_document, Invite};
+use crate::cli::{encode, s, table, Client};
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Issue a one-time invite for another instance; printed once.
+    Invite {
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Join the instance that issued INVITE, after confirming its fingerprint.
+    Join {
+        invite: String,
+        /// Do not ask: the fingerprint was compared already.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List peers with their fingerprints and states.
+    List,
+    /// Approve a pending peer.
+    Approve {
+        peer: String,
+    },
+    /// Stop reading a peer's messages (at once) until resumed.
+    Suspend {
+        peer: String,
+    },
+    Resume {
+        peer: String,
+    },
+    /// End a peering for good.
+    Revoke {
+        peer: String,
+    },
+}
+
+pub async fn run(client: &Client, cmd: PeerCommand) -> Result<()> {
+    let change = |peer: &str, what: &str| format!("/peers/{}/{what}", encode(peer));
+    match cmd {
+        PeerCommand::Invite { ttl } => {
+            let v = client.post("/peers/invites", json!({"ttl": ttl})).await?;
+            println!("{}", s(&v, "invite"));
+            eprintln!(
+                "our fingerprint: {} (the other side should see the same); shown once",
+                s(&v, "fingerprint")
+            );
+            Ok(())
+        }
+        PeerCommand::Join { invite, yes } => {
+            let parsed = Invite::parse(&invite)
+                .ok_or_else(|| anyhow!("this is not a peering invite (<url>#aip_…)"))?;
+            let doc: SignedDocument = reqwest::get(format!("{}{WELL_KNOWN_PATH}", parsed.url))
+                .await?
+                .json()
+                .await?;
+            let key = verify_document(&doc)?;
+            let fingerprint = aramaki_protocol::keys::fingerprint(key.as_bytes());
+            if fingerprint.replace('-', "") != parsed.fingerprint {
+                bail!(
+                    "{} presents fingerprint {fingerprint}, not the one in the invite: not joining",
+                    parsed.url
+                );
+            }
+            println!(
+                "{} at {} has fingerprint {fingerprint}",
+                doc.document.name, doc.document.url
+            );
+            if !yes {
+                eprint!("Is this the fingerprint its admin told you? [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    bail!("not joining");
+                }
+            }
+            let v = client
+                .post("/peers/join", json!({"invite": invite}))
+                .await?;
+            println!(
+                "peered with {} ({}); they may need to approve us",
+                s(&v, "name"),
+                s(&v, "state")
+            );
+            Ok(())
+        }
+        PeerCommand::List => {
+            let v = client.get("/peers").await?;
+            if client.json {
+                return client.print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            vec![
+                                s(p, "name"),
+                                s(p, "state"),
+                                s(p, "fingerprint"),
+                                s(p, "url"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!("{}", table(&["NAME", "STATE", "FINGERPRINT", "URL"], &rows));
+            Ok(())
+        }
+        PeerCommand::Approve { peer } => {
+            show(client.post(&change(&peer, "approve"), json!({})).await?)
+        }
+        PeerCommand::Suspend { peer } => {
+            show(client.post(&change(&peer, "suspend"), json!({})).await?)
+        }
+        PeerCommand::Resume { peer } => {
+            show(client.post(&change(&peer, "resume"), json!({})).await?)
+        }
+        PeerCommand::Revoke { peer } => {
+            show(client.post(&change(&peer, "revoke"), json!({})).await?)
+        }
+    }
+}
+
+fn show(v: serde_json::Value) -> Result<()> {
+    println!("{} is now {}", s(&v, "name"), s(&v, "state"));
+    Ok(())
+}

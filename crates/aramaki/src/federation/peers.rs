@@ -1,0 +1,414 @@
+//! Peering: one-time invites, joining with pinned keys both ways, and the
+//! admin's approval, suspension and revocation.
+//!
+//! A invites (`aramaki peer invite`), B joins with the invite: B's server
+//! fetches A's self-signed document, checks it against the fingerprint in
+//! the invite, and sends its own signed document with the invite to A. A
+//! checks the invite and B's self-signature, pins B's key (pending until an
+//! admin approves, unless `federation.auto_approve`), and answers with its
+//! own document, which B pins.
+
+use aramaki_protocol::federation::{document_transcript, SignedDocument, WELL_KNOWN_PATH};
+use aramaki_protocol::keys::{base32, compact_fingerprint, unhex_array};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
+
+use super::envelope::PeerState;
+use crate::context::Context;
+use crate::db::{from_micros, to_micros};
+use crate::timeline::Actor;
+use crate::users::{audit, hash_secret, random_bytes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    #[error("{0}")]
+    Invite(String),
+    #[error("{0}")]
+    Peer(String),
+    #[error("no peer '{0}'")]
+    NotFound(String),
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A peer as listed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PeerInfo {
+    pub instance_id: String,
+    pub name: String,
+    pub url: String,
+    pub fingerprint: String,
+    /// pending, active, unreachable, suspended or revoked.
+    pub state: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: jiff::Timestamp,
+}
+
+/// The body of `POST /api/v1/federation/join`, sent by the joiner's server.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// `aip_<id>_<secret>_<fingerprint>`.
+    pub invite: String,
+    #[schema(value_type = Object)]
+    pub document: SignedDocument,
+}
+
+/// An invite: where to join, and the secret and fingerprint that prove both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    pub url: String,
+    pub id: String,
+    pub secret: String,
+    pub fingerprint: String,
+}
+
+impl Invite {
+    /// `<url>#aip_<id>_<secret>_<fingerprint>`.
+    pub fn parse(s: &str) -> Option<Invite> {
+        let (url, token) = s.trim().split_once('#')?;
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return None;
+        }
+        let (id, secret, fingerprint) = parse_token(token)?;
+        Some(Invite {
+            url: url.trim_end_matches('/').to_owned(),
+            id,
+            secret,
+            fingerprint,
+        })
+    }
+
+    pub fn token(&self) -> String {
+        format!("aip_{}_{}_{}", self.id, self.secret, self.fingerprint)
+    }
+}
+
+impl std::fmt::Display for Invite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.url, self.token())
+    }
+}
+
+fn parse_token(token: &str) -> Option<(String, String, String)> {
+    let mut parts = token.split('_');
+    let (Some("aip"), Some(id), Some(secret), Some(fp), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let plain = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
+    (plain(id) && plain(secret) && plain(fp))
+        .then(|| (id.to_owned(), secret.to_owned(), fp.to_owned()))
+}
+
+/// Checks a self-signed document; returns its key.
+pub fn verify_document(signed: &SignedDocument) -> Result<VerifyingKey, FederationError> {
+    let key = unhex_array::<32>(&signed.document.public_key)
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        .ok_or_else(|| FederationError::Peer("the document carries no valid key".into()))?;
+    let signature = unhex_array::<64>(&signed.signature)
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or_else(|| FederationError::Peer("the document carries no valid signature".into()))?;
+    key.verify(&document_transcript(&signed.document), &signature)
+        .map_err(|_| FederationError::Peer("the document's signature does not verify".into()))?;
+    Ok(key)
+}
+
+/// Issues a one-time invite; only its hash is kept.
+pub async fn invite(
+    ctx: &Context,
+    actor: &Actor,
+    ttl: jiff::SignedDuration,
+) -> Result<Invite, FederationError> {
+    let random = |e: crate::users::UserError| FederationError::Internal(e.to_string());
+    let id = base32(&random_bytes::<5>().map_err(random)?).to_ascii_lowercase();
+    let secret = base32(&random_bytes::<32>().map_err(random)?).to_ascii_lowercase();
+    let now = ctx.now();
+    let expires = now.checked_add(ttl).unwrap_or(now);
+    let mut tx = ctx.db.begin_recording().await?;
+    sqlx::query("INSERT INTO peer_invites (id, secret_hash, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id.as_str())
+        .bind(hash_secret(&secret))
+        .bind(actor.name.as_str())
+        .bind(to_micros(now))
+        .bind(to_micros(expires))
+        .execute(&mut *tx)
+        .await?;
+    audit(
+        ctx,
+        &mut tx,
+        actor,
+        "peer.invited",
+        format!("Issued a peering invite (aip_{id}_…), valid until {expires}"),
+        serde_json::json!({"invite": id}),
+    )
+    .await
+    .map_err(|e| FederationError::Internal(e.to_string()))?;
+    ctx.commit(tx).await?;
+    Ok(Invite {
+        url: super::http::public_url(ctx),
+        id,
+        secret,
+        fingerprint: compact_fingerprint(ctx.identity.public_key().as_bytes()),
+    })
+}
+
+/// On the inviter: takes a join request, pins the joiner's key.
+pub async fn accept_join(
+    ctx: &Context,
+    req: &JoinRequest,
+) -> Result<SignedDocument, FederationError> {
+    let (id, secret, _) = parse_token(&req.invite)
+        .ok_or_else(|| FederationError::Invite("this is not a peering invite".into()))?;
+    let key = verify_document(&req.document)?;
+    let theirs = &req.document.document;
+    if theirs.instance_id == ctx.identity.instance_id {
+        return Err(FederationError::Peer(
+            "an instance cannot peer with itself".into(),
+        ));
+    }
+    let now = to_micros(ctx.now());
+    let mut tx = ctx.db.begin_recording().await?;
+    let row =
+        sqlx::query("SELECT secret_hash, expires_at, used_at FROM peer_invites WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| FederationError::Invite("no such invite".into()))?;
+    let hash: String = row.try_get("secret_hash")?;
+    if !bool::from(hash_secret(&secret).as_bytes().ct_eq(hash.as_bytes())) {
+        return Err(FederationError::Invite("no such invite".into()));
+    }
+    if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
+        return Err(FederationError::Invite(
+            "this invite was used already".into(),
+        ));
+    }
+    if row.try_get::<i64, _>("expires_at")? <= now {
+        return Err(FederationError::Invite("this invite has expired".into()));
+    }
+    if let Some(existing) = sqlx::query("SELECT public_key FROM peers WHERE instance_id = $1")
+        .bind(theirs.instance_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+    {
+        let pinned: String = existing.try_get(0)?;
+        if pinned != theirs.public_key {
+            return Err(FederationError::Peer(
+                "this instance is a peer already, with another key".into(),
+            ));
+        }
+    }
+    let state = if ctx.config.federation.auto_approve {
+        PeerState::Active
+    } else {
+        PeerState::Pending
+    };
+    upsert_peer(&mut tx, &req.document, state, now).await?;
+    sqlx::query("UPDATE peer_invites SET used_by = $2, used_at = $3 WHERE id = $1")
+        .bind(id.as_str())
+        .bind(theirs.instance_id.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let actor = Actor::instance(&theirs.instance_id, &theirs.name);
+    let fp = aramaki_protocol::keys::fingerprint(key.as_bytes());
+    audit(
+        ctx,
+        &mut tx,
+        &actor,
+        "peer.joined",
+        format!(
+            "{} ({}) joined with fingerprint {fp}; {}",
+            theirs.name,
+            theirs.url,
+            state.as_str()
+        ),
+        serde_json::json!({"peer": theirs.instance_id, "fingerprint": fp, "state": state.as_str()}),
+    )
+    .await
+    .map_err(|e| FederationError::Internal(e.to_string()))?;
+    ctx.commit(tx).await?;
+    Ok(super::http::document(ctx))
+}
+
+async fn upsert_peer(
+    tx: &mut crate::db::Tx,
+    doc: &SignedDocument,
+    state: PeerState,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let d = &doc.document;
+    sqlx::query(
+        "INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+         ON CONFLICT (instance_id) DO UPDATE SET name = excluded.name, url = excluded.url, state = excluded.state, updated_at = excluded.updated_at",
+    )
+    .bind(d.instance_id.as_str())
+    .bind(d.name.as_str())
+    .bind(d.url.as_str())
+    .bind(d.public_key.as_str())
+    .bind(state.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// On the joiner: fetches and checks the inviter's document, joins, pins it.
+pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo, FederationError> {
+    let invite = Invite::parse(invite).ok_or_else(|| {
+        FederationError::Invite("this is not a peering invite (<url>#aip_…)".into())
+    })?;
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| FederationError::Internal(e.to_string()))?;
+    let unreachable = |e: reqwest::Error| FederationError::Unreachable {
+        url: invite.url.clone(),
+        reason: e.to_string(),
+    };
+    let theirs: SignedDocument = http
+        .get(format!("{}{WELL_KNOWN_PATH}", invite.url))
+        .send()
+        .await
+        .map_err(unreachable)?
+        .json()
+        .await
+        .map_err(unreachable)?;
+    let key = verify_document(&theirs)?;
+    if compact_fingerprint(key.as_bytes()) != invite.fingerprint {
+        return Err(FederationError::Peer(format!(
+            "the instance at {} has fingerprint {}, not the one in the invite",
+            invite.url,
+            aramaki_protocol::keys::fingerprint(key.as_bytes())
+        )));
+    }
+    let req = JoinRequest {
+        invite: invite.token(),
+        document: super::http::document(ctx),
+    };
+    let resp = http
+        .post(format!("{}/api/v1/federation/join", invite.url))
+        .json(&req)
+        .send()
+        .await
+        .map_err(unreachable)?;
+    if !resp.status().is_success() {
+        let detail = resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        return Err(FederationError::Invite(format!(
+            "{} refused to peer: {detail}",
+            invite.url
+        )));
+    }
+    let answer: SignedDocument = resp.json().await.map_err(unreachable)?;
+    if answer.document.public_key != theirs.document.public_key {
+        return Err(FederationError::Peer(
+            "the inviter answered with another key".into(),
+        ));
+    }
+    verify_document(&answer)?;
+    let now = to_micros(ctx.now());
+    let mut tx = ctx.db.begin_recording().await?;
+    upsert_peer(&mut tx, &answer, PeerState::Active, now).await?;
+    let d = &answer.document;
+    audit(
+        ctx,
+        &mut tx,
+        actor,
+        "peer.added",
+        format!(
+            "Peered with {} ({}), fingerprint {}",
+            d.name, d.url, d.fingerprint
+        ),
+        serde_json::json!({"peer": d.instance_id, "fingerprint": d.fingerprint}),
+    )
+    .await
+    .map_err(|e| FederationError::Internal(e.to_string()))?;
+    ctx.commit(tx).await?;
+    find(ctx, &d.instance_id).await
+}
+
+pub async fn list(ctx: &Context) -> Result<Vec<PeerInfo>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT instance_id, name, url, public_key, state, updated_at FROM peers ORDER BY name",
+    )
+    .fetch_all(ctx.db.reader())
+    .await?;
+    rows.iter().map(peer_from).collect()
+}
+
+fn peer_from(r: &sqlx::any::AnyRow) -> Result<PeerInfo, sqlx::Error> {
+    let key: String = r.try_get("public_key")?;
+    Ok(PeerInfo {
+        instance_id: r.try_get("instance_id")?,
+        name: r.try_get("name")?,
+        url: r.try_get("url")?,
+        fingerprint: aramaki_protocol::keys::unhex(&key)
+            .map(|k| aramaki_protocol::keys::fingerprint(&k))
+            .unwrap_or_default(),
+        state: r.try_get("state")?,
+        updated_at: from_micros(r.try_get("updated_at")?),
+    })
+}
+
+/// A peer by instance id or name.
+pub async fn find(ctx: &Context, key: &str) -> Result<PeerInfo, FederationError> {
+    let row = sqlx::query("SELECT instance_id, name, url, public_key, state, updated_at FROM peers WHERE instance_id = $1 OR name = $1")
+        .bind(key)
+        .fetch_optional(ctx.db.reader())
+        .await?
+        .ok_or_else(|| FederationError::NotFound(key.to_owned()))?;
+    Ok(peer_from(&row)?)
+}
+
+/// Approves, suspends, reactivates or revokes a peer; revoked is final.
+pub async fn set_state(
+    ctx: &Context,
+    actor: &Actor,
+    key: &str,
+    to: PeerState,
+) -> Result<PeerInfo, FederationError> {
+    let peer = find(ctx, key).await?;
+    if peer.state == "revoked" {
+        return Err(FederationError::Peer(format!(
+            "{} is revoked; peer again with a new invite",
+            peer.name
+        )));
+    }
+    let mut tx = ctx.db.begin_recording().await?;
+    sqlx::query("UPDATE peers SET state = $2, updated_at = $3 WHERE instance_id = $1")
+        .bind(peer.instance_id.as_str())
+        .bind(to.as_str())
+        .bind(to_micros(ctx.now()))
+        .execute(&mut *tx)
+        .await?;
+    audit(
+        ctx,
+        &mut tx,
+        actor,
+        &format!("peer.{}", to.as_str()),
+        format!("Peer {} is now {}", peer.name, to.as_str()),
+        serde_json::json!({"peer": peer.instance_id, "from": peer.state, "to": to.as_str()}),
+    )
+    .await
+    .map_err(|e| FederationError::Internal(e.to_string()))?;
+    ctx.commit(tx).await?;
+    find(ctx, &peer.instance_id).await
+}
