@@ -170,6 +170,15 @@ impl AgentHost {
         panic!("the agent never answered a push")
     }
 
+    /// Pushes the results `n=001`, `n=002`, … of check `pushed`; each must
+    /// be accepted.
+    async fn push_numbered(&self, range: std::ops::RangeInclusive<u32>) {
+        for i in range {
+            let body = json!({"name": "pushed", "status": 0, "output": format!("n={i:03}")});
+            assert_eq!(self.push_tcp(body).await, "ok", "result n={i:03}");
+        }
+    }
+
     async fn push_tcp_once(&self, body: &Value) -> std::io::Result<String> {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.push_tcp)).await?;
         s.write_all(body.to_string().as_bytes()).await?;
@@ -522,12 +531,7 @@ async fn an_agent_killed_mid_stream_loses_nothing() {
             .ok()
     })
     .await;
-    for i in 1..=20 {
-        let answer = host
-            .push_tcp(json!({"name": "pushed", "status": 0, "output": format!("n={i:03}")}))
-            .await;
-        assert_eq!(answer, "ok");
-    }
+    host.push_numbered(1..=20).await;
     // Accepted means on disk: killing the agent now must not lose any.
     agent.kill_hard();
     let mut _agent = host.run();
@@ -537,13 +541,7 @@ async fn an_agent_killed_mid_stream_loses_nothing() {
             .ok()
     })
     .await;
-    for i in 21..=40 {
-        assert_eq!(
-            host.push_tcp(json!({"name": "pushed", "status": 0, "output": format!("n={i:03}")}))
-                .await,
-            "ok"
-        );
-    }
+    host.push_numbered(21..=40).await;
     let outputs = eventually("all 40 pushed results", || async {
         let out = pushed_outputs(&app.http, &app.base, &app.token, "steady-host").await;
         (out.len() >= 40).then_some(out)
@@ -640,22 +638,10 @@ async fn a_server_killed_mid_stream_loses_nothing() {
             .ok()
     })
     .await;
-    for i in 1..=20 {
-        assert_eq!(
-            host.push_tcp(json!({"name": "pushed", "status": 0, "output": format!("n={i:03}")}))
-                .await,
-            "ok"
-        );
-    }
+    host.push_numbered(1..=20).await;
     srv.kill_hard();
     // The agent keeps accepting and running checks while the server is gone.
-    for i in 21..=50 {
-        assert_eq!(
-            host.push_tcp(json!({"name": "pushed", "status": 0, "output": format!("n={i:03}")}))
-                .await,
-            "ok"
-        );
-    }
+    host.push_numbered(21..=50).await;
     let listen = url.trim_start_matches("http://").to_owned();
     let (_srv, url2, _) = tokio::task::block_in_place(|| server(&data, &listen));
     assert_eq!(url2, url);
