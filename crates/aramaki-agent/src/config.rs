@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub checks: Vec<CheckDefinition>,
     /// The only actions the server may ask for, by name.
     pub actions: BTreeMap<String, ActionConfig>,
+    /// CA certificates (PEM) to trust besides the public roots, for a
+    /// server whose TLS certificate comes from a private CA.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// An allow-listed action: a fixed command line.
@@ -77,6 +80,7 @@ impl Default for AgentConfig {
             push_tcp: "127.0.0.1:3030".into(),
             checks: Vec::new(),
             actions: BTreeMap::new(),
+            ca_file: None,
         }
     }
 }

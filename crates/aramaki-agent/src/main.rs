@@ -36,6 +36,9 @@ enum Command {
         /// Allow plain http:// to a host other than loopback.
         #[arg(long)]
         allow_plaintext: bool,
+        /// CA certificates (PEM) to trust besides the public roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Run: schedule checks, serve the push API, talk to the server.
     Run {
@@ -69,10 +72,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             name,
             allow_plaintext,
+            ca_file,
         } => {
             let state = StateDir::open(&state_dir)?;
             let name = name.unwrap_or_else(hostname);
-            match session::enroll(&state, &server, &token, &name, allow_plaintext).await {
+            match session::enroll(
+                &state,
+                &server,
+                &token,
+                &name,
+                allow_plaintext,
+                ca_file.as_deref(),
+            )
+            .await
+            {
                 Ok(r) => {
                     println!(
                         "enrolled as '{}' (agent {}) for system '{}'; the server key is pinned in {}",

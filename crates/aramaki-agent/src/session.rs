@@ -91,8 +91,48 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The TLS settings for `wss://`: the public roots, plus the CA
+/// certificates in `ca_file` (PEM) for a server behind a private CA.
+pub fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, SessionError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| SessionError::Local(format!("cannot read {}: {e}", path.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| {
+                SessionError::Local(format!("{} is not PEM certificates: {e}", path.display()))
+            })?;
+            roots
+                .add(cert)
+                .map_err(|e| SessionError::Local(format!("{}: {e}", path.display())))?;
+        }
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SessionError::Local(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 pub async fn open(url: &str) -> Result<Socket, SessionError> {
-    let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
+    open_with(url, None).await
+}
+
+/// Opens the socket; `tls` replaces the default roots for `wss://`.
+pub async fn open_with(
+    url: &str,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+) -> Result<Socket, SessionError> {
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector);
+    let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| transient(format!("connecting to {url} timed out")))?
         .map_err(|e| transient(format!("cannot connect to {url}: {e}")))?;
@@ -150,6 +190,7 @@ pub async fn enroll(
     token: &str,
     name: &str,
     allow_plaintext: bool,
+    ca_file: Option<&std::path::Path>,
 ) -> Result<Registration, SessionError> {
     let parsed = EnrollToken::parse(token)
         .ok_or_else(|| SessionError::Local("this is not an enrollment token (aek_…)".into()))?;
@@ -157,7 +198,8 @@ pub async fn enroll(
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| SessionError::Local(e.to_string()))?;
     let key = SigningKey::from_bytes(&seed);
-    let (agent_id, system, server_key) = register(&url, &parsed, &key, name).await?;
+    let tls = ca_file.map(|f| tls_config(Some(f))).transpose()?;
+    let (agent_id, system, server_key) = register_with(&url, tls, &parsed, &key, name).await?;
     let local = |e: crate::state::StateError| SessionError::Local(e.to_string());
     state.write_key(&seed).map_err(local)?;
     state.pin_server_key(&server_key).map_err(local)?;
@@ -179,7 +221,18 @@ pub async fn register(
     key: &SigningKey,
     name: &str,
 ) -> Result<(String, String, VerifyingKey), SessionError> {
-    let mut socket = open(url).await?;
+    register_with(url, None, token, key, name).await
+}
+
+/// [`register`] with TLS settings for a private CA.
+pub async fn register_with(
+    url: &str,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    token: &EnrollToken,
+    key: &SigningKey,
+    name: &str,
+) -> Result<(String, String, VerifyingKey), SessionError> {
+    let mut socket = open_with(url, tls).await?;
     send(
         &mut socket,
         &AgentMessage::Enroll {
@@ -271,7 +324,13 @@ fn jitter(d: Duration) -> Duration {
 
 async fn session(agent: &mut Agent) -> Result<(), SessionError> {
     let url = socket_url(&agent.registration.server, agent.allow_plaintext)?;
-    let mut socket = open(&url).await?;
+    let tls = agent
+        .config
+        .ca_file
+        .as_deref()
+        .map(|f| tls_config(Some(f)))
+        .transpose()?;
+    let mut socket = open_with(&url, tls).await?;
     let (depth, _) = agent.shared.depth();
     let welcome = handshake(
         &mut socket,

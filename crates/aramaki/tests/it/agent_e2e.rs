@@ -663,3 +663,114 @@ async fn a_server_killed_mid_stream_loses_nothing() {
         host.log_text()
     );
 }
+
+/// A TLS-terminating proxy in front of `backend` (as an operator would put
+/// in front of Aramaki), with the test CA's certificate for 127.0.0.1.
+async fn tls_proxy(backend: String) -> u16 {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_speak_tls_and_check_the_certificate() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("tls-host", "host", json!({})).await;
+    let port = tls_proxy(app.base.trim_start_matches("http://").to_owned()).await;
+    let server = format!("https://127.0.0.1:{port}");
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem");
+    let host = AgentHost::new();
+    let t = token(&app, "tls-host", json!({"reusable": true})).await;
+
+    // A certificate from a CA the agent does not trust is refused.
+    let out = agent()
+        .args([
+            "enroll",
+            "--server",
+            &server,
+            "--token",
+            &t,
+            "--name",
+            "tls-1",
+            "--state-dir",
+        ])
+        .arg(host.state())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(!host.state().join("agent.key").exists());
+
+    // With the private CA, enrollment and the session run over wss://.
+    let out = agent()
+        .args([
+            "enroll",
+            "--server",
+            &server,
+            "--token",
+            &t,
+            "--name",
+            "tls-1",
+            "--ca-file",
+        ])
+        .arg(&ca)
+        .arg("--state-dir")
+        .arg(host.state())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    host.configure(&format!("ca_file = {:?}\n", ca.display().to_string()));
+    let _agent = host.run();
+    eventually("the agent to connect over TLS", || async {
+        (app.get("/api/v1/agents/tls-1").await["connected"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(
+        host.push_tcp(json!({"name": "over-tls", "status": 0, "output": "fine"}))
+            .await,
+        "ok"
+    );
+    eventually("the result to arrive", || async {
+        let obs = app.get("/api/v1/systems/tls-host/observations").await;
+        observation(&obs, "over-tls").map(|o| o["state"].clone())
+    })
+    .await;
+}
