@@ -581,21 +581,11 @@ pub struct EnrollToken {
 
 impl EnrollToken {
     pub fn parse(s: &str) -> Option<EnrollToken> {
-        let mut parts = s.trim().split('_');
-        let (Some("aek"), Some(id), Some(secret), Some(fp), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return None;
-        };
-        let plain = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
-        (plain(id) && plain(secret) && plain(fp)).then(|| EnrollToken {
-            id: id.to_owned(),
-            secret: secret.to_owned(),
-            fingerprint: fp.to_owned(),
+        let (id, secret, fingerprint) = crate::keys::split_token("aek", s)?;
+        Some(EnrollToken {
+            id,
+            secret,
+            fingerprint,
         })
     }
 }

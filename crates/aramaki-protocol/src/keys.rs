@@ -21,6 +21,24 @@ pub fn compact_fingerprint(public_key: &[u8]) -> String {
     fingerprint(public_key).replace('-', "")
 }
 
+/// Splits a token `<prefix>_<id>_<secret>_<fingerprint>` (each part
+/// non-empty ASCII letters and digits) into id, secret and fingerprint.
+pub fn split_token(prefix: &str, s: &str) -> Option<(String, String, String)> {
+    let mut parts = s.trim().split('_');
+    let (Some(p), Some(id), Some(secret), Some(fp), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let plain = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
+    (p == prefix && plain(id) && plain(secret) && plain(fp))
+        .then(|| (id.to_owned(), secret.to_owned(), fp.to_owned()))
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

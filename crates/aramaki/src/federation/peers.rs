@@ -98,19 +98,7 @@ impl std::fmt::Display for Invite {
 }
 
 fn parse_token(token: &str) -> Option<(String, String, String)> {
-    let mut parts = token.split('_');
-    let (Some("aip"), Some(id), Some(secret), Some(fp), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    let plain = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
-    (plain(id) && plain(secret) && plain(fp))
-        .then(|| (id.to_owned(), secret.to_owned(), fp.to_owned()))
+    aramaki_protocol::keys::split_token("aip", token)
 }
 
 /// Checks a self-signed document; returns its key.

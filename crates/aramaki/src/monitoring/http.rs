@@ -35,6 +35,7 @@ impl From<MonitoringError> for Problem {
             }
             MonitoringError::Invalid(i) => i.into(),
             MonitoringError::Db(db) => db.into(),
+            MonitoringError::Audit(_) => Problem::internal(&e),
         }
     }
 }

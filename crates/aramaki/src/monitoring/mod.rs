@@ -25,7 +25,7 @@ use crate::agents::Agent;
 use crate::context::Context;
 use crate::db::{new_id, to_micros};
 use crate::systems::model::Invalid;
-use crate::timeline::{self, Actor, Target};
+use crate::timeline::Actor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitoringError {
@@ -37,6 +37,8 @@ pub enum MonitoringError {
     UnknownSystem(String),
     #[error("{}: {}", .0.field, .0.message)]
     Invalid(Invalid),
+    #[error("cannot record the change: {0}")]
+    Audit(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -103,14 +105,21 @@ pub struct Sample {
     pub received_at: jiff::Timestamp,
 }
 
-/// The instance's own system, where changes to checks are recorded.
-async fn instance_system(tx: &mut crate::db::Tx) -> Result<(String, String), sqlx::Error> {
-    use sqlx::Row;
-    let row =
-        sqlx::query("SELECT s.id, s.slug FROM instance i JOIN systems s ON s.id = i.system_id")
-            .fetch_one(&mut **tx)
-            .await?;
-    Ok((row.try_get("id")?, row.try_get("slug")?))
+/// Records a change to checks on the instance's own system (its audit trail).
+async fn record(
+    ctx: &Context,
+    tx: &mut crate::db::Tx,
+    actor: &Actor,
+    kind: &str,
+    title: String,
+    data: serde_json::Value,
+) -> Result<(), MonitoringError> {
+    crate::users::audit(ctx, tx, actor, kind, title, data)
+        .await
+        .map_err(|e| match e {
+            crate::users::UserError::Db(db) => MonitoringError::Db(db),
+            other => MonitoringError::Audit(other.to_string()),
+        })
 }
 
 async fn validate_target(tx: &mut crate::db::Tx, spec: &CheckSpec) -> Result<(), MonitoringError> {
@@ -147,23 +156,20 @@ pub async fn save_check(
             id
         }
     };
-    let (sid, slug) = instance_system(&mut tx).await?;
     let verb = if created { "created" } else { "updated" };
-    timeline::record(
+    let kind = if created {
+        "check.created"
+    } else {
+        "check.updated"
+    };
+    let data = serde_json::json!({"check": spec.name, "spec": spec});
+    record(
         ctx,
         &mut tx,
         actor,
-        Target {
-            id: &sid,
-            slug: &slug,
-        },
-        if created {
-            "check.created"
-        } else {
-            "check.updated"
-        },
+        kind,
         format!("Check '{}' {verb}", spec.name),
-        serde_json::json!({"check": spec.name, "spec": spec}),
+        data,
     )
     .await?;
     ctx.commit(tx).await?;
@@ -185,18 +191,14 @@ pub async fn delete_check(ctx: &Context, actor: &Actor, name: &str) -> Result<()
     if !store::delete_check(&mut tx, name).await? {
         return Err(MonitoringError::NotFound(name.to_owned()));
     }
-    let (sid, slug) = instance_system(&mut tx).await?;
-    timeline::record(
+    let data = serde_json::json!({"check": name});
+    record(
         ctx,
         &mut tx,
         actor,
-        Target {
-            id: &sid,
-            slug: &slug,
-        },
         "check.deleted",
         format!("Check '{name}' deleted"),
-        serde_json::json!({"check": name}),
+        data,
     )
     .await?;
     ctx.commit(tx).await?;

@@ -519,6 +519,7 @@ async fn add_check(
             refused(vec![Invalid::new("system", e.to_string())])
         }
         Err(MonitoringError::Db(e)) => page_error(&e),
+        Err(e @ MonitoringError::Audit(_)) => page_error(&e),
     }
 }
 

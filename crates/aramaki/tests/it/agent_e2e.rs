@@ -150,6 +150,17 @@ impl AgentHost {
         )
     }
 
+    /// Runs the agent and expects it to stop for good (exit 78), saying why.
+    async fn runs_into_refusal(&self, why: &str) {
+        let mut run = self.run();
+        let status = tokio::task::spawn_blocking(move || run.0.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(78));
+        assert!(self.log_text().contains(why), "{}", self.log_text());
+    }
+
     pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
     }
@@ -418,17 +429,7 @@ async fn refusals_are_told_plainly() {
         format!("{}\n", "ab".repeat(32)),
     )
     .unwrap();
-    let mut run = host.run();
-    let status = tokio::task::spawn_blocking(move || run.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(78));
-    assert!(
-        host.log_text().contains("key changed"),
-        "{}",
-        host.log_text()
-    );
+    host.runs_into_refusal("key changed").await;
 
     // A revoked agent.
     let host = AgentHost::new();
@@ -436,17 +437,7 @@ async fn refusals_are_told_plainly() {
     assert_eq!(enroll(&app.base, &t, &host.state(), "revoked").0, 0);
     let (status, _) = app.post("/api/v1/agents/revoked/revoke", json!({})).await;
     assert_eq!(status, StatusCode::OK);
-    let mut run = host.run();
-    let status = tokio::task::spawn_blocking(move || run.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(78));
-    assert!(
-        host.log_text().contains("agent revoked"),
-        "{}",
-        host.log_text()
-    );
+    host.runs_into_refusal("agent revoked").await;
 }
 
 /// Agent sequence numbers in the history of every check: each once, none missing.
