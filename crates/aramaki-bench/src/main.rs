@@ -5,6 +5,7 @@
 //! HTTP on loopback. Figures go to stdout; record them in BENCHMARKS.md.
 
 mod agents;
+mod federation;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,6 +85,21 @@ enum Scenario {
         /// Seconds measured per phase.
         #[arg(long, default_value_t = 60)]
         duration: u64,
+    },
+    /// Two instances over one peer link: activity propagation latency at a
+    /// fixed rate, and throughput unpaced.
+    Federation {
+        /// Activities per second in the paced phase.
+        #[arg(long, default_value_t = 1_000)]
+        rate: usize,
+        /// Seconds of the paced phase.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Activities in the unpaced phase.
+        #[arg(long, default_value_t = 20_000)]
+        burst: usize,
+        #[arg(long)]
+        database_url: Option<String>,
     },
     /// Internal: run the server on a prepared data directory.
     #[command(hide = true)]
@@ -225,10 +241,22 @@ async fn start_server(
     database_url: &Option<String>,
     port: u16,
 ) -> Result<(Server, String)> {
+    start_server_named(dir, database_url, port, "").await
+}
+
+/// Starts a server; a non-empty `name` makes it a federating instance
+/// reachable at its port (peers joining it are approved at once).
+async fn start_server_named(
+    dir: &Path,
+    database_url: &Option<String>,
+    port: u16,
+    name: &str,
+) -> Result<(Server, String)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("serve")
         .arg("--data-dir")
         .arg(dir)
+        .env("ARAMAKI_BENCH_NAME", name)
         .env("ARAMAKI_BENCH_PORT", port.to_string());
     if let Some(url) = database_url {
         cmd.arg("--database-url").arg(url);
@@ -410,9 +438,17 @@ async fn timeline_scenario(
 }
 
 async fn serve(data_dir: PathBuf, database_url: Option<String>) -> Result<()> {
-    let setup =
-        aramaki::setup::init(&data_dir, config(database_url), Arc::new(SystemClock)).await?;
     let port: u16 = std::env::var("ARAMAKI_BENCH_PORT")?.parse()?;
+    let mut config = config(database_url);
+    if let Some(name) = std::env::var("ARAMAKI_BENCH_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+    {
+        config.instance.name = name;
+        config.instance.url = Some(format!("http://127.0.0.1:{port}"));
+        config.federation.auto_approve = true;
+    }
+    let setup = aramaki::setup::init(&data_dir, config, Arc::new(SystemClock)).await?;
     let app = aramaki::app::App::build(setup.context, ([127, 0, 0, 1], port).into()).await?;
     let (_tx, rx) = tokio::sync::watch::channel(false);
     app.run(rx).await?;
@@ -440,6 +476,12 @@ async fn main() -> Result<()> {
             hold,
             database_url,
         } => agents::connections(n.max(1), hold, database_url).await,
+        Scenario::Federation {
+            rate,
+            seconds,
+            burst,
+            database_url,
+        } => federation::scenario(rate.max(1), seconds.max(1), burst.max(1), database_url).await,
         Scenario::AgentFootprint {
             checks,
             interval,

@@ -72,6 +72,35 @@ pub fn document_transcript(d: &InstanceDocument) -> Vec<u8> {
     out
 }
 
+/// One step of an instance's key history: the new key, signed by the key
+/// before it over [`rotation_transcript`]. A peer that pinned an older key
+/// walks these steps to the current one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotation {
+    pub public_key: String,
+    /// µs since the Unix epoch.
+    pub rotated_at: i64,
+    /// The previous key's signature (hex).
+    pub proof: String,
+}
+
+/// What the retiring key signs when it hands over to `new_key`.
+pub fn rotation_transcript(instance_id: &str, new_key: &str, rotated_at: i64) -> Vec<u8> {
+    let parts: [&[u8]; 4] = [
+        b"aramaki-key-rotation-v1",
+        instance_id.as_bytes(),
+        new_key.as_bytes(),
+        &rotated_at.to_be_bytes(),
+    ];
+    let mut out = Vec::new();
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

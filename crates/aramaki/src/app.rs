@@ -48,13 +48,17 @@ impl App {
 
     /// Serves until `stop` turns true.
     pub async fn run(self, stop: watch::Receiver<bool>) -> std::io::Result<()> {
-        let subs: Vec<Arc<dyn Subscriber>> = vec![Arc::new(LiveTail)];
+        let subs: Vec<Arc<dyn Subscriber>> = vec![
+            Arc::new(LiveTail),
+            Arc::new(crate::federation::uses::FederationOut),
+        ];
         for sub in subs {
             tokio::spawn(subscribers::run(self.ctx.clone(), sub, stop.clone()));
         }
         crate::timeline::batch::Appender::spawn(self.ctx.clone(), stop.clone());
         crate::monitoring::ingest::Ingest::spawn(self.ctx.clone(), stop.clone());
         crate::monitoring::watch::spawn(self.ctx.clone(), stop.clone());
+        crate::federation::link::spawn(self.ctx.clone(), stop.clone());
         let (ctx, mut stop_streams) = (self.ctx.clone(), stop.clone());
         tokio::spawn(async move {
             while !*stop_streams.borrow() {

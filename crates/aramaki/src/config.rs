@@ -38,12 +38,36 @@ pub struct Config {
 }
 
 /// Peering with other instances.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FederationConfig {
     /// Instances that join with a valid invite become active peers without
     /// an admin's approval. Default: they wait as pending.
     pub auto_approve: bool,
+    /// Dial peers over plain `ws://` even when they are not on loopback
+    /// (development only).
+    pub allow_plaintext: bool,
+    /// A peer no link reached for this long is marked unreachable (hours).
+    pub unreachable_after_hours: u64,
+    /// First delay before dialing a peer again, in milliseconds; it doubles
+    /// with each failure (with jitter) up to `retry_max_seconds`.
+    pub retry_initial_ms: u64,
+    pub retry_max_seconds: u64,
+    /// Messages a peer may send per second (sustained; twice that in a burst).
+    pub max_messages_per_second: u32,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            auto_approve: false,
+            allow_plaintext: false,
+            unreachable_after_hours: 72,
+            retry_initial_ms: 1_000,
+            retry_max_seconds: 3_600,
+            max_messages_per_second: 2_000,
+        }
+    }
 }
 
 /// Agents, results and keepalives.
@@ -451,6 +475,16 @@ sweep_interval = 5
 # Instances that join with a valid invite become active peers at once
 # (otherwise they wait, pending, for an admin: aramaki peer approve).
 auto_approve = false
+# Plain ws:// to peers that are not on loopback: development only.
+allow_plaintext = false
+# A peer no link reached for this long is marked unreachable; it catches up
+# from its cursor when it returns.
+unreachable_after_hours = 72
+# Redial backoff: doubles from the first delay, with jitter, up to the cap.
+retry_initial_ms = 1000
+retry_max_seconds = 3600
+# Messages a peer may send per second (twice that in a burst).
+max_messages_per_second = 2000
 "#
     )
 }

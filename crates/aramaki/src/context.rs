@@ -70,6 +70,8 @@ pub struct Context {
     pub agents: crate::agents::hub::AgentHub,
     /// The results writer's queue.
     pub ingest: crate::monitoring::ingest::Ingest,
+    /// Links to peer instances.
+    pub federation: crate::federation::link::Federation,
 }
 
 impl Context {

@@ -514,6 +514,7 @@ fn eight_days_ago(ctx: &Context) -> Context {
         agents: Default::default(),
         ingest: Default::default(),
         metrics: crate::metrics::Metrics::default(),
+        federation: Default::default(),
     }
 }
 

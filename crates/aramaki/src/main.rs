@@ -96,6 +96,13 @@ enum Command {
         #[command(subcommand)]
         command: aramaki::federation::commands::PeerCommand,
     },
+    /// This instance's identity.
+    Instance {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: aramaki::federation::commands::InstanceCommand,
+    },
     /// Check definitions.
     Check {
         #[command(flatten)]
@@ -254,6 +261,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Peer { client, command } => {
             aramaki::federation::commands::run(&cli::Client::new(&client)?, command).await
+        }
+        Command::Instance { client, command } => {
+            aramaki::federation::commands::run_instance(&cli::Client::new(&client)?, command).await
         }
         Command::Check { client, command } => {
             aramaki::monitoring::commands::run(&cli::Client::new(&client)?, command).await

@@ -91,15 +91,23 @@ pub async fn init(
     clock: Arc<dyn Clock>,
 ) -> Result<Setup, SetupError> {
     ensure_data_dir(data_dir)?;
-    let (key, created_key) = identity::load_or_create_key(data_dir)?;
     let db = Db::connect(
         &config.database_url(data_dir),
         config.database.max_connections,
     )
     .await?;
+    if let Some(row) = sqlx::query("SELECT public_key FROM instance")
+        .fetch_optional(db.reader())
+        .await?
+    {
+        identity::settle_next_key(data_dir, &row.try_get::<String, _>(0)?)?;
+    }
+    let (key, created_key) = identity::load_or_create_key(data_dir)?;
     let instance_id =
         ensure_instance(&db, &config.instance.name, &key, to_micros(clock.now())).await?;
     let identity = Identity::new(instance_id, config.instance.name.clone(), key);
+    let (rotations, retired) = crate::federation::rotation::history(&db).await?;
+    identity.set_history(rotations, retired);
     let context = Arc::new(Context {
         config,
         data_dir: data_dir.to_owned(),
@@ -111,6 +119,7 @@ pub async fn init(
         agents: Default::default(),
         ingest: Default::default(),
         metrics: Metrics::default(),
+        federation: Default::default(),
     });
     ensure_instance_system(&context).await?;
     let first_admin = ensure_admin(&context).await?;

@@ -393,5 +393,6 @@ async fn metrics(State(ctx): State<AppState>, headers: HeaderMap) -> Result<Resp
     }
     let mut body = ctx.metrics.render(ctx.db.pool_stats());
     ctx.metrics.render_agents(&mut body, ctx.agents.count());
+    ctx.federation.render(&mut body);
     Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

@@ -41,6 +41,84 @@ pub enum PeerCommand {
     Revoke {
         peer: String,
     },
+    /// Ask PEER to use its system SYSTEM (it appears here, read-only, once accepted).
+    Use {
+        peer: String,
+        system: String,
+        /// status (status only) or timeline (status and timeline).
+        #[arg(long, default_value = "timeline")]
+        level: String,
+    },
+    /// Use relations, both ways.
+    Uses,
+    /// Accept a request to use a system here.
+    Accept {
+        id: String,
+        /// status or timeline (default: what was asked for).
+        #[arg(long)]
+        level: Option<String>,
+        /// Do not share the systems it includes.
+        #[arg(long)]
+        no_subsystems: bool,
+        /// Share its handbook.
+        #[arg(long)]
+        handbook: bool,
+        /// Share its contacts.
+        #[arg(long)]
+        contacts: bool,
+    },
+    /// Reject a request to use a system here.
+    Reject {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a use relation (either side).
+    Undo {
+        id: String,
+    },
+    /// Accept PEER's requests to use SYSTEM at once, with this exposure.
+    Allow {
+        peer: String,
+        system: String,
+        #[arg(long, default_value = "timeline")]
+        level: String,
+        #[arg(long)]
+        no_subsystems: bool,
+        #[arg(long)]
+        handbook: bool,
+        #[arg(long)]
+        contacts: bool,
+    },
+}
+
+/// `aramaki instance …`.
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Rotate the instance key: peers follow (the old key signs the new
+    /// one); the old key then only verifies history.
+    RotateKey,
+}
+
+pub async fn run_instance(client: &Client, cmd: InstanceCommand) -> Result<()> {
+    match cmd {
+        InstanceCommand::RotateKey => {
+            let v = client.post("/instance/rotate-key", json!({})).await?;
+            println!("new fingerprint: {}", s(&v, "fingerprint"));
+            Ok(())
+        }
+    }
+}
+
+fn show_use(v: &serde_json::Value) -> Result<()> {
+    println!(
+        "use {}: {} of {} is {}",
+        s(v, "id"),
+        s(v, "system"),
+        s(v, "peer_name"),
+        s(v, "state")
+    );
+    Ok(())
 }
 
 pub async fn run(client: &Client, cmd: PeerCommand) -> Result<()> {
@@ -126,6 +204,99 @@ pub async fn run(client: &Client, cmd: PeerCommand) -> Result<()> {
         }
         PeerCommand::Revoke { peer } => {
             show(client.post(&change(&peer, "revoke"), json!({})).await?)
+        }
+        PeerCommand::Use {
+            peer,
+            system,
+            level,
+        } => {
+            let v = client
+                .post(
+                    &format!("/peers/{}/uses", encode(&peer)),
+                    json!({"system": system, "level": level}),
+                )
+                .await?;
+            show_use(&v)
+        }
+        PeerCommand::Uses => {
+            let v = client.get("/uses").await?;
+            if client.json {
+                return client.print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|u| {
+                            vec![
+                                s(u, "id"),
+                                s(u, "role"),
+                                s(u, "peer_name"),
+                                s(u, "system"),
+                                s(u, "local_system"),
+                                s(u, "state"),
+                                s(&u["exposure"], "level"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!(
+                "{}",
+                table(
+                    &["ID", "ROLE", "PEER", "SYSTEM", "HERE", "STATE", "LEVEL"],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        PeerCommand::Accept {
+            id,
+            level,
+            no_subsystems,
+            handbook,
+            contacts,
+        } => {
+            let mut body =
+                json!({"subsystems": !no_subsystems, "handbook": handbook, "contacts": contacts});
+            if let Some(level) = level {
+                body["level"] = json!(level);
+            }
+            show_use(
+                &client
+                    .post(&format!("/uses/{}/accept", encode(&id)), body)
+                    .await?,
+            )
+        }
+        PeerCommand::Reject { id, reason } => show_use(
+            &client
+                .post(
+                    &format!("/uses/{}/reject", encode(&id)),
+                    json!({"reason": reason}),
+                )
+                .await?,
+        ),
+        PeerCommand::Undo { id } => show_use(
+            &client
+                .post(&format!("/uses/{}/undo", encode(&id)), json!({}))
+                .await?,
+        ),
+        PeerCommand::Allow {
+            peer,
+            system,
+            level,
+            no_subsystems,
+            handbook,
+            contacts,
+        } => {
+            client
+                .put(
+                    &format!("/peers/{}/policies", encode(&peer)),
+                    json!({"system": system, "level": level, "subsystems": !no_subsystems, "handbook": handbook, "contacts": contacts}),
+                )
+                .await?;
+            println!("requests from {peer} to use {system} are accepted at once ({level})");
+            Ok(())
         }
     }
 }

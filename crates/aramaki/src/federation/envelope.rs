@@ -77,6 +77,35 @@ pub enum Refused {
     Replayed(String),
 }
 
+impl Refused {
+    /// A short, stable name for counting.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Refused::TooLarge => "too_large",
+            Refused::Malformed(_) => "malformed",
+            Refused::Version(_) => "version",
+            Refused::WrongAudience(_) => "wrong_audience",
+            Refused::NotAPeer(_) => "not_a_peer",
+            Refused::PeerBlocked(_, _) => "peer_blocked",
+            Refused::BadSignature => "bad_signature",
+            Refused::Skewed(_) => "skewed",
+            Refused::Expired => "expired",
+            Refused::Replayed(_) => "replayed",
+        }
+    }
+}
+
+/// An envelope that passed every check; `rotated_to` is the issuer's new
+/// key when it proved a rotation from the pinned one (see [`rotated_key`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    pub envelope: Envelope,
+    pub rotated_to: Option<VerifyingKey>,
+}
+
+/// Kinds that open a link: they may carry the issuer's key history.
+const CARRY_KEYS: [&str; 2] = ["link.hello", "link.welcome"];
+
 /// Signs an envelope from this instance to `audience`.
 pub fn seal(
     me: &Identity,
@@ -109,7 +138,7 @@ pub fn open(
     now: i64,
     peer: impl Fn(&str) -> Option<Peer>,
     mut first_time: impl FnMut(&str, i64) -> bool,
-) -> Result<Envelope, Refused> {
+) -> Result<Opened, Refused> {
     if raw.len() > MAX_ENVELOPE_BYTES {
         return Err(Refused::TooLarge);
     }
@@ -132,10 +161,18 @@ pub fn open(
     let signature = unhex_array::<64>(&envelope.signature)
         .map(|b| Signature::from_bytes(&b))
         .ok_or(Refused::BadSignature)?;
-    sender
+    let rotated_to = if sender
         .key
         .verify(&envelope.signing_bytes(), &signature)
-        .map_err(|_| Refused::BadSignature)?;
+        .is_ok()
+    {
+        None
+    } else {
+        let key = rotated_key(&envelope, &sender.key).ok_or(Refused::BadSignature)?;
+        key.verify(&envelope.signing_bytes(), &signature)
+            .map_err(|_| Refused::BadSignature)?;
+        Some(key)
+    };
     let skew = envelope.issued_at - now;
     if skew.abs() > MAX_SKEW_MICROS {
         return Err(Refused::Skewed(skew / 1_000_000));
@@ -146,7 +183,38 @@ pub fn open(
     if !first_time(&envelope.id, envelope.expires_at) {
         return Err(Refused::Replayed(envelope.id.clone()));
     }
-    Ok(envelope)
+    Ok(Opened {
+        envelope,
+        rotated_to,
+    })
+}
+
+/// Walks the key history a link-opening envelope carries (`body.keys`),
+/// from the pinned key: each step must be signed by the key before it.
+/// Returns the last key reached, if it differs from the pinned one.
+pub fn rotated_key(envelope: &Envelope, pinned: &VerifyingKey) -> Option<VerifyingKey> {
+    use aramaki_protocol::federation::{rotation_transcript, KeyRotation};
+    if !CARRY_KEYS.contains(&envelope.kind.as_str()) {
+        return None;
+    }
+    let steps: Vec<KeyRotation> =
+        serde_json::from_value(envelope.body.get("keys")?.clone()).ok()?;
+    let mut current = *pinned;
+    for step in steps {
+        let Some(next) =
+            unhex_array::<32>(&step.public_key).and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        else {
+            continue;
+        };
+        let Some(proof) = unhex_array::<64>(&step.proof).map(|b| Signature::from_bytes(&b)) else {
+            continue;
+        };
+        let transcript = rotation_transcript(&envelope.issuer, &step.public_key, step.rotated_at);
+        if current.verify(&transcript, &proof).is_ok() {
+            current = next;
+        }
+    }
+    (current != *pinned).then_some(current)
 }
 
 #[cfg(test)]
@@ -200,7 +268,8 @@ mod tests {
             &mut first,
         )
         .unwrap();
-        assert_eq!(opened.body["system"], "storage");
+        assert_eq!(opened.envelope.body["system"], "storage");
+        assert_eq!(opened.rotated_to, None);
         let again = open(
             &raw(&sealed),
             "b",

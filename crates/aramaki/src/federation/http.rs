@@ -14,7 +14,21 @@ use crate::db::to_micros;
 use crate::web::{AppState, InstanceAdmin, Problem};
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route(WELL_KNOWN_PATH, get(well_known))
+    Router::new()
+        .route(WELL_KNOWN_PATH, get(well_known))
+        .route("/api/v1/federation/connect", get(connect))
+}
+
+/// `GET /api/v1/federation/connect`: a peer's link. Role: public — the
+/// first frame must be a `link.hello` signed by an active peer's pinned key.
+async fn connect(
+    State(ctx): State<AppState>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    let limit = super::envelope::MAX_ENVELOPE_BYTES + 1024;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| super::link::accept(ctx, super::link::pump_axum(socket)))
 }
 
 /// The URL peers reach this instance at.
@@ -35,8 +49,7 @@ pub fn document(ctx: &Context) -> SignedDocument {
         url: public_url(ctx),
         public_key: ctx.identity.public_key_hex(),
         fingerprint: ctx.identity.fingerprint(),
-        // Key rotation arrives with peering; no key was retired yet.
-        retired_keys: Vec::new(),
+        retired_keys: ctx.identity.retired_keys(),
         issued_at: to_micros(ctx.now()),
     };
     let signature = hex(&ctx
@@ -63,6 +76,165 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(new_invite))
         .routes(routes!(join_peer))
         .routes(routes!(change_peer))
+        .routes(routes!(list_uses))
+        .routes(routes!(request_use))
+        .routes(routes!(decide_use))
+        .routes(routes!(allow_use))
+        .routes(routes!(rotate_key))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UseList {
+    pub items: Vec<super::uses::UseInfo>,
+}
+
+/// Use relations, both ways. Role: instance admin.
+#[utoipa::path(get, path = "/uses", tag = "federation",
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 200, body = UseList)))]
+async fn list_uses(
+    State(ctx): State<AppState>,
+    InstanceAdmin(_): InstanceAdmin,
+) -> Result<Json<UseList>, Problem> {
+    Ok(Json(UseList {
+        items: super::uses::list(&ctx).await?,
+    }))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UseRequest {
+    /// The slug of the system on the peer.
+    pub system: String,
+    /// `status` or `timeline` (default).
+    #[serde(default)]
+    pub level: Option<super::uses::Level>,
+}
+
+/// Ask a peer to use one of its systems. Role: instance admin.
+#[utoipa::path(post, path = "/peers/{peer}/uses", tag = "federation", request_body = UseRequest,
+    params(("peer" = String, Path, description = "instance id or name")),
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 201, body = super::uses::UseInfo), (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
+async fn request_use(
+    State(ctx): State<AppState>,
+    InstanceAdmin(admin): InstanceAdmin,
+    axum::extract::Path(peer): axum::extract::Path<String>,
+    crate::web::ApiJson(req): crate::web::ApiJson<UseRequest>,
+) -> Result<(axum::http::StatusCode, Json<super::uses::UseInfo>), Problem> {
+    let level = req.level.unwrap_or(super::uses::Level::Timeline);
+    let u = super::uses::request(&ctx, &admin.actor(), &peer, &req.system, level).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(u)))
+}
+
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    /// Accept: what the consumer sees (default: what it asked for, with
+    /// subsystems, no handbook, no contacts).
+    #[serde(default)]
+    pub level: Option<super::uses::Level>,
+    #[serde(default)]
+    pub subsystems: Option<bool>,
+    #[serde(default)]
+    pub handbook: bool,
+    #[serde(default)]
+    pub contacts: bool,
+    /// Reject: why (sent to the consumer).
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `accept` or `reject` a request to use a system here, or `undo` a use
+/// (either side). Role: instance admin.
+#[utoipa::path(post, path = "/uses/{id}/{decision}", tag = "federation", request_body = Decision,
+    params(("id" = String, Path), ("decision" = String, Path, description = "accept, reject or undo")),
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 200, body = super::uses::UseInfo), (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
+async fn decide_use(
+    State(ctx): State<AppState>,
+    InstanceAdmin(admin): InstanceAdmin,
+    axum::extract::Path((id, decision)): axum::extract::Path<(String, String)>,
+    crate::web::ApiJson(d): crate::web::ApiJson<Decision>,
+) -> Result<Json<super::uses::UseInfo>, Problem> {
+    use super::uses::Exposure;
+    let actor = admin.actor();
+    let u = match decision.as_str() {
+        "accept" => {
+            let asked = super::uses::get(&ctx, &id).await?.exposure.level;
+            let exposure = Exposure {
+                level: d.level.unwrap_or(asked),
+                subsystems: d.subsystems.unwrap_or(true),
+                handbook: d.handbook,
+                contacts: d.contacts,
+            };
+            super::uses::decide(&ctx, &actor, &id, Some(exposure), "").await?
+        }
+        "reject" => super::uses::decide(&ctx, &actor, &id, None, &d.reason).await?,
+        "undo" => super::uses::undo(&ctx, &actor, &id).await?,
+        other => {
+            return Err(Problem::not_found(format!(
+                "no decision '{other}': use accept, reject or undo"
+            )))
+        }
+    };
+    Ok(Json(u))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsePolicy {
+    /// The system here.
+    pub system: String,
+    pub level: super::uses::Level,
+    /// Share the systems it includes (default true).
+    #[serde(default)]
+    pub subsystems: Option<bool>,
+    #[serde(default)]
+    pub handbook: bool,
+    #[serde(default)]
+    pub contacts: bool,
+}
+
+/// Accept this peer's requests to use a system at once, with this
+/// exposure. Role: instance admin.
+#[utoipa::path(put, path = "/peers/{peer}/policies", tag = "federation", request_body = UsePolicy,
+    params(("peer" = String, Path, description = "instance id or name")),
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 204), (status = 404, body = crate::web::ProblemBody)))]
+async fn allow_use(
+    State(ctx): State<AppState>,
+    InstanceAdmin(admin): InstanceAdmin,
+    axum::extract::Path(peer): axum::extract::Path<String>,
+    crate::web::ApiJson(req): crate::web::ApiJson<UsePolicy>,
+) -> Result<axum::http::StatusCode, Problem> {
+    let exposure = super::uses::Exposure {
+        level: req.level,
+        subsystems: req.subsystems.unwrap_or(true),
+        handbook: req.handbook,
+        contacts: req.contacts,
+    };
+    super::uses::allow(&ctx, &admin.actor(), &peer, &req.system, exposure).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Rotated {
+    pub fingerprint: String,
+}
+
+/// Rotate the instance key: the new key is announced to peers signed by
+/// the old one, which then only verifies history. Role: instance admin.
+#[utoipa::path(post, path = "/instance/rotate-key", tag = "federation",
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 200, body = Rotated)))]
+async fn rotate_key(
+    State(ctx): State<AppState>,
+    InstanceAdmin(admin): InstanceAdmin,
+) -> Result<Json<Rotated>, Problem> {
+    Ok(Json(Rotated {
+        fingerprint: super::rotation::rotate_key(&ctx, &admin.actor()).await?,
+    }))
 }
 
 impl From<super::peers::FederationError> for Problem {

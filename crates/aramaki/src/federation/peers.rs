@@ -49,6 +49,17 @@ pub struct PeerInfo {
     pub state: String,
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: jiff::Timestamp,
+    /// Whether a link to it is up in this process.
+    pub connected: bool,
+    /// Last time a link was up.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_seen_at: Option<jiff::Timestamp>,
+    /// Messages waiting for it.
+    pub backlog: i64,
+    /// Age of the oldest message waiting for it, in seconds (its lag).
+    pub lag_seconds: i64,
+    /// The dialer's circuit: failures in a row, next attempt, last error.
+    pub link: super::link::LinkHealth,
 }
 
 /// The body of `POST /api/v1/federation/join`, sent by the joiner's server.
@@ -229,6 +240,7 @@ pub async fn accept_join(
     .await
     .map_err(|e| FederationError::Internal(e.to_string()))?;
     ctx.commit(tx).await?;
+    ctx.federation.peers_changed();
     Ok(super::http::document(ctx))
 }
 
@@ -330,22 +342,37 @@ pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo
     .await
     .map_err(|e| FederationError::Internal(e.to_string()))?;
     ctx.commit(tx).await?;
+    ctx.federation.peers_changed();
     find(ctx, &d.instance_id).await
 }
 
+const PEER_COLUMNS: &str = "instance_id, name, url, public_key, state, updated_at, last_seen_at";
+
 pub async fn list(ctx: &Context) -> Result<Vec<PeerInfo>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT instance_id, name, url, public_key, state, updated_at FROM peers ORDER BY name",
-    )
-    .fetch_all(ctx.db.reader())
-    .await?;
-    rows.iter().map(peer_from).collect()
+    let rows = sqlx::query(&format!("SELECT {PEER_COLUMNS} FROM peers ORDER BY name"))
+        .fetch_all(ctx.db.reader())
+        .await?;
+    let mut out = Vec::new();
+    for row in &rows {
+        out.push(peer_from(ctx, row).await?);
+    }
+    Ok(out)
 }
 
-fn peer_from(r: &sqlx::any::AnyRow) -> Result<PeerInfo, sqlx::Error> {
+async fn peer_from(ctx: &Context, r: &sqlx::any::AnyRow) -> Result<PeerInfo, sqlx::Error> {
     let key: String = r.try_get("public_key")?;
+    let id: String = r.try_get("instance_id")?;
+    let (backlog, oldest) = super::outbox::backlog(ctx.db.reader(), &id).await?;
+    let now = to_micros(ctx.now());
     Ok(PeerInfo {
-        instance_id: r.try_get("instance_id")?,
+        connected: ctx.federation.connected(&id),
+        link: ctx.federation.health(&id),
+        backlog,
+        lag_seconds: oldest.map(|t| (now - t).max(0) / 1_000_000).unwrap_or(0),
+        last_seen_at: r
+            .try_get::<Option<i64>, _>("last_seen_at")?
+            .map(from_micros),
+        instance_id: id,
         name: r.try_get("name")?,
         url: r.try_get("url")?,
         fingerprint: aramaki_protocol::keys::unhex(&key)
@@ -358,12 +385,86 @@ fn peer_from(r: &sqlx::any::AnyRow) -> Result<PeerInfo, sqlx::Error> {
 
 /// A peer by instance id or name.
 pub async fn find(ctx: &Context, key: &str) -> Result<PeerInfo, FederationError> {
-    let row = sqlx::query("SELECT instance_id, name, url, public_key, state, updated_at FROM peers WHERE instance_id = $1 OR name = $1")
-        .bind(key)
-        .fetch_optional(ctx.db.reader())
-        .await?
-        .ok_or_else(|| FederationError::NotFound(key.to_owned()))?;
-    Ok(peer_from(&row)?)
+    let row = sqlx::query(&format!(
+        "SELECT {PEER_COLUMNS} FROM peers WHERE instance_id = $1 OR name = $1"
+    ))
+    .bind(key)
+    .fetch_optional(ctx.db.reader())
+    .await?
+    .ok_or_else(|| FederationError::NotFound(key.to_owned()))?;
+    Ok(peer_from(ctx, &row).await?)
+}
+
+/// Pins a peer's new key after it proved the rotation; the old key is
+/// kept for history only.
+pub async fn repin(
+    ctx: &Context,
+    peer: &super::link::LinkPeer,
+    key: &VerifyingKey,
+) -> Result<(), FederationError> {
+    let now = to_micros(ctx.now());
+    let old = aramaki_protocol::keys::hex(peer.key.as_bytes());
+    let new = aramaki_protocol::keys::hex(key.as_bytes());
+    let mut tx = ctx.db.begin_recording().await?;
+    sqlx::query("INSERT INTO peer_keys (peer_id, public_key, retired_at) VALUES ($1, $2, $3) ON CONFLICT (peer_id, public_key) DO NOTHING")
+        .bind(peer.id.as_str())
+        .bind(old.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE peers SET public_key = $2, updated_at = $3 WHERE instance_id = $1")
+        .bind(peer.id.as_str())
+        .bind(new.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let fp = aramaki_protocol::keys::fingerprint(key.as_bytes());
+    audit(
+        ctx,
+        &mut tx,
+        &Actor::instance(&peer.id, &peer.name),
+        "peer.key_rotated",
+        format!(
+            "Peer {} rotated its key (signed by the old one): new fingerprint {fp}",
+            peer.name
+        ),
+        serde_json::json!({"peer": peer.id, "old_key": old, "new_key": new, "fingerprint": fp}),
+    )
+    .await
+    .map_err(|e| FederationError::Internal(e.to_string()))?;
+    ctx.commit(tx).await?;
+    Ok(())
+}
+
+/// A link came up: the peer is seen now, and reachable again if it was not.
+pub async fn link_up(ctx: &Context, peer: &super::link::LinkPeer) {
+    touch(ctx, &peer.id).await;
+    if peer.state == PeerState::Unreachable {
+        let actor = Actor::instance(&ctx.identity.instance_id, "federation");
+        if let Err(e) = set_state(ctx, &actor, &peer.id, PeerState::Active).await {
+            tracing::warn!(error = %e, "cannot mark a peer reachable");
+        }
+    }
+}
+
+/// A link went down: remember when the peer was last seen.
+pub async fn link_down(ctx: &Context, peer: &str) {
+    touch(ctx, peer).await;
+}
+
+async fn touch(ctx: &Context, peer: &str) {
+    let done = async {
+        let mut tx = ctx.db.begin().await?;
+        sqlx::query("UPDATE peers SET last_seen_at = $2 WHERE instance_id = $1")
+            .bind(peer)
+            .bind(to_micros(ctx.now()))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    };
+    if let Err(e) = done.await {
+        tracing::warn!(error = %e, "cannot record when a peer was seen");
+    }
 }
 
 /// Approves, suspends, reactivates or revokes a peer; revoked is final.
@@ -398,5 +499,12 @@ pub async fn set_state(
     .await
     .map_err(|e| FederationError::Internal(e.to_string()))?;
     ctx.commit(tx).await?;
+    if matches!(to, PeerState::Suspended | PeerState::Revoked) {
+        ctx.federation.close_peer(&peer.instance_id);
+    }
+    if to == PeerState::Revoked {
+        super::uses::end_all_with(ctx, &peer.instance_id).await?;
+    }
+    ctx.federation.peers_changed();
     find(ctx, &peer.instance_id).await
 }

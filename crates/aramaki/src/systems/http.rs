@@ -37,6 +37,7 @@ impl From<SystemError> for Problem {
         match e {
             SystemError::NotFound(_) => Problem::not_found(detail),
             SystemError::SlugTaken(_) => Problem::conflict("slug_taken", detail),
+            SystemError::Remote(_) => Problem::conflict("remote_system", detail),
             SystemError::CategoryTaken(_) => Problem::conflict("category_taken", detail),
             SystemError::UnknownCategory(_) => {
                 Problem::unprocessable(detail).with("field", "category".into())

@@ -145,10 +145,21 @@ pub enum SystemError {
     NotIncluded { parent: String, child: String },
     #[error("'{slug}' is still included by {}; exclude it first or delete with ?force=true", by.join(", "))]
     StillIncluded { slug: String, by: Vec<String> },
+    #[error("'{0}' is a remote system, read-only here: only its primary instance changes it")]
+    Remote(String),
     #[error("{0}")]
     Invalid(#[from] Invalid),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+}
+
+/// Refuses changes to a system mirrored from another instance.
+pub fn ensure_local(ctx: &Context, s: &System) -> Result<(), SystemError> {
+    if s.instance == ctx.identity.instance_id {
+        Ok(())
+    } else {
+        Err(SystemError::Remote(s.slug.to_string()))
+    }
 }
 
 impl NewSystem {
@@ -299,6 +310,7 @@ pub async fn update(
 ) -> Result<System, SystemError> {
     let mut tx = ctx.db.begin().await?;
     let before = load(&mut tx, slug).await?;
+    ensure_local(ctx, &before)?;
     let mut after = before.clone();
     if let Some(v) = patch.slug {
         after.slug = v;
@@ -409,6 +421,7 @@ pub async fn delete(
 ) -> Result<(), SystemError> {
     let mut tx = ctx.db.begin().await?;
     let system = load(&mut tx, slug).await?;
+    ensure_local(ctx, &system)?;
     let id = system.id.to_string();
     let graph = store::load_graph(&mut tx).await?;
     let includers: Vec<String> = graph
@@ -462,6 +475,7 @@ pub async fn include(
 ) -> Result<Included, SystemError> {
     let mut tx = ctx.db.begin().await?;
     let p = load(&mut tx, parent).await?;
+    ensure_local(ctx, &p)?;
     let c = load(&mut tx, child).await?;
     let (pid, cid) = (p.id.to_string(), c.id.to_string());
     let graph = store::load_graph(&mut tx).await?;
@@ -495,6 +509,7 @@ pub async fn exclude(
 ) -> Result<(), SystemError> {
     let mut tx = ctx.db.begin().await?;
     let p = load(&mut tx, parent).await?;
+    ensure_local(ctx, &p)?;
     let c = load(&mut tx, child).await?;
     let (pid, cid) = (p.id.to_string(), c.id.to_string());
     let before = explicit_children(&store::load_graph(&mut tx).await?, &pid);

@@ -462,6 +462,33 @@ fn refusal(outcome: &Outcome, at: &str) -> Option<Problem> {
     }
 }
 
+/// Systems mirrored from a peer are read-only: only their primary
+/// instance records activity about them.
+async fn refuse_remote(ctx: &Context, requests: &[Request], batch: bool) -> Result<(), Problem> {
+    let slugs: Vec<&str> = requests.iter().map(|r| r.system.as_str()).collect();
+    for chunk in slugs.chunks(500) {
+        let mut sql = crate::db::Sql::new(
+            "SELECT slug FROM systems WHERE deleted_at IS NULL AND instance_id <> ",
+        );
+        sql.bind(ctx.identity.instance_id.as_str())
+            .push(" AND slug IN ")
+            .bind_list(chunk.iter().copied());
+        if let Some(row) = sql.query().fetch_optional(ctx.db.reader()).await? {
+            let slug: String = sqlx::Row::try_get(&row, 0)?;
+            let at = match requests.iter().position(|r| r.system == slug) {
+                Some(i) if batch => format!("events[{i}]."),
+                _ => String::new(),
+            };
+            return Err(Problem::conflict(
+                "remote_system",
+                format!("{at}system: '{slug}' is a remote system, read-only here: only its primary instance records activity about it"),
+            )
+            .with("field", format!("{at}system").into()));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that the caller may record on every system named. A system the
 /// caller cannot see reads as unknown (422), like one that does not exist.
 async fn may_record(
@@ -470,6 +497,7 @@ async fn may_record(
     requests: &[Request],
     batch: bool,
 ) -> Result<(), Problem> {
+    refuse_remote(ctx, requests, batch).await?;
     if access.everywhere(Role::Operator) {
         return Ok(());
     }

@@ -53,7 +53,7 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn kill_hard(&mut self) {
+    pub(crate) fn kill_hard(&mut self) {
         let _ = self.0.kill(); // SIGKILL: no chance to flush or say goodbye
         let _ = self.0.wait();
     }

@@ -15,6 +15,8 @@ mod binary;
 mod browser;
 mod demo;
 mod federation;
+mod federation_e2e;
+mod federation_links;
 mod monitoring;
 mod monitoring_pages;
 mod pages;

@@ -1,0 +1,1180 @@
+//! Links between peers: one WebSocket per peer pair, either side dials.
+//!
+//! A link opens with a signed `link.hello` from the dialer (its cursor: the
+//! last message it committed from us, and its key history) answered by a
+//! signed `link.welcome` (ours). Then each side sends its outbox after the
+//! other's cursor, a window at a time, and acknowledges what it committed
+//! (`link.ack`); a gap or a rate refusal is answered with `link.nack`, and
+//! the sender rewinds. Every frame is an envelope, opened by
+//! [`super::envelope::open`].
+//!
+//! When both sides dial at once, the link dialed by the instance with the
+//! smaller id wins. A dead peer only ever costs its own task: each peer has
+//! a maintainer that redials with jittered exponential backoff (the circuit
+//! stays open in between), while the outbox keeps filling in the database.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use aramaki_protocol::federation::Envelope;
+use ed25519_dalek::VerifyingKey;
+use serde_json::json;
+use sqlx::Row;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+
+use super::envelope::{open, seal, Opened, Peer, PeerState, Refused};
+use super::outbox;
+use crate::context::Context;
+use crate::db::to_micros;
+use crate::timeline::subscribers::BoxFuture;
+
+/// How long each step of the opening handshake may take.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Envelopes live this long (µs): enough for a slow link, short for replays.
+const MESSAGE_TTL: i64 = 120_000_000;
+/// Messages sent and not yet acknowledged, at most.
+const WINDOW: i64 = 2_000;
+/// Messages read from the outbox at once.
+const SEND_BATCH: i64 = 500;
+/// Frames committed in one transaction, at most.
+const APPLY_BATCH: usize = 500;
+/// Seen envelope ids are kept this long (µs).
+pub const SEEN_FOR: i64 = 7 * 24 * 3_600 * 1_000_000;
+
+/// Text frames both ways; the transport closes when both ends drop.
+#[derive(Debug)]
+pub struct Conn {
+    pub tx: mpsc::Sender<String>,
+    pub rx: mpsc::Receiver<String>,
+}
+
+/// Opens connections to peers: WebSockets in production, channels in tests.
+pub trait Transport: Send + Sync + 'static {
+    /// `url` is the peer's link endpoint (`ws://…` or `wss://…`).
+    fn dial<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Conn, String>>;
+}
+
+/// A link's end in the registry: which session holds it, who dialed.
+struct Slot {
+    session: u64,
+    dialed_by_me: bool,
+    close: watch::Sender<bool>,
+}
+
+/// How a peer's maintainer fares: shown in the peer list.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct LinkHealth {
+    /// Dial attempts failed in a row (the circuit is open while > 0).
+    pub failures: u32,
+    /// The next dial, µs since the epoch, while the circuit is open.
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// Every link of this process.
+#[derive(Default)]
+pub struct Federation {
+    transport: Mutex<Option<Arc<dyn Transport>>>,
+    slots: Mutex<HashMap<String, Slot>>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    maintained: Mutex<HashSet<String>>,
+    health: Mutex<HashMap<String, LinkHealth>>,
+    seen: Mutex<HashMap<String, i64>>,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Peers changed: the supervisor looks again.
+    changed: Notify,
+    next_session: AtomicU64,
+    sent: AtomicU64,
+    applied: AtomicU64,
+}
+
+impl fmt::Debug for Federation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Federation")
+            .field("links", &lock(&self.slots).len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Federation {
+    /// Replaces the transport (tests wire instances through memory).
+    pub fn set_transport(&self, transport: Arc<dyn Transport>) {
+        *lock(&self.transport) = Some(transport);
+    }
+
+    fn transport(&self, ctx: &Context) -> Arc<dyn Transport> {
+        lock(&self.transport)
+            .get_or_insert_with(|| {
+                Arc::new(WsTransport {
+                    allow_plaintext: ctx.config.federation.allow_plaintext,
+                })
+            })
+            .clone()
+    }
+
+    /// Whether a link to `peer` is up.
+    pub fn connected(&self, peer: &str) -> bool {
+        lock(&self.slots).contains_key(peer)
+    }
+
+    /// Number of links up.
+    pub fn links(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    pub fn health(&self, peer: &str) -> LinkHealth {
+        lock(&self.health).get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Refusals so far, by reason.
+    pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.refused).clone()
+    }
+
+    /// Messages committed from peers so far.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    fn waker(&self, peer: &str) -> Arc<Notify> {
+        lock(&self.wakers)
+            .entry(peer.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// New messages wait for `peer` (call after commit).
+    pub fn wake(&self, peer: &str) {
+        self.waker(peer).notify_one();
+    }
+
+    /// Peers were added or changed state: maintainers start or stop.
+    pub fn peers_changed(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Closes the link to `peer` at once (suspend, revoke).
+    pub fn close_peer(&self, peer: &str) {
+        if let Some(slot) = lock(&self.slots).remove(peer) {
+            let _ = slot.close.send(true);
+        }
+        self.peers_changed();
+    }
+
+    /// Closes every link (key rotation, shutdown): they reopen on their own.
+    pub fn close_all(&self) {
+        for (_, slot) in lock(&self.slots).drain() {
+            let _ = slot.close.send(true);
+        }
+    }
+
+    /// Counts and logs a refusal.
+    pub fn refuse(&self, peer: &str, reason: &'static str, detail: &str) {
+        *lock(&self.refused).entry(reason).or_default() += 1;
+        tracing::warn!(peer, reason, detail, "federation message refused");
+    }
+
+    /// In-memory half of replay protection (the database holds the rest).
+    fn first_time(&self, id: &str, expires_at: i64, now: i64) -> bool {
+        let mut seen = lock(&self.seen);
+        if seen.len() > 100_000 {
+            seen.retain(|_, until| *until > now);
+        }
+        seen.insert(id.to_owned(), expires_at).is_none()
+    }
+
+    /// Takes the link for `peer`, unless a link the smaller instance
+    /// dialed holds it already (both sides dialed at once).
+    fn register(&self, me: &str, peer: &str, dialed_by_me: bool) -> Option<Session> {
+        let mut slots = lock(&self.slots);
+        let smaller_is_me = me < peer;
+        if let Some(existing) = slots.get(peer) {
+            let existing_wins = existing.dialed_by_me == smaller_is_me;
+            let new_wins = dialed_by_me == smaller_is_me;
+            if existing_wins && !new_wins {
+                return None;
+            }
+            let _ = existing.close.send(true);
+        }
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(false);
+        slots.insert(
+            peer.to_owned(),
+            Slot {
+                session,
+                dialed_by_me,
+                close,
+            },
+        );
+        Some(Session {
+            peer: peer.to_owned(),
+            id: session,
+            closed,
+        })
+    }
+
+    fn unregister(&self, session: &Session) {
+        let mut slots = lock(&self.slots);
+        if slots.get(&session.peer).map(|s| s.session) == Some(session.id) {
+            slots.remove(&session.peer);
+        }
+    }
+
+    /// Prometheus lines.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# TYPE aramaki_federation_links gauge\naramaki_federation_links {}",
+            self.links()
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE aramaki_federation_sent_total counter\naramaki_federation_sent_total {}",
+            self.sent.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE aramaki_federation_applied_total counter\naramaki_federation_applied_total {}",
+            self.applied()
+        );
+        let _ = writeln!(out, "# TYPE aramaki_federation_refused_total counter");
+        for (reason, n) in self.refusals() {
+            let _ = writeln!(
+                out,
+                "aramaki_federation_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// A registered link; dropping it does not close anything by itself.
+struct Session {
+    peer: String,
+    id: u64,
+    closed: watch::Receiver<bool>,
+}
+
+/// A peer as a link needs it.
+#[derive(Debug, Clone)]
+pub struct LinkPeer {
+    pub id: String,
+    pub name: String,
+    pub url: String,
+    pub state: PeerState,
+    pub key: VerifyingKey,
+    pub in_seq: i64,
+}
+
+impl LinkPeer {
+    fn as_peer(&self) -> Peer {
+        Peer {
+            instance_id: self.id.clone(),
+            state: self.state,
+            key: self.key,
+        }
+    }
+}
+
+pub fn parse_state(s: &str) -> PeerState {
+    match s {
+        "active" => PeerState::Active,
+        "unreachable" => PeerState::Unreachable,
+        "suspended" => PeerState::Suspended,
+        "revoked" => PeerState::Revoked,
+        _ => PeerState::Pending,
+    }
+}
+
+pub async fn load_peer(ctx: &Context, id: &str) -> Result<Option<LinkPeer>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT instance_id, name, url, public_key, state, in_seq FROM peers WHERE instance_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(ctx.db.reader())
+    .await?
+    else {
+        return Ok(None);
+    };
+    let key: String = row.try_get("public_key")?;
+    let Some(key) = aramaki_protocol::keys::unhex_array::<32>(&key)
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(LinkPeer {
+        id: row.try_get("instance_id")?,
+        name: row.try_get("name")?,
+        url: row.try_get("url")?,
+        state: parse_state(&row.try_get::<String, _>("state")?),
+        key,
+        in_seq: row.try_get("in_seq")?,
+    }))
+}
+
+/// The link endpoint of a peer's base URL.
+pub fn connect_url(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let ws = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        base.to_owned()
+    };
+    format!("{ws}/api/v1/federation/connect")
+}
+
+/// Opens a frame from `peer`; counts and logs a refusal.
+async fn open_frame(ctx: &Context, peer: &LinkPeer, raw: &str) -> Option<Opened> {
+    let now = to_micros(ctx.now());
+    let result = open(
+        raw.as_bytes(),
+        &ctx.identity.instance_id,
+        now,
+        |id| (id == peer.id).then(|| peer.as_peer()),
+        |id, until| ctx.federation.first_time(id, until, now),
+    );
+    match result {
+        Ok(opened) => Some(opened),
+        Err(refused) => {
+            ctx.federation
+                .refuse(&peer.name, refused.key(), &refused.to_string());
+            None
+        }
+    }
+}
+
+/// Records an envelope id durably; false if it was seen before.
+pub async fn remember(tx: &mut crate::db::Tx, e: &Envelope, now: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO federation_seen (id, issuer, expires_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(e.id.as_str())
+    .bind(e.issuer.as_str())
+    .bind(now.saturating_add(SEEN_FOR))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn remember_now(ctx: &Context, e: &Envelope) -> Result<bool, sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    let first = remember(&mut tx, e, to_micros(ctx.now())).await?;
+    tx.commit().await?;
+    Ok(first)
+}
+
+fn hello_body(ctx: &Context, cursor: i64) -> serde_json::Value {
+    json!({"cursor": cursor, "keys": ctx.identity.rotations()})
+}
+
+fn seal_to(ctx: &Context, peer: &str, kind: &str, body: serde_json::Value) -> String {
+    let e = seal(
+        &ctx.identity,
+        peer,
+        kind,
+        body,
+        to_micros(ctx.now()),
+        MESSAGE_TTL,
+    );
+    serde_json::to_string(&e).unwrap_or_default()
+}
+
+/// Checks the first frame of a link: a fresh, valid envelope of `kind`
+/// from an active peer. Pins a rotated key.
+async fn opening(
+    ctx: &Context,
+    raw: &str,
+    kind: &str,
+    expected: Option<&str>,
+) -> Option<(LinkPeer, Envelope)> {
+    // The issuer is read before the signature is checked, only to find
+    // the key to check it with.
+    let issuer = serde_json::from_str::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|v| v["issuer"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if expected.is_some_and(|e| e != issuer) {
+        ctx.federation.refuse(
+            &issuer,
+            "not_a_peer",
+            "the link was answered by another instance",
+        );
+        return None;
+    }
+    let peer = match load_peer(ctx, &issuer).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            ctx.federation.refuse(
+                &issuer,
+                "not_a_peer",
+                &format!("{issuer} is not a peer of this instance"),
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read peers");
+            return None;
+        }
+    };
+    let opened = open_frame(ctx, &peer, raw).await?;
+    if opened.envelope.kind != kind {
+        ctx.federation.refuse(
+            &peer.name,
+            "malformed",
+            &format!("expected {kind}, got {}", opened.envelope.kind),
+        );
+        return None;
+    }
+    match remember_now(ctx, &opened.envelope).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let r = Refused::Replayed(opened.envelope.id.clone());
+            ctx.federation.refuse(&peer.name, r.key(), &r.to_string());
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record an envelope id");
+            return None;
+        }
+    }
+    let mut peer = peer;
+    if let Some(key) = opened.rotated_to {
+        if let Err(e) = super::peers::repin(ctx, &peer, &key).await {
+            tracing::error!(error = %e, "cannot pin a peer's rotated key");
+            return None;
+        }
+        peer.key = key;
+    }
+    Some((peer, opened.envelope))
+}
+
+fn cursor_of(e: &Envelope) -> i64 {
+    e.body["cursor"].as_i64().unwrap_or(0).max(0)
+}
+
+/// The accepting side of a link (the WebSocket route hands it over).
+pub async fn accept(ctx: Arc<Context>, mut conn: Conn) {
+    let Ok(Some(first)) = tokio::time::timeout(HANDSHAKE, conn.rx.recv()).await else {
+        return;
+    };
+    let Some((peer, hello)) = opening(&ctx, &first, "link.hello", None).await else {
+        return;
+    };
+    let Some(session) = ctx
+        .federation
+        .register(&ctx.identity.instance_id, &peer.id, false)
+    else {
+        tracing::debug!(
+            peer = peer.name,
+            "a link is up already; refusing the second"
+        );
+        return;
+    };
+    let welcome = seal_to(
+        &ctx,
+        &peer.id,
+        "link.welcome",
+        json!({"hello": hello.id, "cursor": peer.in_seq, "keys": ctx.identity.rotations()}),
+    );
+    if conn.tx.send(welcome).await.is_err() {
+        ctx.federation.unregister(&session);
+        return;
+    }
+    run(&ctx, peer, conn, cursor_of(&hello), session).await;
+}
+
+/// Dials `peer` and runs the link until it ends.
+async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
+    let transport = ctx.federation.transport(ctx);
+    let mut conn = transport.dial(&connect_url(&peer.url)).await?;
+    let hello = seal(
+        &ctx.identity,
+        &peer.id,
+        "link.hello",
+        hello_body(ctx, peer.in_seq),
+        to_micros(ctx.now()),
+        MESSAGE_TTL,
+    );
+    conn.tx
+        .send(serde_json::to_string(&hello).unwrap_or_default())
+        .await
+        .map_err(|_| "the connection closed".to_owned())?;
+    let first = tokio::time::timeout(HANDSHAKE, conn.rx.recv())
+        .await
+        .map_err(|_| "no welcome in time".to_owned())?
+        .ok_or_else(|| "the peer closed the link (refused?)".to_owned())?;
+    let (peer, welcome) = opening(ctx, &first, "link.welcome", Some(&peer.id))
+        .await
+        .ok_or_else(|| "the welcome was refused".to_owned())?;
+    if welcome.body["hello"].as_str() != Some(hello.id.as_str()) {
+        return Err("the welcome answers another hello".into());
+    }
+    let session = ctx
+        .federation
+        .register(&ctx.identity.instance_id, &peer.id, true)
+        .ok_or_else(|| "a link is up already".to_owned())?;
+    run(ctx, peer, conn, cursor_of(&welcome), session).await;
+    Ok(())
+}
+
+/// A token bucket on the Context's clock.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: i64,
+}
+
+impl Bucket {
+    fn new(rate: u32, now: i64) -> Bucket {
+        let rate = f64::from(rate.max(1));
+        Bucket {
+            rate,
+            tokens: rate * 2.0,
+            at: now,
+        }
+    }
+
+    fn take(&mut self, now: i64) -> bool {
+        let elapsed = (now - self.at).max(0) as f64 / 1e6;
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What one side of a link keeps while it runs.
+struct Link<'a> {
+    ctx: &'a Context,
+    peer: LinkPeer,
+    out: mpsc::Sender<String>,
+    /// Highest sequence sent, and acknowledged, to the peer.
+    sent: i64,
+    acked: i64,
+    paused_until: Option<Instant>,
+    bucket: Bucket,
+    last_nack: Option<(i64, Instant)>,
+}
+
+async fn run(ctx: &Context, peer: LinkPeer, conn: Conn, their_cursor: i64, mut session: Session) {
+    let Conn {
+        tx: out,
+        rx: mut inbound,
+    } = conn;
+    super::peers::link_up(ctx, &peer).await;
+    let now = to_micros(ctx.now());
+    let mut link = Link {
+        ctx,
+        bucket: Bucket::new(ctx.config.federation.max_messages_per_second, now),
+        peer,
+        out,
+        sent: their_cursor,
+        acked: their_cursor,
+        paused_until: None,
+        last_nack: None,
+    };
+    tracing::info!(
+        peer = link.peer.name,
+        cursor = their_cursor,
+        "federation link up"
+    );
+    if let Err(e) = outbox::acknowledged(&ctx.db, &link.peer.id, their_cursor).await {
+        tracing::warn!(error = %e, "cannot trim the outbox");
+    }
+    let waker = ctx.federation.waker(&link.peer.id);
+    loop {
+        if *session.closed.borrow() {
+            break;
+        }
+        let more = match link.send_some().await {
+            Ok(more) => more,
+            Err(()) => break,
+        };
+        let pause = link.paused_until;
+        tokio::select! {
+            biased;
+            _ = session.closed.changed() => break,
+            frame = inbound.recv() => match frame {
+                Some(first) => {
+                    let mut frames = vec![first];
+                    while frames.len() < APPLY_BATCH {
+                        match inbound.try_recv() {
+                            Ok(f) => frames.push(f),
+                            Err(_) => break,
+                        }
+                    }
+                    if link.receive(frames).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            _ = waker.notified() => {}
+            _ = async {
+                match pause {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None if more => {}
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+    ctx.federation.unregister(&session);
+    super::peers::link_down(ctx, &link.peer.id).await;
+    tracing::info!(peer = link.peer.name, "federation link down");
+}
+
+impl Link<'_> {
+    /// Sends queued messages while the window allows; Ok(true) if more wait.
+    async fn send_some(&mut self) -> Result<bool, ()> {
+        if self.paused_until.is_some_and(|t| Instant::now() < t) {
+            return Ok(false);
+        }
+        self.paused_until = None;
+        let room = WINDOW - (self.sent - self.acked);
+        if room <= 0 {
+            return Ok(false);
+        }
+        let limit = room.min(SEND_BATCH);
+        let queued =
+            match outbox::after(self.ctx.db.reader(), &self.peer.id, self.sent, limit).await {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the outbox");
+                    self.paused_until = Some(Instant::now() + Duration::from_secs(1));
+                    return Ok(false);
+                }
+            };
+        let full = queued.len() as i64 == limit;
+        for q in queued {
+            let frame = seal_to(
+                self.ctx,
+                &self.peer.id,
+                &q.kind,
+                json!({"seq": q.seq, "data": q.body}),
+            );
+            self.out.send(frame).await.map_err(|_| ())?;
+            self.sent = q.seq;
+            self.ctx.federation.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(full)
+    }
+
+    /// Handles frames that arrived together: acks, nacks, and messages
+    /// committed in one transaction, then acknowledged.
+    async fn receive(&mut self, frames: Vec<String>) -> Result<(), ()> {
+        let mut messages = Vec::new();
+        let mut dropped = false;
+        for raw in frames {
+            if raw.len() > super::envelope::MAX_ENVELOPE_BYTES {
+                self.ctx.federation.refuse(
+                    &self.peer.name,
+                    "too_large",
+                    "frame over the size limit",
+                );
+                dropped = true;
+                continue;
+            }
+            if !self.bucket.take(to_micros(self.ctx.now())) {
+                self.ctx.federation.refuse(
+                    &self.peer.name,
+                    "rate",
+                    "more messages per second than allowed",
+                );
+                dropped = true;
+                continue;
+            }
+            let Some(opened) = open_frame(self.ctx, &self.peer, &raw).await else {
+                dropped = true;
+                continue;
+            };
+            let e = opened.envelope;
+            match e.kind.as_str() {
+                "link.ack" => {
+                    let upto = e.body["upto"].as_i64().unwrap_or(0);
+                    if upto > self.acked {
+                        self.acked = upto.min(self.sent);
+                        if let Err(err) =
+                            outbox::acknowledged(&self.ctx.db, &self.peer.id, self.acked).await
+                        {
+                            tracing::warn!(error = %err, "cannot trim the outbox");
+                        }
+                    }
+                }
+                "link.nack" => {
+                    let from = e.body["from"].as_i64().unwrap_or(1).max(1);
+                    let wait = e.body["retry_ms"].as_u64().unwrap_or(100).min(60_000);
+                    if from - 1 < self.sent {
+                        self.sent = (from - 1).max(self.acked);
+                    }
+                    self.paused_until = Some(Instant::now() + Duration::from_millis(wait));
+                }
+                _ if e.body["seq"].is_i64() => messages.push(e),
+                other => self.ctx.federation.refuse(
+                    &self.peer.name,
+                    "malformed",
+                    &format!("unknown message {other}"),
+                ),
+            }
+        }
+        if messages.is_empty() && !dropped {
+            return Ok(());
+        }
+        let applied = super::inbox::apply(self.ctx, &self.peer, messages).await;
+        let (cursor, gap) = match applied {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(peer = self.peer.name, error = %e, "cannot commit messages from a peer");
+                (self.peer.in_seq, true)
+            }
+        };
+        if cursor > self.peer.in_seq {
+            self.ctx
+                .federation
+                .applied
+                .fetch_add((cursor - self.peer.in_seq) as u64, Ordering::Relaxed);
+            self.peer.in_seq = cursor;
+            let ack = seal_to(self.ctx, &self.peer.id, "link.ack", json!({"upto": cursor}));
+            self.out.send(ack).await.map_err(|_| ())?;
+        }
+        if gap || dropped {
+            let now = Instant::now();
+            let recent = self.last_nack.is_some_and(|(from, at)| {
+                from == cursor + 1 && now - at < Duration::from_millis(200)
+            });
+            if !recent {
+                self.last_nack = Some((cursor + 1, now));
+                let nack = seal_to(
+                    self.ctx,
+                    &self.peer.id,
+                    "link.nack",
+                    json!({"from": cursor + 1, "retry_ms": if dropped { 250 } else { 20 }}),
+                );
+                self.out.send(nack).await.map_err(|_| ())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the supervisor: one maintainer per active or unreachable peer,
+/// and the sweep that marks peers unreachable and forgets old envelope ids.
+pub fn spawn(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut stop = stop;
+        let mut next_sweep = Instant::now();
+        loop {
+            if *stop.borrow() {
+                ctx.federation.close_all();
+                return;
+            }
+            match live_peers(&ctx).await {
+                Ok(peers) => {
+                    for peer in peers {
+                        if lock(&ctx.federation.maintained).insert(peer.clone()) {
+                            tokio::spawn(maintain(ctx.clone(), peer, stop.clone()));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list peers"),
+            }
+            if Instant::now() >= next_sweep {
+                if let Err(e) = sweep(&ctx).await {
+                    tracing::warn!(error = %e, "federation sweep failed");
+                }
+                next_sweep = Instant::now() + Duration::from_secs(60);
+            }
+            tokio::select! {
+                _ = ctx.federation.changed.notified() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+}
+
+async fn live_peers(ctx: &Context) -> Result<Vec<String>, sqlx::Error> {
+    let rows =
+        sqlx::query("SELECT instance_id FROM peers WHERE state IN ('active', 'unreachable')")
+            .fetch_all(ctx.db.reader())
+            .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
+
+/// A fraction in [0.5, 1.0) from the system's randomness.
+fn jitter() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::getrandom(&mut b);
+    0.5 + f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) / 2.0
+}
+
+/// The delay before the next dial after `failures` failures in a row.
+pub fn backoff(initial_ms: u64, max_secs: u64, failures: u32) -> Duration {
+    let max = max_secs.saturating_mul(1_000).max(1);
+    let base = initial_ms
+        .max(1)
+        .saturating_mul(1u64 << failures.min(30).saturating_sub(1))
+        .min(max);
+    Duration::from_millis((base as f64 * jitter()) as u64)
+}
+
+/// Keeps one peer linked until it stops being active or unreachable.
+async fn maintain(ctx: Arc<Context>, peer_id: String, mut stop: watch::Receiver<bool>) {
+    let cfg = ctx.config.federation.clone();
+    let mut failures: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let peer = match load_peer(&ctx, &peer_id).await {
+            Ok(Some(p)) if matches!(p.state, PeerState::Active | PeerState::Unreachable) => p,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a peer");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if ctx.federation.connected(&peer.id) {
+            // The peer dialed us; look again when that link may have ended.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        if ctx.identity.instance_id > peer.id && failures == 0 {
+            // The smaller id dials first; give its link a moment.
+            tokio::time::sleep(Duration::from_millis((200.0 * jitter()) as u64)).await;
+            if ctx.federation.connected(&peer.id) {
+                continue;
+            }
+        }
+        match dial(&ctx, &peer).await {
+            Ok(()) => {
+                failures = 0;
+                lock(&ctx.federation.health).remove(&peer.id);
+                continue;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = backoff(cfg.retry_initial_ms, cfg.retry_max_seconds, failures);
+                let next = to_micros(ctx.now()) + wait.as_micros() as i64;
+                tracing::info!(
+                    peer = peer.name,
+                    failures,
+                    error = e,
+                    wait_ms = wait.as_millis() as u64,
+                    "cannot link to peer; will retry"
+                );
+                lock(&ctx.federation.health).insert(
+                    peer.id.clone(),
+                    LinkHealth {
+                        failures,
+                        next_attempt_at: Some(next),
+                        last_error: Some(e),
+                    },
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+    lock(&ctx.federation.maintained).remove(&peer_id);
+}
+
+/// Marks peers no link reached for `unreachable_after_hours` unreachable,
+/// and forgets envelope ids older than a week.
+pub async fn sweep(ctx: &Context) -> Result<(), super::peers::FederationError> {
+    let now = to_micros(ctx.now());
+    let limit =
+        now - (ctx.config.federation.unreachable_after_hours as i64).saturating_mul(3_600_000_000);
+    let rows = sqlx::query(
+        "SELECT instance_id FROM peers WHERE state = 'active' AND COALESCE(last_seen_at, updated_at) < $1",
+    )
+    .bind(limit)
+    .fetch_all(ctx.db.reader())
+    .await?;
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        if ctx.federation.connected(&id) {
+            continue;
+        }
+        let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "federation");
+        super::peers::set_state(ctx, &actor, &id, PeerState::Unreachable).await?;
+    }
+    let mut tx = ctx.db.begin().await?;
+    sqlx::query("DELETE FROM federation_seen WHERE expires_at < $1")
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// WebSockets with rustls (public roots); plain `ws://` only to loopback
+/// unless the configuration allows it.
+struct WsTransport {
+    allow_plaintext: bool,
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split("://").nth(1).unwrap_or("");
+    let host = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Transport for WsTransport {
+    fn dial<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Conn, String>> {
+        Box::pin(async move {
+            if url.starts_with("ws://") && !self.allow_plaintext && !is_loopback_url(url) {
+                return Err(format!(
+                    "refusing plain ws:// to {url}: use https, or set federation.allow_plaintext for development"
+                ));
+            }
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024))
+                .max_frame_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024));
+            let (stream, _) = tokio::time::timeout(
+                HANDSHAKE,
+                tokio_tungstenite::connect_async_with_config(url, Some(config), false),
+            )
+            .await
+            .map_err(|_| format!("connecting to {url} timed out"))?
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            Ok(pump_tungstenite(stream))
+        })
+    }
+}
+
+/// Heartbeat: a ping this often; a link silent for three of them is dead.
+const PING_EVERY: Duration = Duration::from_secs(15);
+
+fn pump_tungstenite<S>(stream: tokio_tungstenite::WebSocketStream<S>) -> Conn
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut sink, mut stream) = stream.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(4_096);
+    let (in_tx, in_rx) = mpsc::channel::<String>(4_096);
+    tokio::spawn(async move {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            tokio::select! {
+                text = out_rx.recv() => match text {
+                    Some(t) => if sink.send(Message::Text(t.into())).await.is_err() { break },
+                    None => break,
+                },
+                _ = ping.tick() => if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break },
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    });
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(PING_EVERY * 3, stream.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if in_tx.send(t.to_string()).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
+                _ => break,
+            }
+        }
+    });
+    Conn {
+        tx: out_tx,
+        rx: in_rx,
+    }
+}
+
+/// The server end of a WebSocket, as a [`Conn`].
+pub fn pump_axum(socket: axum::extract::ws::WebSocket) -> Conn {
+    use axum::extract::ws::Message;
+    use futures_util::{SinkExt, StreamExt};
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(4_096);
+    let (in_tx, in_rx) = mpsc::channel::<String>(4_096);
+    tokio::spawn(async move {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            tokio::select! {
+                text = out_rx.recv() => match text {
+                    Some(t) => if sink.send(Message::Text(t.into())).await.is_err() { break },
+                    None => break,
+                },
+                _ = ping.tick() => if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break },
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    });
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(PING_EVERY * 3, stream.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if in_tx.send(t.to_string()).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                _ => break,
+            }
+        }
+    });
+    Conn {
+        tx: out_tx,
+        rx: in_rx,
+    }
+}
+
+/// Instances in one process, linked through channels: the transport of
+/// the in-process federation tests. `cut` partitions an instance (its
+/// links drop and dials fail) until `heal`.
+#[derive(Default)]
+pub struct MemoryNet {
+    routes: Mutex<HashMap<String, Arc<Context>>>,
+    cuts: Mutex<HashMap<String, watch::Sender<bool>>>,
+}
+
+impl MemoryNet {
+    /// Makes `ctx` reachable at its base URL.
+    pub fn attach(&self, url: &str, ctx: Arc<Context>) {
+        let endpoint = connect_url(url);
+        lock(&self.routes).insert(endpoint.clone(), ctx);
+        lock(&self.cuts).insert(endpoint, watch::channel(false).0);
+    }
+
+    pub fn cut(&self, url: &str) {
+        if let Some(c) = lock(&self.cuts).get(&connect_url(url)) {
+            let _ = c.send(true);
+        }
+    }
+
+    pub fn heal(&self, url: &str) {
+        if let Some(c) = lock(&self.cuts).get(&connect_url(url)) {
+            let _ = c.send(false);
+        }
+    }
+}
+
+/// Copies frames from `from` to `to` until either ends or the cut flag rises.
+fn relay(
+    mut from: mpsc::Receiver<String>,
+    to: mpsc::Sender<String>,
+    mut cut: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            if *cut.borrow() {
+                break;
+            }
+            tokio::select! {
+                frame = from.recv() => match frame {
+                    Some(f) => if to.send(f).await.is_err() { break },
+                    None => break,
+                },
+                _ = cut.changed() => {}
+            }
+        }
+    });
+}
+
+impl Transport for MemoryNet {
+    fn dial<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Conn, String>> {
+        Box::pin(async move {
+            let target = lock(&self.routes).get(url).cloned();
+            let cut = lock(&self.cuts).get(url).map(|c| c.subscribe());
+            let (Some(target), Some(cut)) = (target, cut) else {
+                return Err(format!("nothing listens at {url}"));
+            };
+            if *cut.borrow() {
+                return Err(format!("{url} is cut off"));
+            }
+            let (client_out, relay_in) = mpsc::channel(4_096);
+            let (relay_out, server_in) = mpsc::channel(4_096);
+            let (server_out, relay_back) = mpsc::channel(4_096);
+            let (relay_back_out, client_in) = mpsc::channel(4_096);
+            relay(relay_in, relay_out, cut.clone());
+            relay(relay_back, relay_back_out, cut);
+            tokio::spawn(accept(
+                target,
+                Conn {
+                    tx: server_out,
+                    rx: server_in,
+                },
+            ));
+            Ok(Conn {
+                tx: client_out,
+                rx: client_in,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_loopback() {
+        assert_eq!(
+            connect_url("https://a.example/"),
+            "wss://a.example/api/v1/federation/connect"
+        );
+        assert_eq!(
+            connect_url("http://127.0.0.1:8080"),
+            "ws://127.0.0.1:8080/api/v1/federation/connect"
+        );
+        assert!(is_loopback_url("ws://127.0.0.1:80/x"));
+        assert!(is_loopback_url("ws://[::1]:80/x"));
+        assert!(is_loopback_url("ws://localhost:1/x"));
+        assert!(!is_loopback_url("ws://10.0.0.1:80/x"));
+        assert!(!is_loopback_url("ws://example.org/x"));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        for failures in 1..40 {
+            let d = backoff(1_000, 3_600, failures);
+            let base = (1_000u64 << (failures - 1).min(30)).min(3_600_000);
+            assert!(d.as_millis() as u64 >= base / 2, "{failures}: {d:?}");
+            assert!(d.as_millis() as u64 <= base, "{failures}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn the_bucket_refills_with_the_clock() {
+        let mut b = Bucket::new(2, 0);
+        assert!((0..4).all(|_| b.take(0)));
+        assert!(!b.take(0));
+        assert!(b.take(500_000));
+        assert!(!b.take(500_000));
+    }
+}
