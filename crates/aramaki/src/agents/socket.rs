@@ -319,7 +319,8 @@ async fn serve(
             .await
             .map_err(|e| e.to_string())?
     };
-    ctx.ingest.seen(me.clone(), hello.queue_depth, 0);
+    ctx.ingest
+        .seen(me.clone(), hello.queue_depth, 0, to_micros(ctx.now()));
     let heartbeat_secs = ctx.config.monitoring.heartbeat;
     send(
         socket,
@@ -392,7 +393,8 @@ async fn handle(
             queue_depth,
             dropped,
         } => {
-            ctx.ingest.seen(me.clone(), queue_depth, dropped);
+            ctx.ingest
+                .seen(me.clone(), queue_depth, dropped, to_micros(ctx.now()));
             send(socket, &ServerMessage::Heartbeat)
                 .await
                 .map_err(|e| e.to_string())

@@ -58,6 +58,8 @@ enum Item {
         agent: AgentRef,
         queue_depth: u64,
         dropped: u64,
+        /// When the heartbeat arrived (µs): the writer may get to it later.
+        at: i64,
     },
     Synthetic {
         result: Synthetic,
@@ -119,12 +121,13 @@ impl Ingest {
         answer.await.map_err(|_| IngestError::Stopped)?
     }
 
-    /// Notes that an agent is alive (a heartbeat); not waited for.
-    pub fn seen(&self, agent: AgentRef, queue_depth: u64, dropped: u64) {
+    /// Notes that an agent is alive (a heartbeat at `at`, µs); not waited for.
+    pub fn seen(&self, agent: AgentRef, queue_depth: u64, dropped: u64, at: i64) {
         let _ = self.tx.try_send(Item::Seen {
             agent,
             queue_depth,
             dropped,
+            at,
         });
     }
 
@@ -258,7 +261,8 @@ impl Writer {
         let now = to_micros(self.ctx.now());
         let mut wrote_events = false;
         let (mut committed, mut duplicates) = (0u64, 0u64);
-        let mut seen: HashMap<String, (AgentRef, Option<u64>)> = HashMap::new();
+        // Per agent: the agent, its queue depth if reported, when last seen.
+        let mut seen: HashMap<String, (AgentRef, Option<u64>, i64)> = HashMap::new();
         for item in batch {
             match item {
                 Item::Records {
@@ -284,18 +288,20 @@ impl Writer {
                         .execute(&mut *tx)
                         .await?;
                     self.acked.insert(agent.id.clone(), high);
-                    seen.entry(agent.id.clone()).or_insert((agent, None));
+                    seen.entry(agent.id.clone()).or_insert((agent, None, now));
                     answers.push(Answer::Acked(reply, high));
                 }
                 Item::Seen {
                     agent,
                     queue_depth,
                     dropped,
+                    at,
                 } => {
                     // The agent's own count of drops arrives as Dropped
                     // records; the heartbeat's copy is only informative.
                     let _ = dropped;
-                    seen.insert(agent.id.clone(), (agent, Some(queue_depth)));
+                    let at = seen.get(&agent.id).map_or(at, |s| s.2.max(at));
+                    seen.insert(agent.id.clone(), (agent, Some(queue_depth), at));
                 }
                 Item::Synthetic { result, reply } => {
                     let agent_id = result.agent.as_ref().map(|a| a.id.clone());
@@ -323,13 +329,13 @@ impl Writer {
                 }
             }
         }
-        for (id, (agent, depth)) in seen {
+        for (id, (agent, depth, at)) in seen {
             wrote_events |= self.alive(&mut tx, &agent, now).await?;
             match depth {
                 Some(depth) => {
                     sqlx::query("UPDATE agents SET last_seen = $2, queue_depth = $3 WHERE id = $1")
                         .bind(id)
-                        .bind(now)
+                        .bind(at)
                         .bind(i64::try_from(depth).unwrap_or(i64::MAX))
                         .execute(&mut *tx)
                         .await?;
@@ -337,7 +343,7 @@ impl Writer {
                 None => {
                     sqlx::query("UPDATE agents SET last_seen = $2 WHERE id = $1")
                         .bind(id)
-                        .bind(now)
+                        .bind(at)
                         .execute(&mut *tx)
                         .await?;
                 }
