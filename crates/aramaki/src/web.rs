@@ -324,6 +324,7 @@ pub fn app(ctx: AppState) -> Router {
         .merge(crate::systems::pages::routes())
         .merge(crate::agents::pages::routes())
         .merge(crate::federation::http::routes())
+        .merge(crate::federation::pages::routes())
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || {

@@ -90,6 +90,11 @@ pub enum PeerCommand {
         #[arg(long)]
         contacts: bool,
     },
+    /// Withdraw a standing policy: PEER's requests for SYSTEM wait for an
+    /// admin again (accepted uses stay until undone).
+    Disallow { peer: String, system: String },
+    /// Standing policies: which peers' requests are accepted at once.
+    Policies,
 }
 
 /// `aramaki instance …`.
@@ -296,6 +301,32 @@ pub async fn run(client: &Client, cmd: PeerCommand) -> Result<()> {
                 )
                 .await?;
             println!("requests from {peer} to use {system} are accepted at once ({level})");
+            Ok(())
+        }
+        PeerCommand::Disallow { peer, system } => {
+            client
+                .delete(&format!(
+                    "/peers/{}/policies/{}",
+                    encode(&peer),
+                    encode(&system)
+                ))
+                .await?;
+            println!("requests from {peer} to use {system} wait for an admin again");
+            Ok(())
+        }
+        PeerCommand::Policies => {
+            let v = client.get("/policies").await?;
+            if client.json {
+                return client.print_json(&v);
+            }
+            for p in v["items"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}",
+                    s(p, "system"),
+                    s(p, "peer_name"),
+                    p["exposure"]["level"].as_str().unwrap_or("")
+                );
+            }
             Ok(())
         }
     }

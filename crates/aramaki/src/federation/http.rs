@@ -80,6 +80,8 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(request_use))
         .routes(routes!(decide_use))
         .routes(routes!(allow_use))
+        .routes(routes!(disallow_use))
+        .routes(routes!(list_policies))
         .routes(routes!(rotate_key))
 }
 
@@ -216,6 +218,39 @@ async fn allow_use(
     };
     super::uses::allow(&ctx, &admin.actor(), &peer, &req.system, exposure).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Withdraw a standing policy: the peer's requests for the system wait for
+/// an admin again. Role: instance admin.
+#[utoipa::path(delete, path = "/peers/{peer}/policies/{system}", tag = "federation",
+    params(("peer" = String, Path, description = "instance id or name"), ("system" = String, Path)),
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 204), (status = 404, body = crate::web::ProblemBody)))]
+async fn disallow_use(
+    State(ctx): State<AppState>,
+    InstanceAdmin(admin): InstanceAdmin,
+    axum::extract::Path((peer, system)): axum::extract::Path<(String, String)>,
+) -> Result<axum::http::StatusCode, Problem> {
+    super::uses::disallow(&ctx, &admin.actor(), &peer, &system).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PolicyList {
+    pub items: Vec<super::uses::Policy>,
+}
+
+/// Standing policies. Role: instance admin.
+#[utoipa::path(get, path = "/policies", tag = "federation",
+    extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
+    responses((status = 200, body = PolicyList)))]
+async fn list_policies(
+    State(ctx): State<AppState>,
+    InstanceAdmin(_): InstanceAdmin,
+) -> Result<Json<PolicyList>, Problem> {
+    Ok(Json(PolicyList {
+        items: super::uses::policies(&ctx).await?,
+    }))
 }
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]

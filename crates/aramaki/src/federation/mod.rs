@@ -11,6 +11,7 @@ pub mod identity;
 pub mod inbox;
 pub mod link;
 pub mod outbox;
+pub mod pages;
 pub mod peers;
 pub mod rotation;
 pub mod uses;

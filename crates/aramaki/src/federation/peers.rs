@@ -266,15 +266,34 @@ async fn upsert_peer(
     Ok(())
 }
 
-/// On the joiner: fetches and checks the inviter's document, joins, pins it.
-pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo, FederationError> {
-    let invite = Invite::parse(invite).ok_or_else(|| {
-        FederationError::Invite("this is not a peering invite (<url>#aip_…)".into())
-    })?;
-    let http = reqwest::Client::builder()
+/// What an invite points at, checked against the invite's fingerprint: shown
+/// to the joining admin to compare with what the inviter told them.
+#[derive(Debug, Clone)]
+pub struct InvitePreview {
+    pub name: String,
+    pub url: String,
+    pub fingerprint: String,
+}
+
+fn join_client() -> Result<reqwest::Client, FederationError> {
+    reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
-        .map_err(|e| FederationError::Internal(e.to_string()))?;
+        .map_err(|e| FederationError::Internal(e.to_string()))
+}
+
+fn parse_invite(invite: &str) -> Result<Invite, FederationError> {
+    Invite::parse(invite).ok_or_else(|| {
+        FederationError::Invite("this is not a peering invite (<url>#aip_…)".into())
+    })
+}
+
+/// Fetches the inviter's document; refuses it unless its key matches the
+/// fingerprint in the invite.
+async fn fetch_inviter(
+    http: &reqwest::Client,
+    invite: &Invite,
+) -> Result<SignedDocument, FederationError> {
     let unreachable = |e: reqwest::Error| FederationError::Unreachable {
         url: invite.url.clone(),
         reason: e.to_string(),
@@ -295,6 +314,29 @@ pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo
             aramaki_protocol::keys::fingerprint(key.as_bytes())
         )));
     }
+    Ok(theirs)
+}
+
+/// On the joiner, before joining: who the invite leads to.
+pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
+    let invite = parse_invite(invite)?;
+    let theirs = fetch_inviter(&join_client()?, &invite).await?;
+    Ok(InvitePreview {
+        name: theirs.document.name,
+        url: theirs.document.url,
+        fingerprint: theirs.document.fingerprint,
+    })
+}
+
+/// On the joiner: fetches and checks the inviter's document, joins, pins it.
+pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo, FederationError> {
+    let invite = parse_invite(invite)?;
+    let http = join_client()?;
+    let unreachable = |e: reqwest::Error| FederationError::Unreachable {
+        url: invite.url.clone(),
+        reason: e.to_string(),
+    };
+    let theirs = fetch_inviter(&http, &invite).await?;
     let req = JoinRequest {
         invite: invite.token(),
         document: super::http::document(ctx),
@@ -507,4 +549,15 @@ pub async fn set_state(
     }
     ctx.federation.peers_changed();
     find(ctx, &peer.instance_id).await
+}
+
+/// Every peer's name by instance id: how pages say where a remote system
+/// or event comes from.
+pub async fn names(ctx: &Context) -> Result<std::collections::HashMap<String, String>, sqlx::Error> {
+    let rows = sqlx::query("SELECT instance_id, name FROM peers")
+        .fetch_all(ctx.db.reader())
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("instance_id")?, r.try_get("name")?)))
+        .collect()
 }

@@ -589,6 +589,113 @@ pub async fn allow(
     Ok(())
 }
 
+/// A standing answer: requests of `peer` for `system` are accepted at once.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Policy {
+    pub system: String,
+    pub peer: String,
+    pub peer_name: String,
+    pub exposure: Exposure,
+}
+
+/// Every standing policy, by system then peer.
+pub async fn policies(ctx: &Context) -> Result<Vec<Policy>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT s.slug, p.instance_id, p.name, u.level, u.subsystems, u.handbook, u.contacts \
+         FROM use_policies u JOIN systems s ON s.id = u.system_id AND s.deleted_at IS NULL \
+         JOIN peers p ON p.instance_id = u.peer_id ORDER BY s.slug, p.name",
+    )
+    .fetch_all(ctx.db.reader())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Policy {
+                system: r.try_get("slug")?,
+                peer: r.try_get("instance_id")?,
+                peer_name: r.try_get("name")?,
+                exposure: Exposure {
+                    level: Level::parse(&r.try_get::<String, _>("level")?)
+                        .unwrap_or(Level::Status),
+                    subsystems: r.try_get::<i64, _>("subsystems")? != 0,
+                    handbook: r.try_get::<i64, _>("handbook")? != 0,
+                    contacts: r.try_get::<i64, _>("contacts")? != 0,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Withdraws a standing policy: later requests wait for an admin again.
+/// Uses it already accepted stay until undone.
+pub async fn disallow(
+    ctx: &Context,
+    actor: &Actor,
+    peer: &str,
+    slug: &str,
+) -> Result<(), FederationError> {
+    let peer = super::peers::find(ctx, peer).await?;
+    let system = crate::systems::get(ctx, slug)
+        .await
+        .map_err(|e| FederationError::NotFound(e.to_string()))?;
+    let mut tx = ctx.db.begin_recording().await?;
+    let gone = sqlx::query("DELETE FROM use_policies WHERE system_id = $1 AND peer_id = $2")
+        .bind(system.id.to_string())
+        .bind(peer.instance_id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if gone == 0 {
+        return Err(FederationError::NotFound(format!(
+            "policy for {} on {slug}",
+            peer.name
+        )));
+    }
+    on_system(
+        ctx,
+        &mut tx,
+        actor,
+        &system.id.to_string(),
+        "federation.use_policy_withdrawn",
+        format!(
+            "Requests from {} to use this system wait for an admin again",
+            peer.name
+        ),
+        json!({"peer": peer.instance_id}),
+    )
+    .await?;
+    ctx.commit(tx).await?;
+    Ok(())
+}
+
+/// Where a mirrored system comes from: the peer and the use behind it.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub peer: String,
+    pub peer_name: String,
+    pub peer_url: String,
+    pub use_id: String,
+}
+
+/// The origin of a system mirrored here, `None` for one of ours.
+pub async fn origin_of(ctx: &Context, system_id: &str) -> Result<Option<Origin>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT r.peer_id, r.use_id, p.name, p.url FROM remote_systems r \
+         JOIN peers p ON p.instance_id = r.peer_id WHERE r.system_id = $1",
+    )
+    .bind(system_id)
+    .fetch_optional(ctx.db.reader())
+    .await?;
+    row.map(|r| {
+        Ok(Origin {
+            peer: r.try_get("peer_id")?,
+            peer_name: r.try_get("name")?,
+            peer_url: r.try_get("url")?,
+            use_id: r.try_get("use_id")?,
+        })
+    })
+    .transpose()
+}
+
 // ---- the provider's side of the wire --------------------------------------
 
 /// Builds the snapshot of S (and what it exposes) for a use.

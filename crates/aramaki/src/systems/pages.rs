@@ -32,6 +32,8 @@ struct Tile {
     slug: String,
     title: String,
     worst: String,
+    /// The peer a remote system comes from.
+    from: Option<String>,
 }
 
 struct Group {
@@ -46,6 +48,32 @@ struct Line {
     title: String,
     actor: String,
     severity: String,
+    /// The peer a remote event comes from.
+    from: Option<String>,
+}
+
+/// Names the peer an event or system comes from; `None` for our own.
+pub(crate) struct Origins {
+    me: String,
+    names: std::collections::HashMap<String, String>,
+}
+
+impl Origins {
+    pub(crate) async fn load(ctx: &crate::context::Context) -> Result<Origins, sqlx::Error> {
+        Ok(Origins {
+            me: ctx.identity.instance_id.clone(),
+            names: crate::federation::peers::names(ctx).await?,
+        })
+    }
+
+    pub(crate) fn of(&self, instance: &str) -> Option<String> {
+        (instance != self.me).then(|| {
+            self.names
+                .get(instance)
+                .cloned()
+                .unwrap_or_else(|| instance.to_owned())
+        })
+    }
 }
 
 /// The ids of the systems a caller may see (`visible`, or all of them).
@@ -61,8 +89,9 @@ fn within_reach(
 
 impl Line {
     /// An event as one line of a strip, its time shown with `format`.
-    fn of(e: crate::timeline::Event, format: &str) -> Line {
+    fn of(e: crate::timeline::Event, format: &str, origins: &Origins) -> Line {
         Line {
+            from: origins.of(&e.origin),
             at: e.occurred_at.to_string(),
             at_short: e.occurred_at.strftime(format).to_string(),
             system: e.system,
@@ -98,12 +127,14 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
         let graph = super::store::load_graph(&mut conn).await?;
         drop(conn);
         let visible = access.visible(&graph);
+        let origins = Origins::load(&ctx).await?;
         let mut groups = Vec::new();
         for (category, systems) in super::anchors(&ctx, visible.as_ref()).await? {
             let mut tiles = Vec::new();
             for s in systems {
                 let status = super::status::status(&ctx, s.slug.as_str()).await?;
                 tiles.push(Tile {
+                    from: origins.of(&s.instance),
                     slug: s.slug.to_string(),
                     title: s.title,
                     worst: as_word(&status.top.worst),
@@ -126,7 +157,7 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
         let events = page(ctx.db.reader(), &ids, &filter, None, 40)
             .await?
             .into_iter()
-            .map(|e| Line::of(e, "%a %H:%M"))
+            .map(|e| Line::of(e, "%a %H:%M", &origins))
             .collect();
         Ok::<_, super::SystemError>(Dashboard {
             user: Some(session.principal.display_name.clone()),
@@ -215,6 +246,8 @@ struct EventLine {
     actor: String,
     severity: String,
     body_html: String,
+    /// The peer a remote event comes from.
+    from: Option<String>,
 }
 
 #[derive(Template)]
@@ -243,6 +276,8 @@ struct SystemPage {
     live: String,
     can_note: bool,
     can_edit: bool,
+    /// Where a remote system lives; it is read-only here.
+    origin: Option<crate::federation::uses::Origin>,
     severities: Vec<String>,
     periods: Vec<(String, String)>,
     filter_since: String,
@@ -349,6 +384,7 @@ async fn system_page(
         let status = super::status::status(&ctx, &slug).await?;
         let monitoring_html = crate::monitoring::pages::section(&ctx, &session, &id, &slug).await?;
         let actions_html = crate::actions::pages::section(&ctx, &session, &id, &slug, role).await?;
+        let origin = crate::federation::uses::origin_of(&ctx, &id).await?;
         let closure = graph.closure(&id);
         let (mut events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
         let previous = super::store::visit(&ctx, &session.principal.user_id, &id).await?;
@@ -384,7 +420,8 @@ async fn system_page(
                 filter_query(&f, None)
             ),
             can_note: role >= crate::users::Role::Operator,
-            can_edit: role >= crate::users::Role::Admin,
+            can_edit: role >= crate::users::Role::Admin && origin.is_none(),
+            origin,
             severities: ["info", "ok", "warning", "critical"]
                 .map(String::from)
                 .to_vec(),
@@ -552,10 +589,11 @@ async fn search(
                 text: Some(q.clone()),
                 ..Filter::default()
             };
+            let origins = Origins::load(&ctx).await?;
             events = page(ctx.db.reader(), &ids, &filter, None, 30)
                 .await?
                 .into_iter()
-                .map(|e| Line::of(e, "%a %d %b %H:%M"))
+                .map(|e| Line::of(e, "%a %d %b %H:%M", &origins))
                 .collect();
         }
         Ok::<_, super::SystemError>(SearchPage {
@@ -655,8 +693,9 @@ fn mark_new(events: &mut [EventLine], seen: i64) {
     }
 }
 
-fn event_line(e: crate::timeline::Event) -> EventLine {
+fn event_line(e: crate::timeline::Event, origins: &Origins) -> EventLine {
     EventLine {
+        from: origins.of(&e.origin),
         new: false,
         first_seen: false,
         recorded: to_micros(e.recorded_at),
@@ -697,7 +736,14 @@ async fn timeline_part(
     } else {
         None
     };
-    Ok((events.into_iter().map(event_line).collect(), more))
+    let origins = Origins::load(ctx).await?;
+    Ok((
+        events
+            .into_iter()
+            .map(|e| event_line(e, &origins))
+            .collect(),
+        more,
+    ))
 }
 
 #[derive(Template)]
@@ -784,11 +830,15 @@ async fn live_fragments(
         Ok(events) => events,
         Err(e) => return page_error(&e),
     };
+    let origins = match Origins::load(&ctx).await {
+        Ok(origins) => origins,
+        Err(e) => return page_error(&e),
+    };
     let slug_for_items = slug.clone();
     let stream = futures_util::StreamExt::map(events, move |e| {
         let fragment = EventsFragment {
             slug: slug_for_items.clone(),
-            events: vec![event_line(e)],
+            events: vec![event_line(e, &origins)],
             more: None,
         };
         let html = askama::Template::render(&fragment).unwrap_or_default();
