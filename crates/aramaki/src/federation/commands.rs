@@ -92,7 +92,10 @@ pub enum PeerCommand {
     },
     /// Withdraw a standing policy: PEER's requests for SYSTEM wait for an
     /// admin again (accepted uses stay until undone).
-    Disallow { peer: String, system: String },
+    Disallow {
+        peer: String,
+        system: String,
+    },
     /// Standing policies: which peers' requests are accepted at once.
     Policies,
 }

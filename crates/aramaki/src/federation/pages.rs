@@ -171,7 +171,11 @@ fn changes_for(p: &PeerInfo) -> Vec<(&'static str, &'static str, String)> {
         ],
         "active" | "unreachable" => vec![suspend, revoke],
         "suspended" => vec![
-            ("resume", "Resume", format!("Resume peering with {}?", p.name)),
+            (
+                "resume",
+                "Resume",
+                format!("Resume peering with {}?", p.name),
+            ),
             revoke,
         ],
         _ => Vec::new(),
@@ -262,7 +266,10 @@ async fn build(
         theirs,
         past,
         policies: super::uses::policies(ctx).await?,
-        levels: [("timeline", "status and timeline"), ("status", "status only")],
+        levels: [
+            ("timeline", "status and timeline"),
+            ("status", "status only"),
+        ],
     })
 }
 
@@ -281,11 +288,7 @@ async fn show(
 }
 
 /// A refused form: the page again, with the reason and a fitting status.
-async fn refused(
-    ctx: &crate::context::Context,
-    session: &Session,
-    e: FederationError,
-) -> Response {
+async fn refused(ctx: &crate::context::Context, session: &Session, e: FederationError) -> Response {
     let status = match &e {
         FederationError::Db(_) | FederationError::Internal(_) => return page_error(&e),
         FederationError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -614,8 +617,7 @@ async fn disallow(
     if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
         return refusal;
     }
-    match super::uses::disallow(&ctx, &session.principal.actor(), &form.peer, &form.system).await
-    {
+    match super::uses::disallow(&ctx, &session.principal.actor(), &form.peer, &form.system).await {
         Ok(()) => go_to(&headers, "/federation"),
         Err(e) => refused(&ctx, &session, e).await,
     }

@@ -28,7 +28,8 @@ pub enum FederationError {
     Invite(String),
     #[error("{0}")]
     Peer(String),
-    #[error("no peer '{0}'")]
+    /// What is missing, such as `peer 'b'`.
+    #[error("no {0}")]
     NotFound(String),
     #[error("cannot reach {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -283,9 +284,8 @@ fn join_client() -> Result<reqwest::Client, FederationError> {
 }
 
 fn parse_invite(invite: &str) -> Result<Invite, FederationError> {
-    Invite::parse(invite).ok_or_else(|| {
-        FederationError::Invite("this is not a peering invite (<url>#aip_…)".into())
-    })
+    Invite::parse(invite)
+        .ok_or_else(|| FederationError::Invite("this is not a peering invite (<url>#aip_…)".into()))
 }
 
 /// Fetches the inviter's document; refuses it unless its key matches the
@@ -433,7 +433,7 @@ pub async fn find(ctx: &Context, key: &str) -> Result<PeerInfo, FederationError>
     .bind(key)
     .fetch_optional(ctx.db.reader())
     .await?
-    .ok_or_else(|| FederationError::NotFound(key.to_owned()))?;
+    .ok_or_else(|| FederationError::NotFound(format!("peer '{key}'")))?;
     Ok(peer_from(ctx, &row).await?)
 }
 
@@ -553,7 +553,9 @@ pub async fn set_state(
 
 /// Every peer's name by instance id: how pages say where a remote system
 /// or event comes from.
-pub async fn names(ctx: &Context) -> Result<std::collections::HashMap<String, String>, sqlx::Error> {
+pub async fn names(
+    ctx: &Context,
+) -> Result<std::collections::HashMap<String, String>, sqlx::Error> {
     let rows = sqlx::query("SELECT instance_id, name FROM peers")
         .fetch_all(ctx.db.reader())
         .await?;

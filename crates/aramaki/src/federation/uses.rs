@@ -154,7 +154,7 @@ pub async fn get(ctx: &Context, id: &str) -> Result<UseInfo, FederationError> {
         .bind(id)
         .fetch_optional(ctx.db.reader())
         .await?
-        .ok_or_else(|| FederationError::NotFound(format!("use {id}")))?;
+        .ok_or_else(|| FederationError::NotFound(format!("use '{id}'")))?;
     Ok(use_from(&row)?)
 }
 
@@ -550,7 +550,7 @@ pub async fn allow(
     let peer = super::peers::find(ctx, peer).await?;
     let system = crate::systems::get(ctx, slug)
         .await
-        .map_err(|e| FederationError::NotFound(e.to_string()))?;
+        .map_err(|_| FederationError::NotFound(format!("system '{slug}' here")))?;
     if system.instance != ctx.identity.instance_id {
         return Err(FederationError::Peer(format!(
             "{slug} is a remote system; only its primary instance decides who uses it"
@@ -614,8 +614,7 @@ pub async fn policies(ctx: &Context) -> Result<Vec<Policy>, sqlx::Error> {
                 peer: r.try_get("instance_id")?,
                 peer_name: r.try_get("name")?,
                 exposure: Exposure {
-                    level: Level::parse(&r.try_get::<String, _>("level")?)
-                        .unwrap_or(Level::Status),
+                    level: Level::parse(&r.try_get::<String, _>("level")?).unwrap_or(Level::Status),
                     subsystems: r.try_get::<i64, _>("subsystems")? != 0,
                     handbook: r.try_get::<i64, _>("handbook")? != 0,
                     contacts: r.try_get::<i64, _>("contacts")? != 0,
@@ -636,7 +635,7 @@ pub async fn disallow(
     let peer = super::peers::find(ctx, peer).await?;
     let system = crate::systems::get(ctx, slug)
         .await
-        .map_err(|e| FederationError::NotFound(e.to_string()))?;
+        .map_err(|_| FederationError::NotFound(format!("system '{slug}' here")))?;
     let mut tx = ctx.db.begin_recording().await?;
     let gone = sqlx::query("DELETE FROM use_policies WHERE system_id = $1 AND peer_id = $2")
         .bind(system.id.to_string())

@@ -419,7 +419,7 @@ async fn system_page(
                 crate::cli::encode(&slug),
                 filter_query(&f, None)
             ),
-            can_note: role >= crate::users::Role::Operator,
+            can_note: role >= crate::users::Role::Operator && origin.is_none(),
             can_edit: role >= crate::users::Role::Admin && origin.is_none(),
             origin,
             severities: ["info", "ok", "warning", "critical"]
@@ -495,8 +495,12 @@ async fn add_note(
             system: slug.clone(),
             event,
         };
+        let requests = vec![request];
+        crate::timeline::http::refuse_remote(&ctx, &requests, false)
+            .await
+            .map_err(|p| NoteError::Refused(p.detail))?;
         ctx.appender
-            .append(&ctx, vec![request])
+            .append(&ctx, requests)
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, NoteError>(())

@@ -464,7 +464,11 @@ fn refusal(outcome: &Outcome, at: &str) -> Option<Problem> {
 
 /// Systems mirrored from a peer are read-only: only their primary
 /// instance records activity about them.
-async fn refuse_remote(ctx: &Context, requests: &[Request], batch: bool) -> Result<(), Problem> {
+pub(crate) async fn refuse_remote(
+    ctx: &Context,
+    requests: &[Request],
+    batch: bool,
+) -> Result<(), Problem> {
     let slugs: Vec<&str> = requests.iter().map(|r| r.system.as_str()).collect();
     for chunk in slugs.chunks(500) {
         let mut sql = crate::db::Sql::new(

@@ -12,7 +12,7 @@ use crate::agent_e2e::eventually;
 use crate::support::TestApp;
 
 /// An instance on the shared in-memory network.
-async fn instance(name: &str, net: &Arc<MemoryNet>) -> TestApp {
+pub(crate) async fn instance(name: &str, net: &Arc<MemoryNet>) -> TestApp {
     let app = TestApp::start_reachable(name).await;
     app.ctx.federation.set_transport(net.clone());
     net.attach(&app.base, app.ctx.clone());
@@ -40,7 +40,7 @@ async fn peer(inviter: &TestApp, joiner: &TestApp) {
     linked(inviter, joiner).await;
 }
 
-async fn linked(a: &TestApp, b: &TestApp) {
+pub(crate) async fn linked(a: &TestApp, b: &TestApp) {
     let (aid, bid) = (
         a.ctx.identity.instance_id.clone(),
         b.ctx.identity.instance_id.clone(),
@@ -51,7 +51,7 @@ async fn linked(a: &TestApp, b: &TestApp) {
     .await;
 }
 
-async fn uses(app: &TestApp) -> Vec<Value> {
+pub(crate) async fn uses(app: &TestApp) -> Vec<Value> {
     app.get("/api/v1/uses").await["items"]
         .as_array()
         .cloned()
@@ -66,7 +66,7 @@ async fn use_state(app: &TestApp, id: &str) -> Option<String> {
         .and_then(|u| u["state"].as_str().map(str::to_owned))
 }
 
-async fn wait_use(app: &TestApp, id: &str, state: &str) -> Value {
+pub(crate) async fn wait_use(app: &TestApp, id: &str, state: &str) -> Value {
     eventually(
         &format!("use {id} to be {state} on {}", app.ctx.identity.name),
         || async {

@@ -17,6 +17,7 @@ mod demo;
 mod federation;
 mod federation_e2e;
 mod federation_links;
+mod federation_pages;
 mod monitoring;
 mod monitoring_pages;
 mod pages;
