@@ -33,6 +33,7 @@ impl From<ActionError> for Problem {
             | ActionError::NotFound { .. }
             | ActionError::UnknownRun(_) => Problem::not_found(e.to_string()),
             ActionError::Exists(_) => Problem::conflict("action_exists", e.to_string()),
+            ActionError::Remote(_) => Problem::conflict("remote_system", e.to_string()),
             ActionError::Invalid(i) => i.into(),
             ActionError::Refused {
                 code,

@@ -26,6 +26,8 @@ use crate::timeline::{self, Actor, Target};
 pub enum ActionError {
     #[error("no system '{0}'")]
     UnknownSystem(String),
+    #[error("'{0}' is a remote system: its actions are defined on its primary instance")]
+    Remote(String),
     #[error("no action '{name}' on '{system}'")]
     NotFound { system: String, name: String },
     #[error("action '{0}' exists already on this system")]
@@ -73,11 +75,14 @@ pub async fn save(
     spec: ActionSpec,
     replace: bool,
 ) -> Result<(Action, bool), ActionError> {
+    use crate::agents::store::{owned_system, Owned};
     spec.validate()?;
     let mut tx = ctx.db.begin_recording().await?;
-    let (system_id, slug) = crate::agents::store::system_by_slug(&mut tx, system)
-        .await?
-        .ok_or_else(|| ActionError::UnknownSystem(system.to_owned()))?;
+    let (system_id, slug) = match owned_system(&mut tx, system, &ctx.identity.instance_id).await? {
+        Owned::Here(id, slug) => (id, slug),
+        Owned::Remote => return Err(ActionError::Remote(system.to_owned())),
+        Owned::Absent => return Err(ActionError::UnknownSystem(system.to_owned())),
+    };
     let now = to_micros(ctx.now());
     let existing = store::action(&mut tx, &system_id, &spec.name).await?;
     let created = existing.is_none();

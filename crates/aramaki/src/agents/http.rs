@@ -35,6 +35,9 @@ impl From<AgentError> for Problem {
             AgentError::UnknownSystem(_) => {
                 Problem::unprocessable(e.to_string()).with("field", "system".into())
             }
+            AgentError::Remote(_) => {
+                Problem::conflict("remote_system", e.to_string()).with("field", "system".into())
+            }
             AgentError::Invalid(_) | AgentError::Refused { .. } => {
                 Problem::unprocessable(e.to_string())
             }

@@ -30,6 +30,8 @@ pub enum AgentError {
     NotFound(String),
     #[error("no system '{0}'")]
     UnknownSystem(String),
+    #[error("'{0}' is a remote system: its agents enroll with its primary instance")]
+    Remote(String),
     #[error("no enrollment token '{0}'")]
     UnknownToken(String),
     #[error("{0}")]
@@ -157,9 +159,12 @@ pub async fn issue_token(
     let now = ctx.now();
     let expires = now.checked_add(ttl).unwrap_or(now);
     let mut tx = ctx.db.begin_recording().await?;
-    let (system_id, slug) = store::system_by_slug(&mut tx, system)
-        .await?
-        .ok_or_else(|| AgentError::UnknownSystem(system.to_owned()))?;
+    let (system_id, slug) =
+        match store::owned_system(&mut tx, system, &ctx.identity.instance_id).await? {
+            store::Owned::Here(id, slug) => (id, slug),
+            store::Owned::Remote => return Err(AgentError::Remote(system.to_owned())),
+            store::Owned::Absent => return Err(AgentError::UnknownSystem(system.to_owned())),
+        };
     store::insert_token(
         &mut tx,
         &store::NewToken {

@@ -19,6 +19,36 @@ pub async fn system_by_slug(
         .transpose()
 }
 
+/// A system by slug, as far as this instance may attach work to it.
+pub enum Owned {
+    /// One of ours: (id, slug).
+    Here(String, String),
+    /// A mirror of another instance's system: its checks, actions and
+    /// agents belong to its primary instance.
+    Remote,
+    Absent,
+}
+
+pub async fn owned_system(
+    conn: &mut AnyConnection,
+    slug: &str,
+    me: &str,
+) -> Result<Owned, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, slug, instance_id FROM systems WHERE slug = $1 AND deleted_at IS NULL",
+    )
+    .bind(slug)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(r) = row else {
+        return Ok(Owned::Absent);
+    };
+    if r.try_get::<String, _>("instance_id")? != me {
+        return Ok(Owned::Remote);
+    }
+    Ok(Owned::Here(r.try_get("id")?, r.try_get("slug")?))
+}
+
 pub struct NewToken<'a> {
     pub id: &'a str,
     pub secret_hash: &'a str,

@@ -33,6 +33,9 @@ impl From<MonitoringError> for Problem {
             MonitoringError::UnknownSystem(_) => {
                 Problem::unprocessable(e.to_string()).with("field", "system".into())
             }
+            MonitoringError::Remote(_) => {
+                Problem::conflict("remote_system", e.to_string()).with("field", "system".into())
+            }
             MonitoringError::Invalid(i) => i.into(),
             MonitoringError::Db(db) => db.into(),
             MonitoringError::Audit(_) => Problem::internal(&e),

@@ -35,6 +35,8 @@ pub enum MonitoringError {
     Exists(String),
     #[error("no system '{0}'")]
     UnknownSystem(String),
+    #[error("'{0}' is a remote system: its checks run on its primary instance")]
+    Remote(String),
     #[error("{}: {}", .0.field, .0.message)]
     Invalid(Invalid),
     #[error("cannot record the change: {0}")]
@@ -122,12 +124,19 @@ async fn record(
         })
 }
 
-async fn validate_target(tx: &mut crate::db::Tx, spec: &CheckSpec) -> Result<(), MonitoringError> {
+async fn validate_target(
+    tx: &mut crate::db::Tx,
+    spec: &CheckSpec,
+    me: &str,
+) -> Result<(), MonitoringError> {
+    use crate::agents::store::{owned_system, Owned};
     spec.validate()?;
     if let Some(slug) = &spec.system {
-        crate::agents::store::system_by_slug(tx, slug.as_str())
-            .await?
-            .ok_or_else(|| MonitoringError::UnknownSystem(slug.to_string()))?;
+        match owned_system(tx, slug.as_str(), me).await? {
+            Owned::Here(..) => {}
+            Owned::Remote => return Err(MonitoringError::Remote(slug.to_string())),
+            Owned::Absent => return Err(MonitoringError::UnknownSystem(slug.to_string())),
+        }
     }
     Ok(())
 }
@@ -140,7 +149,7 @@ pub async fn save_check(
     replace: bool,
 ) -> Result<(Check, bool), MonitoringError> {
     let mut tx = ctx.db.begin_recording().await?;
-    validate_target(&mut tx, &spec).await?;
+    validate_target(&mut tx, &spec, &ctx.identity.instance_id).await?;
     let now = ctx.now();
     let existing = store::check(&mut tx, &spec.name).await?;
     let created = existing.is_none();

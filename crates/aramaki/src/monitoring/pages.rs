@@ -515,9 +515,11 @@ async fn add_check(
         Ok(_) => go_to(&headers, &format!("/systems/{}#checks", encode(&slug))),
         Err(MonitoringError::Invalid(i)) => refused(vec![i]),
         Err(e @ MonitoringError::Exists(_)) => refused(vec![Invalid::new("name", e.to_string())]),
-        Err(e @ (MonitoringError::UnknownSystem(_) | MonitoringError::NotFound(_))) => {
-            refused(vec![Invalid::new("system", e.to_string())])
-        }
+        Err(
+            e @ (MonitoringError::UnknownSystem(_)
+            | MonitoringError::NotFound(_)
+            | MonitoringError::Remote(_)),
+        ) => refused(vec![Invalid::new("system", e.to_string())]),
         Err(MonitoringError::Db(e)) => page_error(&e),
         Err(e @ MonitoringError::Audit(_)) => page_error(&e),
     }

@@ -382,9 +382,17 @@ async fn system_page(
         let includers = named(graph.parents(&id));
         drop(conn);
         let status = super::status::status(&ctx, &slug).await?;
-        let monitoring_html = crate::monitoring::pages::section(&ctx, &session, &id, &slug).await?;
-        let actions_html = crate::actions::pages::section(&ctx, &session, &id, &slug, role).await?;
         let origin = crate::federation::uses::origin_of(&ctx, &id).await?;
+        // Checks and actions of a remote system belong to its primary
+        // instance; here it shows the status and timeline it shares.
+        let (monitoring_html, actions_html) = if origin.is_some() {
+            (String::new(), String::new())
+        } else {
+            (
+                crate::monitoring::pages::section(&ctx, &session, &id, &slug).await?,
+                crate::actions::pages::section(&ctx, &session, &id, &slug, role).await?,
+            )
+        };
         let closure = graph.closure(&id);
         let (mut events, more) = timeline_part(&ctx, &closure, &slug, &f).await?;
         let previous = super::store::visit(&ctx, &session.principal.user_id, &id).await?;

@@ -669,3 +669,101 @@ argv = ["/bin/sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.4; done"]
     assert!(end["out"].as_str().unwrap().contains("line 3"), "{end}");
     b.screenshot("action-run.png").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_admins_peer_and_share_a_system_from_their_pages() {
+    use crate::agent_e2e::eventually;
+    use crate::federation_links::{instance, linked, uses};
+    let net = std::sync::Arc::new(aramaki::federation::link::MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    for (app, name) in [(&hosting, "hana"), (&customer, "carl")] {
+        users::create_user(
+            &app.ctx,
+            &crate::support::tester(),
+            name,
+            name,
+            Some(Role::Admin),
+            PASSWORD,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    hosting.system("storage", "infrastructure", json!({})).await;
+    // Two host names, so that each instance keeps its own session cookie.
+    let host_base = hosting.base.clone();
+    let cust_base = customer.base.replace("127.0.0.1", "localhost");
+
+    let b = Browser::start().await;
+    b.login(&host_base, "hana", PASSWORD).await;
+    b.goto(&format!("{host_base}/federation")).await;
+    b.click("#issue-invite").await;
+    let invite = b.text("#issued-invite").await;
+    assert!(invite.contains("#aip_"), "{invite}");
+
+    b.login(&cust_base, "carl", PASSWORD).await;
+    b.goto(&format!("{cust_base}/federation")).await;
+    b.type_into("#join-invite", &invite).await;
+    b.click("#join").await;
+    assert_eq!(
+        b.text("#join-fingerprint").await,
+        hosting.ctx.identity.fingerprint(),
+        "the admin compares the fingerprint before anything is pinned"
+    );
+    b.click("#confirm-join").await;
+    assert!(b
+        .text("#federation-notice")
+        .await
+        .contains("Peered with hosting"));
+
+    b.goto(&format!("{host_base}/federation")).await;
+    assert_eq!(b.text("#peer-customer .peer-state").await, "pending");
+    b.click("#peer-customer details.approve summary").await;
+    b.click("#peer-customer button[data-change=approve]").await;
+    b.find("#peer-customer details.suspend").await;
+    linked(&hosting, &customer).await;
+
+    b.goto(&format!("{cust_base}/federation")).await;
+    b.type_into("#ask-system", "storage").await;
+    b.click("#ask").await;
+    let use_id = eventually("the request on the provider", || async {
+        uses(&hosting)
+            .await
+            .into_iter()
+            .find(|u| u["state"] == "pending")
+            .and_then(|u| u["id"].as_str().map(str::to_owned))
+    })
+    .await;
+
+    b.goto(&format!("{host_base}/federation")).await;
+    b.click(&format!("#use-{use_id} button.accept")).await;
+    b.find(&format!("#theirs-h ~ table #use-{use_id}")).await;
+    eventually("the mirror on the customer", || async {
+        let (status, _) = customer
+            .call(reqwest::Method::GET, "/api/v1/systems/storage", None)
+            .await;
+        (status == reqwest::StatusCode::OK).then_some(())
+    })
+    .await;
+
+    b.goto(&format!("{cust_base}/systems/storage")).await;
+    assert!(b
+        .text("#origin")
+        .await
+        .contains("Remote system from hosting"));
+    assert_eq!(b.count("#edit-system").await, 0);
+    b.find("#timeline[sse-connect]").await;
+    // What happens to storage on its instance appears here live, marked.
+    hosting
+        .event("storage", "deploy", "storage 2.0 rolled out", json!({}))
+        .await;
+    let live = b
+        .script("const done = arguments[0]; const t = Date.now(); (function poll() { for (const li of document.querySelectorAll('#timeline li')) { if (li.textContent.includes('storage 2.0 rolled out')) return done(li.querySelector('.from') ? li.querySelector('.from').textContent : 'unmarked'); } if (Date.now() - t > 20000) return done(null); setTimeout(poll, 50); })();")
+        .await;
+    assert_eq!(live, "from hosting");
+    b.screenshot("remote-system.png").await;
+    b.goto(&format!("{cust_base}/federation")).await;
+    b.find(&format!("#use-{use_id}")).await;
+    b.screenshot("federation.png").await;
+}

@@ -350,6 +350,26 @@ async fn admins_peer_and_decide_uses_from_the_page() {
         !html.contains("the secret runbook"),
         "the handbook was not shared"
     );
+    // Work cannot be attached to a mirror: it belongs to the primary.
+    for (path, body) in [
+        (
+            "/api/v1/checks",
+            json!({"name": "disk", "command": ["/usr/lib/nagios/plugins/check_dummy", "0"], "system": "storage", "subscriptions": ["linux"], "interval": 60}),
+        ),
+        (
+            "/api/v1/systems/storage/actions",
+            json!({"name": "restart", "title": "Restart"}),
+        ),
+        ("/api/v1/agents/tokens", json!({"system": "storage"})),
+    ] {
+        let (status, v) = customer.post(path, body).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {v}");
+        assert_eq!(v["code"], "remote_system", "{path}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap().contains("primary instance"),
+            "{v}"
+        );
+    }
     let resp = post(
         &customer,
         "/systems/storage/notes",
