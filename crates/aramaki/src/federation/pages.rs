@@ -311,14 +311,13 @@ async fn federation_page(State(ctx): State<AppState>, Page(session): Page) -> Re
     show(&ctx, &session, StatusCode::OK, Flash::default()).await
 }
 
-/// Checks the form's token, then that an instance admin sent it.
-fn admitted(session: &Session, headers: &HeaderMap, csrf: &str) -> Result<(), Response> {
-    check_form(session, headers, Some(csrf)).map_err(IntoResponse::into_response)?;
-    if is_admin(session) {
-        Ok(())
-    } else {
-        Err(forbidden(session, ADMINS_ONLY))
+/// Checks the form's token, then that an instance admin sent it; the
+/// refusal if not.
+fn refusal(session: &Session, headers: &HeaderMap, csrf: &str) -> Option<Response> {
+    if let Err(refused) = check_form(session, headers, Some(csrf)) {
+        return Some(refused.into_response());
     }
+    (!is_admin(session)).then(|| forbidden(session, ADMINS_ONLY))
 }
 
 #[derive(Deserialize)]
@@ -336,7 +335,7 @@ async fn invite(
     headers: HeaderMap,
     Form(form): Form<InviteForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     let ttl = if form.ttl.trim().is_empty() {
@@ -385,7 +384,7 @@ async fn join(
     headers: HeaderMap,
     Form(form): Form<JoinForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     let invite = form.invite.trim();
@@ -434,7 +433,7 @@ async fn change_peer(
     Path((peer, change)): Path<(String, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     let to = match change.as_str() {
@@ -484,7 +483,7 @@ async fn ask(
     headers: HeaderMap,
     Form(form): Form<AskForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     let result = async {
@@ -530,7 +529,7 @@ async fn decide(
     Path((id, decision)): Path<(String, String)>,
     Form(form): Form<DecisionForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     let actor = session.principal.actor();
@@ -582,7 +581,7 @@ async fn allow(
     headers: HeaderMap,
     Form(form): Form<PolicyForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     let result = async {
@@ -614,7 +613,7 @@ async fn disallow(
     headers: HeaderMap,
     Form(form): Form<PolicyForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     match super::uses::disallow(&ctx, &session.principal.actor(), &form.peer, &form.system).await {
@@ -630,7 +629,7 @@ async fn rotate_key(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(refusal) = admitted(&session, &headers, &form.csrf) {
+    if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
     match super::rotation::rotate_key(&ctx, &session.principal.actor()).await {
