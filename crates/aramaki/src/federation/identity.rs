@@ -77,6 +77,12 @@ impl Identity {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The current signing key, for TLS: the listener's certificate is made
+    /// from it.
+    pub fn signing_key(&self) -> SigningKey {
+        self.book().key.clone()
+    }
+
     pub fn public_key(&self) -> VerifyingKey {
         self.book().key.verifying_key()
     }

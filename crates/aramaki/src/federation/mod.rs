@@ -14,4 +14,5 @@ pub mod outbox;
 pub mod pages;
 pub mod peers;
 pub mod rotation;
+pub mod tls;
 pub mod uses;
