@@ -30,6 +30,10 @@ pub struct InstanceDocument {
     pub retired_keys: Vec<RetiredKey>,
     /// µs since the Unix epoch.
     pub issued_at: i64,
+    /// It serves TLS with a certificate of its current key (no CA): dial
+    /// it only when the certificate carries the pinned key.
+    #[serde(default)]
+    pub tls_pinned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +63,7 @@ pub fn document_transcript(d: &InstanceDocument) -> Vec<u8> {
         d.public_key.as_bytes().to_vec(),
         d.fingerprint.as_bytes().to_vec(),
         d.issued_at.to_be_bytes().to_vec(),
+        vec![u8::from(d.tls_pinned)],
     ];
     for k in &d.retired_keys {
         parts.push(k.public_key.as_bytes().to_vec());
@@ -116,6 +121,7 @@ mod tests {
             fingerprint: "AAAA".into(),
             retired_keys: vec![],
             issued_at: 1,
+            tls_pinned: false,
         };
         let t = document_transcript(&d);
         let mut other = d.clone();
@@ -126,6 +132,9 @@ mod tests {
             public_key: "11".repeat(32),
             retired_at: 0,
         });
+        assert_ne!(t, document_transcript(&other));
+        let mut other = d.clone();
+        other.tls_pinned = true;
         assert_ne!(t, document_transcript(&other));
     }
 }

@@ -15,6 +15,9 @@ pub struct App {
     ctx: Arc<Context>,
     listener: TcpListener,
     addr: SocketAddr,
+    /// The TLS listener for peers (`federation.listen`), bound with the
+    /// main one so that a taken port fails the start.
+    peers: Option<TcpListener>,
 }
 
 /// Stops a running [`App`] when dropped or told to.
@@ -31,10 +34,17 @@ impl App {
     pub async fn build(ctx: Arc<Context>, listen: SocketAddr) -> std::io::Result<App> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let peers = match &ctx.config.federation.listen {
+            Some(at) => Some(TcpListener::bind(at).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("federation.listen {at}: {e}"))
+            })?),
+            None => None,
+        };
         Ok(App {
             ctx,
             listener,
             addr,
+            peers,
         })
     }
 
@@ -69,6 +79,9 @@ impl App {
             ctx.timeline.close();
         });
         let router = crate::web::app(self.ctx.clone());
+        if let Some(tcp) = self.peers {
+            serve_peers(&self.ctx, tcp, router.clone(), stop.clone())?;
+        }
         let mut stop_http = stop.clone();
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
@@ -95,4 +108,34 @@ impl App {
         let handle = tokio::spawn(self.run(rx));
         (addr, Shutdown(tx), handle)
     }
+}
+
+/// The federation listener: the same routes, over TLS with a certificate
+/// of the instance key, for peers that pin it.
+fn serve_peers(
+    ctx: &Context,
+    tcp: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listen = tcp.local_addr()?.to_string();
+    let config = crate::federation::tls::server_config(ctx.identity.clone())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    tracing::info!(%listen, "federation listener (TLS with the instance key)");
+    let listener = crate::federation::tls::Listener::new(tcp, config);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                while !*stop.borrow() {
+                    if stop.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the federation listener stopped");
+        }
+    });
+    Ok(())
 }

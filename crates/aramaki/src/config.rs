@@ -55,6 +55,12 @@ pub struct FederationConfig {
     pub retry_max_seconds: u64,
     /// Messages a peer may send per second (sustained; twice that in a burst).
     pub max_messages_per_second: u32,
+    /// Also listen here (`host:port`) for peers, with TLS from a certificate
+    /// of the instance key: peers pin that key, no CA is involved. Unset:
+    /// peers reach `instance.url` (TLS, if any, ends at a proxy).
+    pub listen: Option<String>,
+    /// How peers reach that listener (default `https://<listen>`).
+    pub url: Option<String>,
 }
 
 impl Default for FederationConfig {
@@ -66,6 +72,8 @@ impl Default for FederationConfig {
             retry_initial_ms: 1_000,
             retry_max_seconds: 3_600,
             max_messages_per_second: 2_000,
+            listen: None,
+            url: None,
         }
     }
 }

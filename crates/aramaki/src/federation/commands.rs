@@ -2,12 +2,10 @@
 
 use std::io::BufRead;
 
-use anyhow::{anyhow, bail, Result};
-use aramaki_protocol::federation::{SignedDocument, WELL_KNOWN_PATH};
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::peers::{verify_document, Invite};
 use crate::cli::{encode, s, table, Client};
 
 #[derive(Debug, Subcommand)]
@@ -142,23 +140,12 @@ pub async fn run(client: &Client, cmd: PeerCommand) -> Result<()> {
             Ok(())
         }
         PeerCommand::Join { invite, yes } => {
-            let parsed = Invite::parse(&invite)
-                .ok_or_else(|| anyhow!("this is not a peering invite (<url>#aip_…)"))?;
-            let doc: SignedDocument = reqwest::get(format!("{}{WELL_KNOWN_PATH}", parsed.url))
-                .await?
-                .json()
-                .await?;
-            let key = verify_document(&doc)?;
-            let fingerprint = aramaki_protocol::keys::fingerprint(key.as_bytes());
-            if fingerprint.replace('-', "") != parsed.fingerprint {
-                bail!(
-                    "{} presents fingerprint {fingerprint}, not the one in the invite: not joining",
-                    parsed.url
-                );
-            }
+            // Checked against the invite's fingerprint (its document and,
+            // over TLS, its certificate) before anyone is asked.
+            let found = crate::federation::peers::preview(&invite).await?;
             println!(
-                "{} at {} has fingerprint {fingerprint}",
-                doc.document.name, doc.document.url
+                "{} at {} has fingerprint {}",
+                found.name, found.url, found.fingerprint
             );
             if !yes {
                 eprint!("Is this the fingerprint its admin told you? [y/N] ");

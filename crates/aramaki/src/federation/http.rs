@@ -31,8 +31,16 @@ async fn connect(
         .on_upgrade(move |socket| super::link::accept(ctx, super::link::pump_axum(socket)))
 }
 
-/// The URL peers reach this instance at.
+/// The URL peers reach this instance at: the federation listener's when
+/// there is one, else the instance's.
 pub fn public_url(ctx: &Context) -> String {
+    let f = &ctx.config.federation;
+    if let Some(url) = &f.url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    if let Some(listen) = &f.listen {
+        return format!("https://{listen}");
+    }
     ctx.config
         .instance
         .url
@@ -51,6 +59,7 @@ pub fn document(ctx: &Context) -> SignedDocument {
         fingerprint: ctx.identity.fingerprint(),
         retired_keys: ctx.identity.retired_keys(),
         issued_at: to_micros(ctx.now()),
+        tls_pinned: ctx.config.federation.listen.is_some(),
     };
     let signature = hex(&ctx
         .identity

@@ -52,10 +52,19 @@ pub struct Conn {
     pub rx: mpsc::Receiver<String>,
 }
 
+/// What TLS must show when dialing a peer.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsPin {
+    /// The peer's pinned key: its certificate may carry it.
+    pub key: [u8; 32],
+    /// The certificate must carry it; no CA can stand in.
+    pub strict: bool,
+}
+
 /// Opens connections to peers: WebSockets in production, channels in tests.
 pub trait Transport: Send + Sync + 'static {
     /// `url` is the peer's link endpoint (`ws://…` or `wss://…`).
-    fn dial<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Conn, String>>;
+    fn dial<'a>(&'a self, url: &'a str, pin: TlsPin) -> BoxFuture<'a, Result<Conn, String>>;
 }
 
 /// A link's end in the registry: which session holds it, who dialed.
@@ -110,7 +119,8 @@ impl Federation {
         *lock(&self.transport) = Some(transport);
     }
 
-    fn transport(&self, ctx: &Context) -> Arc<dyn Transport> {
+    /// The transport links dial with: WebSockets unless a test set another.
+    pub fn transport(&self, ctx: &Context) -> Arc<dyn Transport> {
         lock(&self.transport)
             .get_or_insert_with(|| {
                 Arc::new(WsTransport {
@@ -272,6 +282,8 @@ pub struct LinkPeer {
     pub state: PeerState,
     pub key: VerifyingKey,
     pub in_seq: i64,
+    /// It serves TLS with its instance key: no other certificate will do.
+    pub tls_pinned: bool,
 }
 
 impl LinkPeer {
@@ -296,7 +308,7 @@ pub fn parse_state(s: &str) -> PeerState {
 
 pub async fn load_peer(ctx: &Context, id: &str) -> Result<Option<LinkPeer>, sqlx::Error> {
     let Some(row) = sqlx::query(
-        "SELECT instance_id, name, url, public_key, state, in_seq FROM peers WHERE instance_id = $1",
+        "SELECT instance_id, name, url, public_key, state, in_seq, tls_pinned FROM peers WHERE instance_id = $1",
     )
     .bind(id)
     .fetch_optional(ctx.db.reader())
@@ -317,6 +329,7 @@ pub async fn load_peer(ctx: &Context, id: &str) -> Result<Option<LinkPeer>, sqlx
         state: parse_state(&row.try_get::<String, _>("state")?),
         key,
         in_seq: row.try_get("in_seq")?,
+        tls_pinned: row.try_get::<i64, _>("tls_pinned")? != 0,
     }))
 }
 
@@ -496,7 +509,11 @@ pub async fn accept(ctx: Arc<Context>, mut conn: Conn) {
 /// Dials `peer` and runs the link until it ends.
 async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
     let transport = ctx.federation.transport(ctx);
-    let mut conn = transport.dial(&connect_url(&peer.url)).await?;
+    let pin = TlsPin {
+        key: *peer.key.as_bytes(),
+        strict: peer.tls_pinned,
+    };
+    let mut conn = transport.dial(&connect_url(&peer.url), pin).await?;
     let hello = seal(
         &ctx.identity,
         &peer.id,
@@ -928,8 +945,9 @@ pub async fn sweep(ctx: &Context) -> Result<(), super::peers::FederationError> {
     Ok(())
 }
 
-/// WebSockets with rustls (public roots); plain `ws://` only to loopback
-/// unless the configuration allows it.
+/// WebSockets with rustls: the peer's certificate carries its pinned key
+/// (or, for a peer behind a proxy, the public roots vouch for it); plain
+/// `ws://` only to loopback unless the configuration allows it.
 struct WsTransport {
     allow_plaintext: bool,
 }
@@ -949,7 +967,7 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 impl Transport for WsTransport {
-    fn dial<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Conn, String>> {
+    fn dial<'a>(&'a self, url: &'a str, pin: TlsPin) -> BoxFuture<'a, Result<Conn, String>> {
         Box::pin(async move {
             if url.starts_with("ws://") && !self.allow_plaintext && !is_loopback_url(url) {
                 return Err(format!(
@@ -959,16 +977,40 @@ impl Transport for WsTransport {
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                 .max_message_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024))
                 .max_frame_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024));
+            let tls = super::tls::client_config(super::tls::Pin::Key(pin.key), pin.strict)
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+            let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
             let (stream, _) = tokio::time::timeout(
                 HANDSHAKE,
-                tokio_tungstenite::connect_async_with_config(url, Some(config), false),
+                tokio_tungstenite::connect_async_tls_with_config(
+                    url,
+                    Some(config),
+                    false,
+                    Some(connector),
+                ),
             )
             .await
             .map_err(|_| format!("connecting to {url} timed out"))?
-            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            .map_err(|e| format!("cannot connect to {url}: {}", with_causes(&e)))?;
             Ok(pump_tungstenite(stream))
         })
     }
+}
+
+/// An error with the errors beneath it: "cannot connect" alone does not say
+/// that the certificate was refused.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// Heartbeat: a ping this often; a link silent for three of them is dead.
@@ -1107,7 +1149,7 @@ fn relay(
 }
 
 impl Transport for MemoryNet {
-    fn dial<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Conn, String>> {
+    fn dial<'a>(&'a self, url: &'a str, _pin: TlsPin) -> BoxFuture<'a, Result<Conn, String>> {
         Box::pin(async move {
             let target = lock(&self.routes).get(url).cloned();
             let cut = lock(&self.cuts).get(url).map(|c| c.subscribe());

@@ -43,6 +43,8 @@ struct PeerRow {
     /// How far behind it is, for an unreachable peer or a backlog.
     lag: Option<String>,
     connected: bool,
+    /// Its certificate must carry its pinned key.
+    tls_pinned: bool,
     /// (relative, exact).
     last_seen: Option<(String, String)>,
     backlog: i64,
@@ -195,6 +197,7 @@ fn peer_row(now: jiff::Timestamp, p: PeerInfo) -> PeerRow {
         state: p.state,
         lag,
         connected: p.connected,
+        tls_pinned: p.tls_pinned,
         last_seen: p.last_seen_at.map(|t| (ago(now, t), t.to_string())),
         backlog: p.backlog,
         failures: p.link.failures,

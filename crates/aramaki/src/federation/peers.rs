@@ -61,6 +61,8 @@ pub struct PeerInfo {
     pub lag_seconds: i64,
     /// The dialer's circuit: failures in a row, next attempt, last error.
     pub link: super::link::LinkHealth,
+    /// Its TLS certificate must carry its pinned key.
+    pub tls_pinned: bool,
 }
 
 /// The body of `POST /api/v1/federation/join`, sent by the joiner's server.
@@ -253,8 +255,8 @@ async fn upsert_peer(
 ) -> Result<(), sqlx::Error> {
     let d = &doc.document;
     sqlx::query(
-        "INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
-         ON CONFLICT (instance_id) DO UPDATE SET name = excluded.name, url = excluded.url, state = excluded.state, updated_at = excluded.updated_at",
+        "INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at, tls_pinned) VALUES ($1, $2, $3, $4, $5, $6, $6, $7) \
+         ON CONFLICT (instance_id) DO UPDATE SET name = excluded.name, url = excluded.url, state = excluded.state, updated_at = excluded.updated_at, tls_pinned = excluded.tls_pinned",
     )
     .bind(d.instance_id.as_str())
     .bind(d.name.as_str())
@@ -262,6 +264,7 @@ async fn upsert_peer(
     .bind(d.public_key.as_str())
     .bind(state.as_str())
     .bind(now)
+    .bind(i64::from(d.tls_pinned))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -276,11 +279,24 @@ pub struct InvitePreview {
     pub fingerprint: String,
 }
 
-fn join_client() -> Result<reqwest::Client, FederationError> {
+/// An HTTP client for peering: over TLS, the certificate must carry the
+/// key `pin` names, or (unless `strict`) the public roots vouch for it.
+fn join_client(pin: super::tls::Pin, strict: bool) -> Result<reqwest::Client, FederationError> {
+    let internal = |e: &dyn std::fmt::Display| FederationError::Internal(e.to_string());
+    let tls = super::tls::client_config(pin, strict).map_err(|e| internal(&e))?;
     reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
+        .use_preconfigured_tls(tls)
         .build()
-        .map_err(|e| FederationError::Internal(e.to_string()))
+        .map_err(|e| internal(&e))
+}
+
+/// The invite pins the inviter's certificate by its fingerprint.
+fn invite_client(invite: &Invite) -> Result<reqwest::Client, FederationError> {
+    join_client(
+        super::tls::Pin::Fingerprint(invite.fingerprint.clone()),
+        false,
+    )
 }
 
 fn parse_invite(invite: &str) -> Result<Invite, FederationError> {
@@ -296,7 +312,7 @@ async fn fetch_inviter(
 ) -> Result<SignedDocument, FederationError> {
     let unreachable = |e: reqwest::Error| FederationError::Unreachable {
         url: invite.url.clone(),
-        reason: e.to_string(),
+        reason: super::link::with_causes(&e),
     };
     let theirs: SignedDocument = http
         .get(format!("{}{WELL_KNOWN_PATH}", invite.url))
@@ -320,7 +336,7 @@ async fn fetch_inviter(
 /// On the joiner, before joining: who the invite leads to.
 pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
     let invite = parse_invite(invite)?;
-    let theirs = fetch_inviter(&join_client()?, &invite).await?;
+    let theirs = fetch_inviter(&invite_client(&invite)?, &invite).await?;
     Ok(InvitePreview {
         name: theirs.document.name,
         url: theirs.document.url,
@@ -331,12 +347,19 @@ pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
 /// On the joiner: fetches and checks the inviter's document, joins, pins it.
 pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo, FederationError> {
     let invite = parse_invite(invite)?;
-    let http = join_client()?;
     let unreachable = |e: reqwest::Error| FederationError::Unreachable {
         url: invite.url.clone(),
-        reason: e.to_string(),
+        reason: super::link::with_causes(&e),
     };
-    let theirs = fetch_inviter(&http, &invite).await?;
+    let theirs = fetch_inviter(&invite_client(&invite)?, &invite).await?;
+    // An inviter that serves its instance key gets our document only over
+    // a connection that proves that key.
+    let http = if theirs.document.tls_pinned {
+        let key = verify_document(&theirs)?;
+        join_client(super::tls::Pin::Key(*key.as_bytes()), true)?
+    } else {
+        invite_client(&invite)?
+    };
     let req = JoinRequest {
         invite: invite.token(),
         document: super::http::document(ctx),
@@ -388,7 +411,8 @@ pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo
     find(ctx, &d.instance_id).await
 }
 
-const PEER_COLUMNS: &str = "instance_id, name, url, public_key, state, updated_at, last_seen_at";
+const PEER_COLUMNS: &str =
+    "instance_id, name, url, public_key, state, updated_at, last_seen_at, tls_pinned";
 
 pub async fn list(ctx: &Context) -> Result<Vec<PeerInfo>, sqlx::Error> {
     let rows = sqlx::query(&format!("SELECT {PEER_COLUMNS} FROM peers ORDER BY name"))
@@ -422,6 +446,7 @@ async fn peer_from(ctx: &Context, r: &sqlx::any::AnyRow) -> Result<PeerInfo, sql
             .unwrap_or_default(),
         state: r.try_get("state")?,
         updated_at: from_micros(r.try_get("updated_at")?),
+        tls_pinned: r.try_get::<i64, _>("tls_pinned")? != 0,
     })
 }
 

@@ -56,10 +56,7 @@ pub fn certificate(key: &SigningKey, name: &str) -> Vec<u8> {
         0x31,
         &seq(&[&der(0x06, &[0x55, 0x04, 0x03]), &der(0x0c, cn.as_bytes())]),
     )]);
-    let validity = seq(&[
-        &der(0x17, b"000101000000Z"),
-        &der(0x18, b"99991231235959Z"),
-    ]);
+    let validity = seq(&[&der(0x17, b"000101000000Z"), &der(0x18, b"99991231235959Z")]);
     let mut key_bits = vec![0x00];
     key_bits.extend_from_slice(public.as_bytes());
     let spki = seq(&[&ED25519_ALG, &der(0x03, &key_bits)]);
@@ -240,9 +237,13 @@ impl ServerCertVerifier for PinnedVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         match &self.public_roots {
-            Some(roots) => {
-                roots.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            }
+            Some(roots) => roots
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+                .map_err(|e| {
+                    rustls::Error::General(format!(
+                        "the certificate does not carry the peer's pinned key, nor do public roots vouch for it ({e})"
+                    ))
+                }),
             None => Err(rustls::Error::General(
                 "the certificate does not carry the peer's pinned key".into(),
             )),
@@ -427,7 +428,10 @@ mod tests {
         let client = client_config(pin, true).map_err(|e| e.to_string())?;
         let (a, b) = tokio::io::duplex(64 * 1024);
         let accept = tokio::spawn(async move {
-            tokio_rustls::TlsAcceptor::from(server).accept(a).await.map(|_| ())
+            tokio_rustls::TlsAcceptor::from(server)
+                .accept(a)
+                .await
+                .map(|_| ())
         });
         let name = ServerName::try_from("peer.example").map_err(|e| e.to_string())?;
         let connected = tokio_rustls::TlsConnector::from(Arc::new(client))

@@ -4,12 +4,18 @@
 
 use std::sync::Arc;
 
-use aramaki::federation::link::{connect_url, MemoryNet, Transport};
+use aramaki::federation::link::{connect_url, MemoryNet, TlsPin, Transport};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::agent_e2e::eventually;
 use crate::support::TestApp;
+
+/// The in-memory network has no TLS: any pin will do.
+const ANY_PIN: TlsPin = TlsPin {
+    key: [0; 32],
+    strict: false,
+};
 
 /// An instance on the shared in-memory network.
 pub(crate) async fn instance(name: &str, net: &Arc<MemoryNet>) -> TestApp {
@@ -533,7 +539,10 @@ async fn a_rotated_key_is_followed_by_peers_and_the_old_one_is_refused() {
         aramaki::db::to_micros(customer.ctx.now()),
         60_000_000,
     );
-    let mut conn = net.dial(&connect_url(&customer.base)).await.unwrap();
+    let mut conn = net
+        .dial(&connect_url(&customer.base), ANY_PIN)
+        .await
+        .unwrap();
     conn.tx
         .send(serde_json::to_string(&forged).unwrap())
         .await
@@ -589,7 +598,9 @@ mod wire {
     }
 
     async fn dial(net: &MemoryNet, app: &TestApp) -> Conn {
-        net.dial(&connect_url(&app.base)).await.unwrap()
+        net.dial(&connect_url(&app.base), super::ANY_PIN)
+            .await
+            .unwrap()
     }
 
     async fn send(conn: &Conn, e: &Envelope) {

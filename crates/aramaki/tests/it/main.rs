@@ -18,6 +18,7 @@ mod federation;
 mod federation_e2e;
 mod federation_links;
 mod federation_pages;
+mod federation_tls;
 mod monitoring;
 mod monitoring_pages;
 mod pages;
