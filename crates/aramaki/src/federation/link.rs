@@ -934,7 +934,12 @@ pub async fn sweep(ctx: &Context) -> Result<(), super::peers::FederationError> {
             continue;
         }
         let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "federation");
-        super::peers::set_state(ctx, &actor, &id, PeerState::Unreachable).await?;
+        let to = PeerState::Unreachable;
+        match super::peers::change_state(ctx, &actor, &id, Some(PeerState::Active), to).await {
+            // Someone changed it meanwhile (suspended, say): theirs stands.
+            Ok(_) | Err(super::peers::FederationError::Peer(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
     let mut tx = ctx.db.begin().await?;
     sqlx::query("DELETE FROM federation_seen WHERE expires_at < $1")

@@ -36,13 +36,14 @@ pub async fn enqueue(
     let mut seq = last - n;
     for (kind, body) in messages {
         seq += 1;
+        let body = fitted(kind, body);
         sqlx::query(
             "INSERT INTO federation_outbox (peer_id, seq, kind, body, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(peer)
         .bind(seq)
         .bind(*kind)
-        .bind(body.to_string())
+        .bind(body.as_ref().to_string())
         .bind(now)
         .execute(&mut **tx)
         .await?;
@@ -96,4 +97,86 @@ pub async fn backlog(pool: &sqlx::AnyPool, peer: &str) -> Result<(i64, Option<i6
             .fetch_one(pool)
             .await?;
     Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Room for a body inside an envelope (the rest is headers and signature).
+const BODY_BUDGET: usize = super::envelope::MAX_ENVELOPE_BYTES - 16 * 1024;
+
+/// A body that fits in an envelope: the receiver refuses larger ones, and
+/// one refused message would hold up every later one. Recent events of a
+/// snapshot go first, then the longest texts are cut, with a mark.
+fn fitted<'a>(kind: &str, body: &'a serde_json::Value) -> std::borrow::Cow<'a, serde_json::Value> {
+    let size = |v: &serde_json::Value| v.to_string().len();
+    if size(body) <= BODY_BUDGET {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut v = body.clone();
+    if let Some(events) = v.get_mut("events").and_then(|e| e.as_array_mut()) {
+        // Newest first: the oldest go, until they take half the room at most.
+        let mut total: usize = events.iter().map(size).sum();
+        while total > BODY_BUDGET / 2 {
+            let Some(last) = events.pop() else { break };
+            total -= size(&last);
+        }
+    }
+    while size(&v) > BODY_BUDGET {
+        let Some(longest) = longest_string(&mut v) else {
+            break;
+        };
+        if longest.len() < 256 {
+            break;
+        }
+        let keep: String = longest.chars().take(longest.chars().count() / 2).collect();
+        *longest = format!("{keep} … (cut to fit a federation message)");
+    }
+    tracing::warn!(
+        kind,
+        before = size(body),
+        after = size(&v),
+        "federation message cut to fit"
+    );
+    std::borrow::Cow::Owned(v)
+}
+
+fn longest_string(v: &mut serde_json::Value) -> Option<&mut String> {
+    match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Array(items) => items
+            .iter_mut()
+            .filter_map(longest_string)
+            .max_by_key(|s| s.len()),
+        serde_json::Value::Object(fields) => fields
+            .values_mut()
+            .filter_map(longest_string)
+            .max_by_key(|s| s.len()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_too_large_for_an_envelope_is_cut_to_fit() {
+        let small = serde_json::json!({"title": "fine"});
+        assert!(matches!(
+            fitted("event", &small),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let events: Vec<_> = (0..400)
+            .map(|i| serde_json::json!({"title": format!("event {i}"), "body": "x".repeat(2_000)}))
+            .collect();
+        let big = serde_json::json!({
+            "system": {"handbook": "h".repeat(300_000), "title": "Storage"},
+            "events": events,
+        });
+        let fit = fitted("use.snapshot", &big);
+        assert!(fit.to_string().len() <= BODY_BUDGET);
+        assert_eq!(fit["system"]["title"], "Storage", "short fields stay");
+        assert!(fit["system"]["handbook"]
+            .as_str()
+            .unwrap()
+            .ends_with("(cut to fit a federation message)"));
+    }
 }

@@ -125,6 +125,12 @@ pub fn verify_document(signed: &SignedDocument) -> Result<VerifyingKey, Federati
         .ok_or_else(|| FederationError::Peer("the document carries no valid signature".into()))?;
     key.verify(&document_transcript(&signed.document), &signature)
         .map_err(|_| FederationError::Peer("the document's signature does not verify".into()))?;
+    // People compare the fingerprint shown: it must be the key's own.
+    if signed.document.fingerprint != aramaki_protocol::keys::fingerprint(key.as_bytes()) {
+        return Err(FederationError::Peer(
+            "the document's fingerprint is not its key's".into(),
+        ));
+    }
     Ok(key)
 }
 
@@ -243,6 +249,9 @@ pub async fn accept_join(
     .await
     .map_err(|e| FederationError::Internal(e.to_string()))?;
     ctx.commit(tx).await?;
+    // A link from before the join runs on the old sequences.
+    ctx.federation.close_peer(&theirs.instance_id);
+    super::uses::end_all_with(ctx, &theirs.instance_id, "the peering started afresh").await?;
     ctx.federation.peers_changed();
     Ok(super::http::document(ctx))
 }
@@ -256,7 +265,8 @@ async fn upsert_peer(
     let d = &doc.document;
     sqlx::query(
         "INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at, tls_pinned) VALUES ($1, $2, $3, $4, $5, $6, $6, $7) \
-         ON CONFLICT (instance_id) DO UPDATE SET name = excluded.name, url = excluded.url, state = excluded.state, updated_at = excluded.updated_at, tls_pinned = excluded.tls_pinned",
+         ON CONFLICT (instance_id) DO UPDATE SET name = excluded.name, url = excluded.url, state = excluded.state, updated_at = excluded.updated_at, tls_pinned = excluded.tls_pinned, \
+         out_seq = 0, in_seq = 0",
     )
     .bind(d.instance_id.as_str())
     .bind(d.name.as_str())
@@ -267,6 +277,12 @@ async fn upsert_peer(
     .bind(i64::from(d.tls_pinned))
     .execute(&mut **tx)
     .await?;
+    // A join starts the relation afresh on both sides (after a revocation,
+    // say): sequences from 1, nothing left over from before.
+    sqlx::query("DELETE FROM federation_outbox WHERE peer_id = $1")
+        .bind(d.instance_id.as_str())
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -337,10 +353,11 @@ async fn fetch_inviter(
 pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
     let invite = parse_invite(invite)?;
     let theirs = fetch_inviter(&invite_client(&invite)?, &invite).await?;
+    let key = verify_document(&theirs)?;
     Ok(InvitePreview {
         name: theirs.document.name,
         url: theirs.document.url,
-        fingerprint: theirs.document.fingerprint,
+        fingerprint: aramaki_protocol::keys::fingerprint(key.as_bytes()),
     })
 }
 
@@ -407,6 +424,8 @@ pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo
     .await
     .map_err(|e| FederationError::Internal(e.to_string()))?;
     ctx.commit(tx).await?;
+    ctx.federation.close_peer(&d.instance_id);
+    super::uses::end_all_with(ctx, &d.instance_id, "the peering started afresh").await?;
     ctx.federation.peers_changed();
     find(ctx, &d.instance_id).await
 }
@@ -541,7 +560,22 @@ pub async fn set_state(
     key: &str,
     to: PeerState,
 ) -> Result<PeerInfo, FederationError> {
-    let peer = find(ctx, key).await?;
+    change_state(ctx, actor, key, None, to).await
+}
+
+/// Like [`set_state`], but only from `from`: the sweep marks only active
+/// peers unreachable, never one suspended meanwhile.
+pub async fn change_state(
+    ctx: &Context,
+    actor: &Actor,
+    key: &str,
+    from: Option<PeerState>,
+    to: PeerState,
+) -> Result<PeerInfo, FederationError> {
+    let mut peer = find(ctx, key).await?;
+    if let Some(from) = from {
+        peer.state = from.as_str().to_owned();
+    }
     if peer.state == "revoked" {
         return Err(FederationError::Peer(format!(
             "{} is revoked; peer again with a new invite",
@@ -549,12 +583,31 @@ pub async fn set_state(
         )));
     }
     let mut tx = ctx.db.begin_recording().await?;
-    sqlx::query("UPDATE peers SET state = $2, updated_at = $3 WHERE instance_id = $1")
-        .bind(peer.instance_id.as_str())
-        .bind(to.as_str())
-        .bind(to_micros(ctx.now()))
-        .execute(&mut *tx)
-        .await?;
+    // Only from the state read above: a suspension that lands meanwhile is
+    // not overwritten (say, by the sweep marking the peer unreachable).
+    let changed = sqlx::query(
+        "UPDATE peers SET state = $2, updated_at = $3 WHERE instance_id = $1 AND state = $4",
+    )
+    .bind(peer.instance_id.as_str())
+    .bind(to.as_str())
+    .bind(to_micros(ctx.now()))
+    .bind(peer.state.as_str())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        return Err(FederationError::Peer(format!(
+            "{} changed state meanwhile; look again and retry",
+            peer.name
+        )));
+    }
+    if to == PeerState::Revoked {
+        // Standing answers end with the peering: a new one starts from none.
+        sqlx::query("DELETE FROM use_policies WHERE peer_id = $1")
+            .bind(peer.instance_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
     audit(
         ctx,
         &mut tx,
@@ -570,7 +623,7 @@ pub async fn set_state(
         ctx.federation.close_peer(&peer.instance_id);
     }
     if to == PeerState::Revoked {
-        super::uses::end_all_with(ctx, &peer.instance_id).await?;
+        super::uses::end_all_with(ctx, &peer.instance_id, "the peer was revoked").await?;
     }
     ctx.federation.peers_changed();
     find(ctx, &peer.instance_id).await
@@ -587,4 +640,42 @@ pub async fn names(
     rows.iter()
         .map(|r| Ok((r.try_get("instance_id")?, r.try_get("name")?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aramaki_protocol::federation::InstanceDocument;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    fn signed(key: &SigningKey, fingerprint: String) -> SignedDocument {
+        let document = InstanceDocument {
+            version: 1,
+            instance_id: "i".into(),
+            name: "hosting".into(),
+            url: "https://a.example".into(),
+            public_key: aramaki_protocol::keys::hex(key.verifying_key().as_bytes()),
+            fingerprint,
+            retired_keys: vec![],
+            issued_at: 1,
+            tls_pinned: false,
+        };
+        let signature =
+            aramaki_protocol::keys::hex(&key.sign(&document_transcript(&document)).to_bytes());
+        SignedDocument {
+            document,
+            signature,
+        }
+    }
+
+    #[test]
+    fn a_document_must_show_its_own_keys_fingerprint() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let own = aramaki_protocol::keys::fingerprint(key.verifying_key().as_bytes());
+        assert!(verify_document(&signed(&key, own)).is_ok());
+        let other = SigningKey::from_bytes(&[6; 32]);
+        let claimed = aramaki_protocol::keys::fingerprint(other.verifying_key().as_bytes());
+        let refused = verify_document(&signed(&key, claimed)).unwrap_err();
+        assert!(refused.to_string().contains("fingerprint"), "{refused}");
+    }
 }

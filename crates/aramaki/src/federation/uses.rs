@@ -493,7 +493,7 @@ async fn end_in(
 }
 
 /// On revocation: every use with the peer ends here.
-pub async fn end_all_with(ctx: &Context, peer: &str) -> Result<(), FederationError> {
+pub async fn end_all_with(ctx: &Context, peer: &str, why: &str) -> Result<(), FederationError> {
     let rows = sqlx::query(&select_uses(
         "WHERE u.peer_id = $1 AND u.state IN ('requested', 'pending', 'accepted')",
     ))
@@ -504,7 +504,7 @@ pub async fn end_all_with(ctx: &Context, peer: &str) -> Result<(), FederationErr
     for row in rows {
         let u = use_from(&row)?;
         let mut tx = ctx.db.begin_recording().await?;
-        end_in(ctx, &mut tx, &actor, &u, "the peer was revoked").await?;
+        end_in(ctx, &mut tx, &actor, &u, why).await?;
         sqlx::query("DELETE FROM federation_outbox WHERE peer_id = $1")
             .bind(peer)
             .execute(&mut *tx)
@@ -733,7 +733,9 @@ async fn snapshot(
     if exposure.level == Level::Timeline {
         let mut size = 0usize;
         for e in recent_events(tx, &ids, 50).await? {
-            let v = json!(e);
+            let Some(v) = shared_event(&e, exposure) else {
+                continue;
+            };
             size += v.to_string().len();
             if size > 128 * 1024 {
                 break;
@@ -742,6 +744,45 @@ async fn snapshot(
         }
     }
     Ok(json!({"use": use_id, "root": system_id, "systems": out, "edges": edges, "events": events}))
+}
+
+/// An event as a use may see it. Changes to a system carry its fields in
+/// their data (before and after): the handbook and contacts are taken out
+/// unless the use shares them, selectors always; inclusions are withheld
+/// when the use does not share subsystems, as they name them.
+fn shared_event(e: &Event, exposure: Exposure) -> Option<serde_json::Value> {
+    if !exposure.subsystems && matches!(e.kind.as_str(), "system.included" | "system.excluded") {
+        return None;
+    }
+    let mut v = json!(e);
+    if let Some(data) = v.get_mut("data") {
+        let mut hidden = vec!["selector"];
+        if !exposure.handbook {
+            hidden.push("handbook");
+        }
+        if !exposure.contacts {
+            hidden.push("contacts");
+        }
+        strip_keys(data, &hidden);
+    }
+    Some(v)
+}
+
+fn strip_keys(v: &mut serde_json::Value, keys: &[&str]) {
+    match v {
+        serde_json::Value::Object(fields) => {
+            fields.retain(|k, _| !keys.contains(&k.as_str()));
+            for field in fields.values_mut() {
+                strip_keys(field, keys);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                strip_keys(item, keys);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// S and, if the use shares them, the systems below it that live here.
@@ -933,10 +974,14 @@ async fn route(ctx: &Context, events: &[Event]) -> Result<(), sqlx::Error> {
                 resnap.push(r);
             }
             match r.exposure.level {
-                Level::Timeline => msgs.push((
-                    "activity",
-                    json!({"use": r.id, "system": e.system_id, "event": e}),
-                )),
+                Level::Timeline => {
+                    if let Some(shared) = shared_event(e, r.exposure) {
+                        msgs.push((
+                            "activity",
+                            json!({"use": r.id, "system": e.system_id, "event": shared}),
+                        ));
+                    }
+                }
                 Level::Status if is_state(&e.kind) => msgs.push((
                     "status",
                     json!({"use": r.id, "system": e.system_id, "state": StateRow {

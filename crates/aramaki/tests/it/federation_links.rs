@@ -85,7 +85,7 @@ pub(crate) async fn wait_use(app: &TestApp, id: &str, state: &str) -> Value {
     .await
 }
 
-async fn timeline(app: &TestApp, slug: &str) -> Vec<Value> {
+pub(crate) async fn timeline(app: &TestApp, slug: &str) -> Vec<Value> {
     let (status, v) = app
         .call(
             Method::GET,
@@ -484,6 +484,33 @@ async fn suspension_closes_the_link_and_revocation_ends_the_uses() {
         .post("/api/v1/peers/customer/resume", json!({}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "revoked is final: {v}");
+
+    // Peering again with a new invite starts afresh on both sides: the
+    // old use is over there too, and activity flows from sequence one.
+    peer(&hosting, &customer).await;
+    assert_eq!(
+        use_state(&customer, &use_id).await.as_deref(),
+        Some("ended")
+    );
+    let (status, asked) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "storage"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let again = asked["id"].as_str().unwrap().to_owned();
+    wait_use(&hosting, &again, "pending").await;
+    let (status, v) = hosting
+        .post(&format!("/api/v1/uses/{again}/accept"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_use(&customer, &again, "accepted").await;
+    record(&hosting, "storage", "deploy", "after peering again", "info").await;
+    eventually("delivery after peering again", || async {
+        sqlx_titles(&customer, &hosting.ctx.identity.instance_id)
+            .await
+            .contains(&"after peering again".to_owned())
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

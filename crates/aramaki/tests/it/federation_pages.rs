@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::agent_e2e::eventually;
-use crate::federation_links::{instance, linked, uses, wait_use};
+use crate::federation_links::{instance, linked, timeline, uses, wait_use};
 use crate::monitoring_pages::{get, logged_in, post};
 use crate::pages::{browser, csrf_of};
 use crate::support::{backends, TestApp};
@@ -349,6 +349,27 @@ async fn admins_peer_and_decide_uses_from_the_page() {
     assert!(
         !html.contains("the secret runbook"),
         "the handbook was not shared"
+    );
+    // Nor does a change to it travel in the change event's before and after.
+    let (status, v) = hosting
+        .call(
+            reqwest::Method::PATCH,
+            "/api/v1/systems/storage",
+            Some(json!({"handbook": "the new secret runbook", "title": "Storage (EU)"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let changed = eventually("the change on the customer", || async {
+        timeline(&customer, "storage")
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "system.updated")
+    })
+    .await;
+    assert!(!changed.to_string().contains("secret"), "{changed}");
+    assert_eq!(
+        changed["data"]["after"]["title"], "Storage (EU)",
+        "{changed}"
     );
     // Work cannot be attached to a mirror: it belongs to the primary.
     for (path, body) in [
