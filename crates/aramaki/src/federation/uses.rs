@@ -996,7 +996,12 @@ async fn route(ctx: &Context, events: &[Event]) -> Result<(), sqlx::Error> {
             }
         }
     }
+    let mut gone = Vec::new();
     for r in resnap {
+        if root_deleted(&mut tx, &r.system_id).await? {
+            gone.push(r.id.clone());
+            continue;
+        }
         let snap = snapshot(&mut tx, &r.id, &r.system_id, r.exposure).await?;
         out.entry(r.peer.clone())
             .or_default()
@@ -1012,7 +1017,28 @@ async fn route(ctx: &Context, events: &[Event]) -> Result<(), sqlx::Error> {
     for peer in out.keys() {
         ctx.federation.wake(peer);
     }
+    // A used system deleted here: its uses end, and the users are told.
+    let actor = Actor::instance(me, "federation");
+    for id in gone {
+        match undo(ctx, &actor, &id).await {
+            Ok(_) | Err(FederationError::Peer(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, use_id = id, "cannot end a use of a deleted system")
+            }
+        }
+    }
     Ok(())
+}
+
+async fn root_deleted(tx: &mut Tx, system_id: &str) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query("SELECT deleted_at FROM systems WHERE id = $1")
+        .bind(system_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(match row {
+        Some(r) => r.try_get::<Option<i64>, _>(0)?.is_some(),
+        None => true,
+    })
 }
 
 // ---- the receiving side ----------------------------------------------------

@@ -502,6 +502,22 @@ async fn admins_peer_and_decide_uses_from_the_page() {
     let (_, html) = get(&hosting, "/federation", &host_admin.0).await;
     assert!(html.contains("No standing policy"), "{html}");
 
+    // A used system deleted on its instance ends its uses: the mirror goes.
+    let (status, v) = hosting
+        .call(reqwest::Method::DELETE, "/api/v1/systems/billing", None)
+        .await;
+    assert!(status.is_success(), "{v}");
+    wait_use(&hosting, &again_id, "ended").await;
+    wait_use(&customer, &again_id, "ended").await;
+    let (status, _) = customer
+        .call(reqwest::Method::GET, "/api/v1/systems/billing", None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the mirror of billing is gone"
+    );
+
     // Undo from the customer's side ends it on both.
     let (status, _) = submit(
         &customer,
