@@ -51,12 +51,30 @@ pub async fn apply(
             gap = true;
             break;
         }
+        // A message that writes in several steps is all or nothing: one
+        // refused half-way (a snapshot with a bad system) leaves no trace.
+        let guarded = !matches!(e.kind.as_str(), "activity" | "status");
+        if guarded {
+            sqlx::query("SAVEPOINT inbox_message")
+                .execute(&mut *tx)
+                .await?;
+        }
         match dispatch(ctx, &mut tx, peer, &e.kind, &e.body["data"]).await {
             Ok(()) => {}
             Err(Refusal::Db(err)) => return Err(err),
             Err(Refusal::Refused(reason)) => {
+                if guarded {
+                    sqlx::query("ROLLBACK TO SAVEPOINT inbox_message")
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 ctx.federation.refuse(&peer.name, "not_allowed", &reason);
             }
+        }
+        if guarded {
+            sqlx::query("RELEASE SAVEPOINT inbox_message")
+                .execute(&mut *tx)
+                .await?;
         }
         cursor = seq;
     }

@@ -1372,6 +1372,27 @@ async fn on_snapshot(
         }
         local.insert(remote, (id, slug));
     }
+    // What the provider no longer exposes under this use (excluded from S,
+    // say) is no longer mirrored.
+    let kept: HashSet<&String> = local.keys().collect();
+    let mirrored = sqlx::query(
+        "SELECT system_id, remote_id FROM remote_systems WHERE peer_id = $1 AND use_id = $2",
+    )
+    .bind(peer.id.as_str())
+    .bind(u.id.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in mirrored {
+        let (id, remote): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        if kept.contains(&remote) {
+            continue;
+        }
+        systems_store::mark_deleted(tx, &id, to_micros(now)).await?;
+        sqlx::query("DELETE FROM remote_systems WHERE system_id = $1")
+            .bind(id.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
     // The structure among the mirrored systems follows the provider's.
     let ids: Vec<&String> = local.values().map(|(id, _)| id).collect();
     for id in &ids {

@@ -365,6 +365,27 @@ async fn using_a_remote_system_propagates_exactly_its_activity() {
         .iter()
         .any(|t| t.contains("storage") || t.contains("disk")));
 
+    // Excluded from storage on its instance, the node is no longer mirrored.
+    let (status, v) = hosting
+        .call(
+            Method::DELETE,
+            "/api/v1/systems/storage/subsystems/storage-node1",
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{v}");
+    eventually("the node's mirror to go", || async {
+        let (status, _) = customer
+            .call(Method::GET, "/api/v1/systems/storage-node1", None)
+            .await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    let (status, _) = customer
+        .call(Method::GET, "/api/v1/systems/storage", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "storage itself stays");
+
     // Undo: the relation ends on both sides, the mirrors go, activity stops.
     let (status, v) = customer
         .post(&format!("/api/v1/uses/{use_id}/undo"), json!({}))
@@ -381,10 +402,25 @@ async fn using_a_remote_system_propagates_exactly_its_activity() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let before = events_from(&customer, &hosting_id).await;
     record(&hosting, "storage", "deploy", "storage 1.2", "info").await;
+    // Routing runs in order: once a later change reached the other
+    // instance, storage 1.2 was routed too (to no one).
+    record(&hosting, "billing", "state", "billing back", "ok").await;
+    eventually("billing's recovery on the other instance", || async {
+        let s = other.get("/api/v1/systems/billing/status").await;
+        (s["worst"] == "ok").then_some(())
+    })
+    .await;
     let peers = hosting.get("/api/v1/peers").await;
-    assert!(
-        peers.to_string().contains("\"backlog\":0"),
-        "nothing queued for a former user: {peers}"
+    let to_customer = peers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "customer")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        to_customer["backlog"], 0,
+        "nothing queued for a former user: {to_customer}"
     );
     assert_eq!(events_from(&customer, &hosting_id).await, before);
 }
