@@ -258,6 +258,21 @@ async fn three_processes_deliver_every_event_once_in_order_across_partitions() {
     })
     .await;
     assert_eq!(got, expected, "exactly once, in order");
+    // Nothing is left to send, and nothing more arrived meanwhile.
+    eventually("the provider's outboxes to drain", || async {
+        let (_, peers) = hosting.call(Method::GET, "/api/v1/peers", None).await;
+        peers["items"]
+            .as_array()?
+            .iter()
+            .all(|p| p["backlog"] == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        deploys(&customer, "storage").await,
+        expected,
+        "no late duplicates"
+    );
     let billing: Vec<String> = (0..30)
         .step_by(3)
         .map(|i| format!("billing change {i:03}"))
@@ -268,7 +283,20 @@ async fn three_processes_deliver_every_event_once_in_order_across_partitions() {
     })
     .await;
     assert_eq!(got, billing);
-    // Routing: neither hears about the other's system.
-    assert!(deploys(&customer, "billing").await.is_empty());
-    assert!(deploys(&other, "storage").await.is_empty());
+    // Routing: neither hears about the other's system: no mirror of it
+    // exists, and the systems each does use carry only their own changes
+    // (the exact lists above).
+    for (app, foreign) in [(&customer, "billing"), (&other, "storage")] {
+        let (status, _) = app
+            .call(Method::GET, &format!("/api/v1/systems/{foreign}"), None)
+            .await;
+        assert_eq!(status, 404, "{foreign}");
+        let (_, all) = app
+            .call(Method::GET, "/api/v1/systems?limit=200", None)
+            .await;
+        assert!(
+            !all.to_string().contains(foreign),
+            "no trace of {foreign}: {all}"
+        );
+    }
 }
