@@ -94,6 +94,8 @@ pub struct Federation {
     health: Mutex<HashMap<String, LinkHealth>>,
     seen: Mutex<HashMap<String, i64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// When each revoked peer was last told so (at most every 10 s).
+    told_revoked: Mutex<HashMap<String, Instant>>,
     /// Peers changed: the supervisor looks again.
     changed: Notify,
     next_session: AtomicU64,
@@ -480,6 +482,7 @@ pub async fn accept(ctx: Arc<Context>, mut conn: Conn) {
     let Ok(Some(first)) = tokio::time::timeout(HANDSHAKE, conn.rx.recv()).await else {
         return;
     };
+    tell_if_revoked(&ctx, &conn, &first).await;
     let Some((peer, hello)) = opening(&ctx, &first, "link.hello", None).await else {
         return;
     };
@@ -493,6 +496,10 @@ pub async fn accept(ctx: Arc<Context>, mut conn: Conn) {
         );
         return;
     };
+    if !still_allowed(&ctx, &peer.id).await {
+        ctx.federation.unregister(&session);
+        return;
+    }
     let welcome = seal_to(
         &ctx,
         &peer.id,
@@ -530,6 +537,9 @@ async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
         .await
         .map_err(|_| "no welcome in time".to_owned())?
         .ok_or_else(|| "the peer closed the link (refused?)".to_owned())?;
+    if let Some(why) = revoked_by(ctx, peer, &first).await {
+        return Err(why);
+    }
     let (peer, welcome) = opening(ctx, &first, "link.welcome", Some(&peer.id))
         .await
         .ok_or_else(|| "the welcome was refused".to_owned())?;
@@ -540,8 +550,65 @@ async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
         .federation
         .register(&ctx.identity.instance_id, &peer.id, true)
         .ok_or_else(|| "a link is up already".to_owned())?;
+    if !still_allowed(ctx, &peer.id).await {
+        ctx.federation.unregister(&session);
+        return Err("the peer was suspended or revoked meanwhile".into());
+    }
     run(ctx, peer, conn, cursor_of(&welcome), session).await;
     Ok(())
+}
+
+/// Read again once the link is registered: a suspension committed while
+/// the handshake ran closed nothing yet, so it is honoured here.
+async fn still_allowed(ctx: &Context, peer: &str) -> bool {
+    matches!(
+        load_peer(ctx, peer).await,
+        Ok(Some(p)) if matches!(p.state, PeerState::Active | PeerState::Unreachable)
+    )
+}
+
+/// A revoked peer that dials is told so, signed, so that it can end its
+/// side too (its uses, its mirrors); at most every 10 s per peer.
+async fn tell_if_revoked(ctx: &Context, conn: &Conn, first: &str) {
+    let issuer = serde_json::from_str::<serde_json::Value>(first)
+        .ok()
+        .and_then(|v| v["issuer"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let Ok(Some(peer)) = load_peer(ctx, &issuer).await else {
+        return;
+    };
+    if peer.state != PeerState::Revoked {
+        return;
+    }
+    {
+        let mut told = lock(&ctx.federation.told_revoked);
+        if told
+            .get(&peer.id)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        told.insert(peer.id.clone(), Instant::now());
+    }
+    let notice = seal_to(ctx, &peer.id, "link.revoked", json!({}));
+    let _ = conn.tx.send(notice).await;
+}
+
+/// The peer told us, signed, that it revoked this instance: our side ends.
+async fn revoked_by(ctx: &Context, peer: &LinkPeer, raw: &str) -> Option<String> {
+    let kind = serde_json::from_str::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_owned));
+    if kind.as_deref() != Some("link.revoked") {
+        return None;
+    }
+    opening(ctx, raw, "link.revoked", Some(&peer.id)).await?;
+    let actor = crate::timeline::Actor::instance(&peer.id, &peer.name);
+    match super::peers::set_state(ctx, &actor, &peer.id, PeerState::Revoked).await {
+        Ok(_) => tracing::warn!(peer = peer.name, "the peer revoked this instance"),
+        Err(e) => tracing::warn!(error = %e, "cannot record a revocation by the peer"),
+    }
+    Some(format!("{} revoked this instance", peer.name))
 }
 
 /// A token bucket on the Context's clock.

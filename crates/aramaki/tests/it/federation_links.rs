@@ -520,6 +520,14 @@ async fn suspension_closes_the_link_and_revocation_ends_the_uses() {
         .post("/api/v1/peers/customer/resume", json!({}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "revoked is final: {v}");
+    // The customer, dialing again, is told (signed) and ends its side too.
+    wait_use(&customer, &use_id, "ended").await;
+    let peers = customer.get("/api/v1/peers").await;
+    assert_eq!(peers["items"][0]["state"], "revoked", "{peers}");
+    let (status, _) = customer
+        .call(Method::GET, "/api/v1/systems/storage", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the mirror is gone");
 
     // Peering again with a new invite starts afresh on both sides: the
     // old use is over there too, and activity flows from sequence one.
