@@ -301,6 +301,13 @@ pub async fn decide(
         )));
     }
     let mut tx = ctx.db.begin_recording().await?;
+    // Again under the recording lock, which the inbox takes too: an undo
+    // that arrived meanwhile is not overwritten.
+    if !still_in(&mut tx, &u, &["pending"]).await? {
+        return Err(FederationError::Peer(format!(
+            "use {id} changed meanwhile; look again"
+        )));
+    }
     let system_id = sqlx::query("SELECT system_id FROM uses WHERE peer_id = $1 AND id = $2")
         .bind(u.peer.as_str())
         .bind(id)
@@ -347,6 +354,13 @@ pub async fn decide(
     ctx.commit(tx).await?;
     ctx.federation.wake(&u.peer);
     get(ctx, id).await
+}
+
+/// Whether a use is still in one of `states`, read in `tx`.
+async fn still_in(tx: &mut Tx, u: &UseInfo, states: &[&str]) -> Result<bool, sqlx::Error> {
+    Ok(get_in(tx, &u.peer, &u.id)
+        .await?
+        .is_some_and(|now| states.contains(&now.state.as_str())))
 }
 
 async fn set_use_state(
@@ -439,6 +453,11 @@ pub async fn undo(ctx: &Context, actor: &Actor, id: &str) -> Result<UseInfo, Fed
         )));
     }
     let mut tx = ctx.db.begin_recording().await?;
+    if !still_in(&mut tx, &u, &["requested", "pending", "accepted"]).await? {
+        return Err(FederationError::Peer(format!(
+            "use {id} changed meanwhile; look again"
+        )));
+    }
     end_in(ctx, &mut tx, actor, &u, "ended here").await?;
     outbox::enqueue(
         &mut tx,
