@@ -916,6 +916,9 @@ pub fn backoff(initial_ms: u64, max_secs: u64, failures: u32) -> Duration {
     Duration::from_millis((base as f64 * jitter()) as u64)
 }
 
+/// A link shorter than this did not really come up.
+const SHORT_LINK: Duration = Duration::from_secs(5);
+
 /// Keeps one peer linked until it stops being active or unreachable.
 async fn maintain(ctx: Arc<Context>, peer_id: String, mut stop: watch::Receiver<bool>) {
     let cfg = ctx.config.federation.clone();
@@ -948,7 +951,19 @@ async fn maintain(ctx: Arc<Context>, peer_id: String, mut stop: watch::Receiver<
                 continue;
             }
         }
-        match dial(&ctx, &peer).await {
+        let started = Instant::now();
+        // A link that ends at once (a message it cannot get past, a peer
+        // that drops it) counts as a failure, or this would redial in a
+        // tight loop.
+        let outcome = dial(&ctx, &peer).await.and_then(|()| {
+            let lasted = started.elapsed();
+            if lasted < SHORT_LINK {
+                Err(format!("the link ended after {} ms", lasted.as_millis()))
+            } else {
+                Ok(())
+            }
+        });
+        match outcome {
             Ok(()) => {
                 failures = 0;
                 lock(&ctx.federation.health).remove(&peer.id);
@@ -1024,7 +1039,7 @@ struct WsTransport {
     allow_plaintext: bool,
 }
 
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let rest = url.split("://").nth(1).unwrap_or("");
     let host = rest.split('/').next().unwrap_or("");
     let host = if let Some(v6) = host.strip_prefix('[') {

@@ -364,6 +364,16 @@ pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
 /// On the joiner: fetches and checks the inviter's document, joins, pins it.
 pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo, FederationError> {
     let invite = parse_invite(invite)?;
+    // The invite's secret would cross the network in clear text.
+    if invite.url.starts_with("http://")
+        && !ctx.config.federation.allow_plaintext
+        && !super::link::is_loopback_url(&invite.url)
+    {
+        return Err(FederationError::Invite(format!(
+            "refusing to join {} over plain http: use https, or set federation.allow_plaintext for development",
+            invite.url
+        )));
+    }
     let unreachable = |e: reqwest::Error| FederationError::Unreachable {
         url: invite.url.clone(),
         reason: super::link::with_causes(&e),

@@ -111,3 +111,16 @@ async fn peers_link_over_tls_pinned_to_their_keys_and_refuse_an_impostor() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_is_not_sent_over_plain_http_beyond_loopback() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    let (status, v) = app
+        .post(
+            "/api/v1/peers/join",
+            json!({"invite": "http://192.0.2.1:8764#aip_abc_def_ghi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("plain http"), "{v}");
+}
