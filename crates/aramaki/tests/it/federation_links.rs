@@ -557,6 +557,115 @@ async fn suspension_closes_the_link_and_revocation_ends_the_uses() {
     .await;
 }
 
+/// Hosting, customer and a third peer; customer uses hosting's storage.
+async fn using_storage(net: &Arc<MemoryNet>) -> (TestApp, TestApp, TestApp) {
+    let hosting = instance("hosting", net).await;
+    let customer = instance("customer", net).await;
+    let third = instance("third", net).await;
+    peer(&hosting, &customer).await;
+    peer(&hosting, &third).await;
+    hosting.system("storage", "infrastructure", json!({})).await;
+    for who in ["customer", "third"] {
+        let (status, v) = hosting
+            .call(
+                Method::PUT,
+                &format!("/api/v1/peers/{who}/policies"),
+                Some(json!({"system": "storage", "level": "timeline"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    }
+    for app in [&customer, &third] {
+        let (_, asked) = app
+            .post("/api/v1/peers/hosting/uses", json!({"system": "storage"}))
+            .await;
+        wait_use(app, asked["id"].as_str().unwrap(), "accepted").await;
+    }
+    (hosting, customer, third)
+}
+
+fn peer_row(peers: &Value, name: &str) -> Value {
+    peers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no peer {name}: {peers}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_away_for_days_is_marked_unreachable_and_catches_up_while_others_flow() {
+    let net = Arc::new(MemoryNet::default());
+    let (hosting, customer, third) = using_storage(&net).await;
+    let customer_id = customer.ctx.identity.instance_id.clone();
+
+    // The customer drops off the network (it can neither be reached nor
+    // reach anyone); the third peer stays.
+    customer
+        .ctx
+        .federation
+        .set_transport(Arc::new(MemoryNet::default()));
+    net.cut(&customer.base);
+    eventually("the link to the customer to drop", || async {
+        (!hosting.ctx.federation.connected(&customer_id)).then_some(())
+    })
+    .await;
+    linked(&hosting, &third).await;
+    let titles: Vec<String> = (0..5).map(|i| format!("while away {i}")).collect();
+    for t in &titles {
+        record(&hosting, "storage", "deploy", t, "info").await;
+    }
+    // One dead peer does not hold up the others.
+    eventually("the third peer to hear at once", || async {
+        let seen = sqlx_titles(&third, &hosting.ctx.identity.instance_id).await;
+        titles.iter().all(|t| seen.contains(t)).then_some(())
+    })
+    .await;
+
+    // Three days later (by both clocks) the sweep marks it, with its lag.
+    for app in [&hosting, &customer, &third] {
+        app.clock.advance(jiff::SignedDuration::from_hours(73));
+    }
+    aramaki::federation::link::sweep(&hosting.ctx)
+        .await
+        .unwrap();
+    let peers = hosting.get("/api/v1/peers").await;
+    let away = peer_row(&peers, "customer");
+    assert_eq!(away["state"], "unreachable", "{away}");
+    assert!(away["backlog"].as_i64().unwrap() >= 5, "{away}");
+    assert!(
+        away["lag_seconds"].as_i64().unwrap() >= 72 * 3_600,
+        "{away}"
+    );
+    assert_eq!(
+        peer_row(&peers, "third")["state"],
+        "active",
+        "linked, so not swept"
+    );
+
+    // Back: it catches up from its cursor, in order, and is active again.
+    customer.ctx.federation.set_transport(net.clone());
+    net.heal(&customer.base);
+    let got = eventually("the customer to catch up", || async {
+        let got: Vec<String> = timeline(&customer, "storage")
+            .await
+            .iter()
+            .rev()
+            .filter_map(|e| e["title"].as_str().map(str::to_owned))
+            .filter(|t| t.starts_with("while away"))
+            .collect();
+        (got.len() >= titles.len()).then_some(got)
+    })
+    .await;
+    assert_eq!(got, titles, "in order, once each");
+    eventually("the customer to be active again", || async {
+        let peers = hosting.get("/api/v1/peers").await;
+        (peer_row(&peers, "customer")["state"] == "active").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_is_followed_by_peers_and_the_old_one_is_refused() {
     let net = Arc::new(MemoryNet::default());
