@@ -829,6 +829,86 @@ mod wire {
         assert_eq!(refusals(app, reason), before + 1, "counted as {reason}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_sending_faster_than_allowed_is_refused_and_told_to_resend() {
+        let net = Arc::new(MemoryNet::default());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let customer = TestApp::start_tweaked(crate::support::Backend::Sqlite, move |c| {
+            c.instance.name = "customer".into();
+            c.instance.url = Some(format!("http://127.0.0.1:{port}"));
+            c.federation.max_messages_per_second = 5;
+        })
+        .await;
+        customer.ctx.federation.set_transport(net.clone());
+        net.attach(&customer.base, customer.ctx.clone());
+        let to = customer.ctx.identity.instance_id.clone();
+        let fast_id = uuid::Uuid::now_v7().to_string();
+        let fast = Identity::new(
+            fast_id.clone(),
+            "fast".into(),
+            SigningKey::from_bytes(&[44; 32]),
+        );
+        sqlx::query("INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, 'fast', 'http://fast.invalid', $2, 'active', $3, $3)")
+            .bind(fast_id.as_str())
+            .bind(fast.public_key_hex())
+            .bind(now(&customer))
+            .execute(customer.ctx.db.reader())
+            .await
+            .unwrap();
+        let mut conn = dial(&net, &customer).await;
+        let hello = json!({"cursor": 0, "keys": []});
+        send(
+            &conn,
+            &seal(&fast, &to, "link.hello", hello, now(&customer), MINUTE),
+        )
+        .await;
+        next(&mut conn, &customer, &fast_id, "link.welcome").await;
+        let status = |seq: i64| {
+            seal(
+                &fast,
+                &to,
+                "status",
+                json!({"seq": seq, "data": {}}),
+                now(&customer),
+                MINUTE,
+            )
+        };
+        // Five a second, ten in a burst: the rest of thirty are refused.
+        let before = refusals(&customer, "rate");
+        for seq in 1..=30 {
+            send(&conn, &status(seq)).await;
+        }
+        let nack = next(&mut conn, &customer, &fast_id, "link.nack").await;
+        assert!(
+            nack.body["from"].as_i64().unwrap_or(0) <= 11,
+            "{:?}",
+            nack.body
+        );
+        eventually("the flood to be counted", || async {
+            (refusals(&customer, "rate") >= before + 20).then_some(())
+        })
+        .await;
+        // A second later (by the instance's clock) it may send again.
+        customer.clock.advance(jiff::SignedDuration::from_secs(2));
+        let resumed = refusals(&customer, "rate");
+        let from = nack.body["from"].as_i64().unwrap();
+        send(&conn, &status(from)).await;
+        loop {
+            let ack = next(&mut conn, &customer, &fast_id, "link.ack").await;
+            if ack.body["upto"] == from {
+                break;
+            }
+        }
+        assert_eq!(
+            refusals(&customer, "rate"),
+            resumed,
+            "not refused for its rate"
+        );
+    }
+
     fn system(id: &str, slug: &str, instance: &str) -> Value {
         json!({"id": id, "slug": slug, "title": slug.to_uppercase(), "category": "service", "description": "",
             "handbook": "", "labels": {}, "links": [], "contacts": [], "selector": null, "instance": instance,
