@@ -1495,6 +1495,10 @@ async fn upsert_mirror(
         let id: String = row.try_get(0)?;
         let mine = systems_store::by_ids(tx, std::slice::from_ref(&id)).await?;
         if let Some(mut m) = mine.into_iter().next() {
+            // Renamed on its instance: follow, as far as the name is free here.
+            if !m.slug.as_str().starts_with(remote.slug.as_str()) {
+                m.slug = free_slug(tx, &remote.slug, &peer.name).await?;
+            }
             m.title = remote.title.clone();
             m.category = remote.category.clone();
             m.description = remote.description.clone();

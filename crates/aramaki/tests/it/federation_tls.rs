@@ -87,6 +87,27 @@ async fn peers_link_over_tls_pinned_to_their_keys_and_refuse_an_impostor() {
     wait_use(&customer, &id, "accepted").await;
     assert_eq!(uses(&customer).await.len(), 1);
 
+    // Renamed on its instance, the mirror follows.
+    let (status, v) = hosting
+        .call(
+            reqwest::Method::PATCH,
+            "/api/v1/systems/storage",
+            Some(json!({"slug": "storage-eu"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    crate::agent_e2e::eventually("the mirror to be renamed", || async {
+        let (status, _) = customer
+            .call(reqwest::Method::GET, "/api/v1/systems/storage-eu", None)
+            .await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+    let (status, _) = customer
+        .call(reqwest::Method::GET, "/api/v1/systems/storage", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // The transport itself: the pinned key passes, any other is refused,
     // and without the pin no CA vouches for a self-signed impostor.
     let transport = hosting.ctx.federation.transport(&hosting.ctx);
