@@ -11,10 +11,16 @@ use crate::support::{Backend, TestApp};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// chromedriver in a process group of its own, so that the browsers it
+/// started go with it (killing chromedriver alone leaves them running).
 struct Driver(Child);
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", group.as_str()])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -39,7 +45,9 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        use std::os::unix::process::CommandExt;
         let driver = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
