@@ -44,10 +44,16 @@ async fn prepare(
     Ok(token)
 }
 
-async fn node(dir: &Path, name: &str, database_url: &Option<String>) -> Result<Node> {
+async fn node(dir: &Path, name: &str, tls: bool, database_url: &Option<String>) -> Result<Node> {
     let port = free_port()?;
     let token = prepare(dir, name, port, database_url).await?;
-    let (server, base) = start_server_named(dir, database_url, port, name).await?;
+    let listen = if tls {
+        Some(format!("127.0.0.1:{}", free_port()?))
+    } else {
+        None
+    };
+    let (server, base) =
+        start_server_named(dir, database_url, port, name, listen.as_deref()).await?;
     Ok(Node {
         base,
         token,
@@ -192,15 +198,14 @@ async fn latencies(
 }
 
 pub async fn scenario(
-    rate: usize,
-    seconds: u64,
-    burst: usize,
+    (rate, seconds, burst): (usize, u64, usize),
+    tls: bool,
     database_url: Option<String>,
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (pdir, cdir) = (dir.path().join("provider"), dir.path().join("consumer"));
-    let provider = node(&pdir, "provider", &database_url).await?;
-    let consumer = node(&cdir, "consumer", &database_url).await?;
+    let provider = node(&pdir, "provider", tls, &database_url).await?;
+    let consumer = node(&cdir, "consumer", tls, &database_url).await?;
     let http = reqwest::Client::new();
     use reqwest::Method;
     let invite = call(&http, &provider, Method::POST, "/peers/invites", json!({})).await?;
@@ -212,6 +217,20 @@ pub async fn scenario(
         json!({"invite": invite["invite"]}),
     )
     .await?;
+    if tls {
+        let peers = call(&http, &provider, Method::GET, "/peers", json!(null)).await?;
+        if peers["items"][0]["tls_pinned"] != true {
+            bail!("the peers did not pin TLS: {peers}");
+        }
+    }
+    println!(
+        "link: {}",
+        if tls {
+            "wss:// with the instance key pinned"
+        } else {
+            "plain ws:// on loopback"
+        }
+    );
     call(
         &http,
         &provider,

@@ -98,6 +98,9 @@ enum Scenario {
         /// Activities in the unpaced phase.
         #[arg(long, default_value_t = 20_000)]
         burst: usize,
+        /// Link over TLS with the instance key pinned (`federation.listen`).
+        #[arg(long)]
+        tls: bool,
         #[arg(long)]
         database_url: Option<String>,
     },
@@ -241,7 +244,7 @@ async fn start_server(
     database_url: &Option<String>,
     port: u16,
 ) -> Result<(Server, String)> {
-    start_server_named(dir, database_url, port, "").await
+    start_server_named(dir, database_url, port, "", None).await
 }
 
 /// Starts a server; a non-empty `name` makes it a federating instance
@@ -251,6 +254,7 @@ async fn start_server_named(
     database_url: &Option<String>,
     port: u16,
     name: &str,
+    federation_listen: Option<&str>,
 ) -> Result<(Server, String)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("serve")
@@ -258,6 +262,9 @@ async fn start_server_named(
         .arg(dir)
         .env("ARAMAKI_BENCH_NAME", name)
         .env("ARAMAKI_BENCH_PORT", port.to_string());
+    if let Some(listen) = federation_listen {
+        cmd.env("ARAMAKI_BENCH_FEDERATION_LISTEN", listen);
+    }
     if let Some(url) = database_url {
         cmd.arg("--database-url").arg(url);
     }
@@ -448,6 +455,9 @@ async fn serve(data_dir: PathBuf, database_url: Option<String>) -> Result<()> {
         config.instance.url = Some(format!("http://127.0.0.1:{port}"));
         config.federation.auto_approve = true;
     }
+    if let Ok(listen) = std::env::var("ARAMAKI_BENCH_FEDERATION_LISTEN") {
+        config.federation.listen = Some(listen);
+    }
     let setup = aramaki::setup::init(&data_dir, config, Arc::new(SystemClock)).await?;
     let app = aramaki::app::App::build(setup.context, ([127, 0, 0, 1], port).into()).await?;
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -480,8 +490,12 @@ async fn main() -> Result<()> {
             rate,
             seconds,
             burst,
+            tls,
             database_url,
-        } => federation::scenario(rate.max(1), seconds.max(1), burst.max(1), database_url).await,
+        } => {
+            let phases = (rate.max(1), seconds.max(1), burst.max(1));
+            federation::scenario(phases, tls, database_url).await
+        }
         Scenario::AgentFootprint {
             checks,
             interval,
