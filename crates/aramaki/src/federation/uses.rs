@@ -985,6 +985,16 @@ async fn route(ctx: &Context, events: &[Event]) -> Result<(), sqlx::Error> {
             continue;
         }
         let Some(rs) = by_system.get(&e.system_id) else {
+            // Its labels changed, and it may just have left a used system
+            // that includes by selector: those uses get a fresh snapshot,
+            // which no longer mirrors it.
+            if e.kind == "system.updated" && e.data["after"].get("labels").is_some() {
+                for r in routes.iter().filter(|r| r.exposure.subsystems) {
+                    if !resnap.iter().any(|x| x.id == r.id) {
+                        resnap.push(r);
+                    }
+                }
+            }
             continue;
         };
         for r in rs {

@@ -667,6 +667,69 @@ async fn a_peer_away_for_days_is_marked_unreachable_and_catches_up_while_others_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_that_leaves_by_its_labels_is_no_longer_mirrored() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    peer(&hosting, &customer).await;
+    let (status, v) = hosting
+        .post(
+            "/api/v1/systems",
+            json!({"slug": "all-storage", "title": "All storage", "category": "infrastructure", "selector": "role=storage"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    hosting
+        .system("st1", "host", json!({"role": "storage"}))
+        .await;
+    hosting
+        .system("st2", "host", json!({"role": "storage"}))
+        .await;
+    let (status, v) = hosting
+        .call(
+            Method::PUT,
+            "/api/v1/peers/customer/policies",
+            Some(json!({"system": "all-storage", "level": "timeline"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    let (_, asked) = customer
+        .post(
+            "/api/v1/peers/hosting/uses",
+            json!({"system": "all-storage"}),
+        )
+        .await;
+    wait_use(&customer, asked["id"].as_str().unwrap(), "accepted").await;
+    let mirrored = |slug: &'static str| {
+        let customer = &customer;
+        async move {
+            customer
+                .call(Method::GET, &format!("/api/v1/systems/{slug}"), None)
+                .await
+                .0
+                == StatusCode::OK
+        }
+    };
+    eventually("both hosts mirrored", || async {
+        (mirrored("st1").await && mirrored("st2").await).then_some(())
+    })
+    .await;
+    let (status, v) = hosting
+        .call(
+            Method::PATCH,
+            "/api/v1/systems/st1",
+            Some(json!({"labels": {"role": "retired"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    eventually("st1's mirror to go", || async {
+        (!mirrored("st1").await).then_some(())
+    })
+    .await;
+    assert!(mirrored("st2").await, "st2 still belongs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_is_followed_by_peers_and_the_old_one_is_refused() {
     let net = Arc::new(MemoryNet::default());
     let hosting = instance("hosting", &net).await;
