@@ -38,6 +38,17 @@ impl PeerState {
         }
     }
 
+    /// The state an admin's change leads to: `approve`, `suspend`, `resume`
+    /// or `revoke` (the words of the API, the command line and the page).
+    pub fn after_change(change: &str) -> Option<PeerState> {
+        match change {
+            "approve" | "resume" => Some(PeerState::Active),
+            "suspend" => Some(PeerState::Suspended),
+            "revoke" => Some(PeerState::Revoked),
+            _ => None,
+        }
+    }
+
     /// Whether messages from a peer in this state are read at all.
     fn may_send(self) -> bool {
         matches!(self, PeerState::Active | PeerState::Unreachable)

@@ -401,16 +401,11 @@ async fn change_peer(
     axum::extract::Path((peer, change)): axum::extract::Path<(String, String)>,
 ) -> Result<Json<super::peers::PeerInfo>, Problem> {
     use super::envelope::PeerState;
-    let to = match change.as_str() {
-        "approve" | "resume" => PeerState::Active,
-        "suspend" => PeerState::Suspended,
-        "revoke" => PeerState::Revoked,
-        other => {
-            return Err(Problem::not_found(format!(
-                "no change '{other}': use approve, suspend, resume or revoke"
-            )))
-        }
-    };
+    let to = PeerState::after_change(&change).ok_or_else(|| {
+        Problem::not_found(format!(
+            "no change '{change}': use approve, suspend, resume or revoke"
+        ))
+    })?;
     Ok(Json(
         super::peers::set_state(&ctx, &admin.actor(), &peer, to).await?,
     ))

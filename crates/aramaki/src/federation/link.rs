@@ -1039,7 +1039,14 @@ struct WsTransport {
     allow_plaintext: bool,
 }
 
-pub(crate) fn is_loopback_url(url: &str) -> bool {
+/// Plain `ws://` or `http://` is for loopback, or for development when
+/// `federation.allow_plaintext` says so; anything else must be TLS.
+pub(crate) fn plaintext_refused(url: &str, allow_plaintext: bool) -> bool {
+    let plain = url.starts_with("ws://") || url.starts_with("http://");
+    plain && !allow_plaintext && !is_loopback_url(url)
+}
+
+fn is_loopback_url(url: &str) -> bool {
     let rest = url.split("://").nth(1).unwrap_or("");
     let host = rest.split('/').next().unwrap_or("");
     let host = if let Some(v6) = host.strip_prefix('[') {
@@ -1056,7 +1063,7 @@ pub(crate) fn is_loopback_url(url: &str) -> bool {
 impl Transport for WsTransport {
     fn dial<'a>(&'a self, url: &'a str, pin: TlsPin) -> BoxFuture<'a, Result<Conn, String>> {
         Box::pin(async move {
-            if url.starts_with("ws://") && !self.allow_plaintext && !is_loopback_url(url) {
+            if plaintext_refused(url, self.allow_plaintext) {
                 return Err(format!(
                     "refusing plain ws:// to {url}: use https, or set federation.allow_plaintext for development"
                 ));

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::envelope::PeerState;
 use super::peers::{FederationError, PeerInfo};
 use super::uses::{Exposure, Level, Policy, UseInfo};
-use crate::monitoring::pages::{ago, forbidden, go_to};
+use crate::monitoring::pages::{ago, forbidden, go_to, span};
 use crate::ui::{check_form, page_error, render, Page};
 use crate::users::sessions::Session;
 use crate::users::Role;
@@ -135,15 +135,6 @@ fn exposure_words(e: &Exposure) -> String {
     words.join(", ")
 }
 
-fn duration_words(seconds: i64) -> String {
-    match seconds {
-        s if s < 120 => format!("{s} s"),
-        s if s < 7_200 => format!("{} min", s / 60),
-        s if s < 172_800 => format!("{} h", s / 3_600),
-        s => format!("{} days", s / 86_400),
-    }
-}
-
 /// The buttons a peer in `state` offers.
 fn changes_for(p: &PeerInfo) -> Vec<(&'static str, &'static str, String)> {
     let revoke = (
@@ -186,7 +177,7 @@ fn changes_for(p: &PeerInfo) -> Vec<(&'static str, &'static str, String)> {
 
 fn peer_row(now: jiff::Timestamp, p: PeerInfo) -> PeerRow {
     let lag = (p.state == "unreachable" || p.backlog > 0)
-        .then(|| duration_words(p.lag_seconds))
+        .then(|| span(p.lag_seconds))
         .filter(|_| p.lag_seconds > 0);
     PeerRow {
         changes: changes_for(&p),
@@ -439,18 +430,9 @@ async fn change_peer(
     if let Some(refusal) = refusal(&session, &headers, &form.csrf) {
         return refusal;
     }
-    let to = match change.as_str() {
-        "approve" | "resume" => PeerState::Active,
-        "suspend" => PeerState::Suspended,
-        "revoke" => PeerState::Revoked,
-        other => {
-            return refused(
-                &ctx,
-                &session,
-                FederationError::NotFound(format!("change '{other}'")),
-            )
-            .await
-        }
+    let Some(to) = PeerState::after_change(&change) else {
+        let unknown = FederationError::NotFound(format!("change '{change}'"));
+        return refused(&ctx, &session, unknown).await;
     };
     match super::peers::set_state(&ctx, &session.principal.actor(), &peer, to).await {
         Ok(_) => go_to(&headers, "/federation"),
@@ -510,6 +492,15 @@ async fn ask(
 struct DecisionForm {
     #[serde(default)]
     csrf: String,
+    #[serde(flatten)]
+    shared: SharedFields,
+    #[serde(default)]
+    reason: String,
+}
+
+/// What a use may see, as the accept and policy forms ask it.
+#[derive(Deserialize)]
+struct SharedFields {
     #[serde(default)]
     level: String,
     /// Checkboxes: present when ticked.
@@ -519,8 +510,17 @@ struct DecisionForm {
     handbook: Option<String>,
     #[serde(default)]
     contacts: Option<String>,
-    #[serde(default)]
-    reason: String,
+}
+
+impl SharedFields {
+    fn exposure(&self) -> Result<Exposure, FederationError> {
+        Ok(Exposure {
+            level: level_of(&self.level)?,
+            subsystems: self.subsystems.is_some(),
+            handbook: self.handbook.is_some(),
+            contacts: self.contacts.is_some(),
+        })
+    }
 }
 
 /// Accept (with the exposure chosen), reject (with a reason) or undo a
@@ -539,12 +539,7 @@ async fn decide(
     let result = async {
         match decision.as_str() {
             "accept" => {
-                let exposure = Exposure {
-                    level: level_of(&form.level)?,
-                    subsystems: form.subsystems.is_some(),
-                    handbook: form.handbook.is_some(),
-                    contacts: form.contacts.is_some(),
-                };
+                let exposure = form.shared.exposure()?;
                 super::uses::decide(&ctx, &actor, &id, Some(exposure), "").await
             }
             "reject" => super::uses::decide(&ctx, &actor, &id, None, form.reason.trim()).await,
@@ -566,14 +561,8 @@ struct PolicyForm {
     peer: String,
     #[serde(default)]
     system: String,
-    #[serde(default)]
-    level: String,
-    #[serde(default)]
-    subsystems: Option<String>,
-    #[serde(default)]
-    handbook: Option<String>,
-    #[serde(default)]
-    contacts: Option<String>,
+    #[serde(flatten)]
+    shared: SharedFields,
 }
 
 /// A standing policy: a peer's requests for a system are accepted at once.
@@ -588,12 +577,7 @@ async fn allow(
         return refusal;
     }
     let result = async {
-        let exposure = Exposure {
-            level: level_of(&form.level)?,
-            subsystems: form.subsystems.is_some(),
-            handbook: form.handbook.is_some(),
-            contacts: form.contacts.is_some(),
-        };
+        let exposure = form.shared.exposure()?;
         super::uses::allow(
             &ctx,
             &session.principal.actor(),

@@ -321,11 +321,11 @@ fn parse_invite(invite: &str) -> Result<Invite, FederationError> {
 }
 
 /// Fetches the inviter's document; refuses it unless its key matches the
-/// fingerprint in the invite.
+/// fingerprint in the invite. Returns the document and its key.
 async fn fetch_inviter(
     http: &reqwest::Client,
     invite: &Invite,
-) -> Result<SignedDocument, FederationError> {
+) -> Result<(SignedDocument, VerifyingKey), FederationError> {
     let unreachable = |e: reqwest::Error| FederationError::Unreachable {
         url: invite.url.clone(),
         reason: super::link::with_causes(&e),
@@ -346,14 +346,13 @@ async fn fetch_inviter(
             aramaki_protocol::keys::fingerprint(key.as_bytes())
         )));
     }
-    Ok(theirs)
+    Ok((theirs, key))
 }
 
 /// On the joiner, before joining: who the invite leads to.
 pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
     let invite = parse_invite(invite)?;
-    let theirs = fetch_inviter(&invite_client(&invite)?, &invite).await?;
-    let key = verify_document(&theirs)?;
+    let (theirs, key) = fetch_inviter(&invite_client(&invite)?, &invite).await?;
     Ok(InvitePreview {
         name: theirs.document.name,
         url: theirs.document.url,
@@ -365,10 +364,7 @@ pub async fn preview(invite: &str) -> Result<InvitePreview, FederationError> {
 pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo, FederationError> {
     let invite = parse_invite(invite)?;
     // The invite's secret would cross the network in clear text.
-    if invite.url.starts_with("http://")
-        && !ctx.config.federation.allow_plaintext
-        && !super::link::is_loopback_url(&invite.url)
-    {
+    if super::link::plaintext_refused(&invite.url, ctx.config.federation.allow_plaintext) {
         return Err(FederationError::Invite(format!(
             "refusing to join {} over plain http: use https, or set federation.allow_plaintext for development",
             invite.url
@@ -378,11 +374,10 @@ pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo
         url: invite.url.clone(),
         reason: super::link::with_causes(&e),
     };
-    let theirs = fetch_inviter(&invite_client(&invite)?, &invite).await?;
+    let (theirs, key) = fetch_inviter(&invite_client(&invite)?, &invite).await?;
     // An inviter that serves its instance key gets our document only over
     // a connection that proves that key.
     let http = if theirs.document.tls_pinned {
-        let key = verify_document(&theirs)?;
         join_client(super::tls::Pin::Key(*key.as_bytes()), true)?
     } else {
         invite_client(&invite)?

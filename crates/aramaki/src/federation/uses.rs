@@ -78,6 +78,16 @@ fn yes() -> bool {
 }
 
 impl Exposure {
+    /// From a row with `level`, `subsystems`, `handbook` and `contacts`.
+    fn of_row(r: &sqlx::any::AnyRow) -> Result<Exposure, sqlx::Error> {
+        Ok(Exposure {
+            level: Level::parse(&r.try_get::<String, _>("level")?).unwrap_or(Level::Status),
+            subsystems: r.try_get::<i64, _>("subsystems")? != 0,
+            handbook: r.try_get::<i64, _>("handbook")? != 0,
+            contacts: r.try_get::<i64, _>("contacts")? != 0,
+        })
+    }
+
     pub fn new(level: Level) -> Exposure {
         Exposure {
             level,
@@ -121,12 +131,7 @@ fn use_from(r: &sqlx::any::AnyRow) -> Result<UseInfo, sqlx::Error> {
         system: r.try_get("system_slug")?,
         local_system: r.try_get("local_slug")?,
         state: r.try_get("state")?,
-        exposure: Exposure {
-            level: Level::parse(&r.try_get::<String, _>("level")?).unwrap_or(Level::Status),
-            subsystems: r.try_get::<i64, _>("subsystems")? != 0,
-            handbook: r.try_get::<i64, _>("handbook")? != 0,
-            contacts: r.try_get::<i64, _>("contacts")? != 0,
-        },
+        exposure: Exposure::of_row(r)?,
         requested_by: r.try_get("requested_by")?,
         decided_by: r.try_get("decided_by")?,
         updated_at: from_micros(r.try_get("updated_at")?),
@@ -547,12 +552,16 @@ async fn drop_mirrors(
             .await?;
     let now = to_micros(ctx.now());
     for row in rows {
-        let id: String = row.try_get(0)?;
-        systems_store::mark_deleted(tx, &id, now).await?;
+        drop_mirror(tx, &row.try_get::<String, _>(0)?, now).await?;
     }
-    sqlx::query("DELETE FROM remote_systems WHERE peer_id = $1 AND use_id = $2")
-        .bind(peer)
-        .bind(use_id)
+    Ok(())
+}
+
+/// One mirror goes: the system here is deleted, and no longer a mirror.
+async fn drop_mirror(tx: &mut Tx, system_id: &str, now: i64) -> Result<(), sqlx::Error> {
+    systems_store::mark_deleted(tx, system_id, now).await?;
+    sqlx::query("DELETE FROM remote_systems WHERE system_id = $1")
+        .bind(system_id)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -632,12 +641,7 @@ pub async fn policies(ctx: &Context) -> Result<Vec<Policy>, sqlx::Error> {
                 system: r.try_get("slug")?,
                 peer: r.try_get("instance_id")?,
                 peer_name: r.try_get("name")?,
-                exposure: Exposure {
-                    level: Level::parse(&r.try_get::<String, _>("level")?).unwrap_or(Level::Status),
-                    subsystems: r.try_get::<i64, _>("subsystems")? != 0,
-                    handbook: r.try_get::<i64, _>("handbook")? != 0,
-                    contacts: r.try_get::<i64, _>("contacts")? != 0,
-                },
+                exposure: Exposure::of_row(r)?,
             })
         })
         .collect()
@@ -918,12 +922,7 @@ async fn routes(ctx: &Context) -> Result<Vec<Route>, sqlx::Error> {
                 peer: r.try_get("peer_id")?,
                 id: r.try_get("id")?,
                 system_id: r.try_get("system_id")?,
-                exposure: Exposure {
-                    level: Level::parse(&r.try_get::<String, _>("level")?).unwrap_or(Level::Status),
-                    subsystems: r.try_get::<i64, _>("subsystems")? != 0,
-                    handbook: r.try_get::<i64, _>("handbook")? != 0,
-                    contacts: r.try_get::<i64, _>("contacts")? != 0,
-                },
+                exposure: Exposure::of_row(r)?,
             })
         })
         .collect()
@@ -1413,14 +1412,9 @@ async fn on_snapshot(
     .await?;
     for row in mirrored {
         let (id, remote): (String, String) = (row.try_get(0)?, row.try_get(1)?);
-        if kept.contains(&remote) {
-            continue;
+        if !kept.contains(&remote) {
+            drop_mirror(tx, &id, to_micros(now)).await?;
         }
-        systems_store::mark_deleted(tx, &id, to_micros(now)).await?;
-        sqlx::query("DELETE FROM remote_systems WHERE system_id = $1")
-            .bind(id.as_str())
-            .execute(&mut **tx)
-            .await?;
     }
     // The structure among the mirrored systems follows the provider's.
     let ids: Vec<&String> = local.values().map(|(id, _)| id).collect();

@@ -38,12 +38,20 @@ pub fn routes() -> Router<AppState> {
 /// How long ago `then` was, in the largest whole unit.
 pub(crate) fn ago(now: Timestamp, then: Timestamp) -> String {
     let secs = now.duration_since(then).as_secs();
+    if secs < 0 {
+        "just now".to_owned()
+    } else {
+        format!("{} ago", span(secs))
+    }
+}
+
+/// A span of seconds in its largest whole unit: `45 s`, `3 min`, `2 d`.
+pub(crate) fn span(secs: i64) -> String {
     match secs {
-        s if s < 0 => "just now".to_owned(),
-        s if s < 60 => format!("{s} s ago"),
-        s if s < 3600 => format!("{} min ago", s / 60),
-        s if s < 86_400 => format!("{} h ago", s / 3600),
-        s => format!("{} d ago", s / 86_400),
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s < 86_400 => format!("{} h", s / 3600),
+        s => format!("{} d", s / 86_400),
     }
 }
 

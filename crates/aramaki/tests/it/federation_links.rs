@@ -895,13 +895,7 @@ mod wire {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_sending_faster_than_allowed_is_refused_and_told_to_resend() {
         let net = Arc::new(MemoryNet::default());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let customer = TestApp::start_tweaked(crate::support::Backend::Sqlite, move |c| {
-            c.instance.name = "customer".into();
-            c.instance.url = Some(format!("http://127.0.0.1:{port}"));
+        let customer = TestApp::start_reachable_with("customer", |c| {
             c.federation.max_messages_per_second = 5;
         })
         .await;

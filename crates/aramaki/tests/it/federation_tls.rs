@@ -11,10 +11,7 @@ use crate::support::{Backend, TestApp};
 
 /// An instance with a TLS federation listener on a free loopback port.
 async fn tls_instance(name: &str) -> TestApp {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = crate::support::free_port();
     let name = name.to_owned();
     TestApp::start_tweaked(Backend::Sqlite, move |c| {
         c.instance.name = name;

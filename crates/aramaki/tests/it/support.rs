@@ -96,6 +96,14 @@ pub async fn fresh_postgres_schema() -> Option<String> {
     Some(format!("{url}{sep}options[search_path]={schema}"))
 }
 
+/// A loopback port nobody listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 pub fn start_time() -> jiff::Timestamp {
     "2026-11-23T08:00:00Z".parse().expect("valid time")
 }
@@ -164,14 +172,17 @@ impl TestApp {
 
     /// An instance that peers can reach: its `instance.url` is its address.
     pub async fn start_reachable(name: &str) -> TestApp {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        TestApp::start_reachable_with(name, |_| {}).await
+    }
+
+    /// Like [`TestApp::start_reachable`], with more configuration.
+    pub async fn start_reachable_with(name: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let port = free_port();
         let name = name.to_owned();
         TestApp::start_tweaked(Backend::Sqlite, move |c| {
             c.instance.name = name;
             c.instance.url = Some(format!("http://127.0.0.1:{port}"));
+            tweak(c);
         })
         .await
     }
