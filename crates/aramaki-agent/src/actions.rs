@@ -16,7 +16,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::ActionConfig;
+use crate::config::{ActionConfig, ValueRule};
 
 /// Most output streamed per run; the rest is drained and counted.
 pub const OUTPUT_LIMIT: usize = 256 * 1024;
@@ -38,6 +38,54 @@ pub enum Refused {
     UnknownParam { action: String, param: String },
     #[error("action '{action}' needs parameter '{param}'")]
     MissingParam { action: String, param: String },
+    #[error("parameter '{param}' of '{action}' begins with '-', which this agent's allow-list does not allow (a command could read it as an option)")]
+    LeadingDash { action: String, param: String },
+    #[error("parameter '{param}' of '{action}': {why}")]
+    ValueNotAllowed {
+        action: String,
+        param: String,
+        why: String,
+    },
+}
+
+impl Refused {
+    /// The code sent with the refusal (`ActionUpdate::refusal`). The server
+    /// closes a run's target only for a refusal of a request it signed and
+    /// this agent had not seen: any other is a security event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refused::NotAllowed(_) => "not_allowed",
+            Refused::BadSignature => "bad_signature",
+            Refused::WrongAudience(_) => "wrong_audience",
+            Refused::Expired => "expired",
+            Refused::Replayed(_) => "replayed",
+            Refused::UnknownParam { .. } => "unknown_param",
+            Refused::MissingParam { .. } => "missing_param",
+            Refused::LeadingDash { .. } => "leading_dash",
+            Refused::ValueNotAllowed { .. } => "value_not_allowed",
+        }
+    }
+
+    /// The final update that reports this refusal for `run_id`.
+    pub fn update(&self, run_id: String) -> ActionUpdate {
+        ActionUpdate {
+            run_id,
+            state: ActionState::Refused,
+            exit_code: None,
+            output: self.to_string(),
+            refusal: Some(self.code().to_owned()),
+            timeout_secs: None,
+        }
+    }
+}
+
+/// An admitted request: what to run, and for how long at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub argv: Vec<String>,
+    /// The request's timeout capped by the allow-list's `timeout_secs`
+    /// (at least one second).
+    pub timeout_secs: u32,
 }
 
 /// Run ids already accepted, kept until their requests expire (on disk, so
@@ -74,7 +122,7 @@ impl Seen {
     }
 }
 
-/// Checks a request; returns the argv to run.
+/// Checks a request; returns the argv to run and its timeout.
 pub fn admit(
     signed: &SignedAction,
     me: &str,
@@ -82,7 +130,7 @@ pub fn admit(
     allow: &BTreeMap<String, ActionConfig>,
     seen: &mut Seen,
     now: i64,
-) -> Result<Vec<String>, Refused> {
+) -> Result<Admitted, Refused> {
     let r = &signed.request;
     let signature = unhex_array::<64>(&signed.signature)
         .map(|b| Signature::from_bytes(&b))
@@ -102,39 +150,111 @@ pub fn admit(
     let config = allow
         .get(&r.action)
         .ok_or_else(|| Refused::NotAllowed(r.action.clone()))?;
-    argv(&r.action, config, &r.params)
+    Ok(Admitted {
+        argv: argv(&r.action, config, &r.params)?,
+        timeout_secs: effective_timeout(r.timeout_secs, config),
+    })
+}
+
+/// The timeout a run gets: the server's, capped by this agent's.
+pub fn effective_timeout(requested: u32, config: &ActionConfig) -> u32 {
+    requested.min(config.timeout_secs).max(1)
+}
+
+/// Judges one value against the allow-list's rule for its parameter.
+fn check_value(
+    action: &str,
+    param: &str,
+    value: &str,
+    rule: Option<&ValueRule>,
+) -> Result<(), Refused> {
+    let not_allowed = |why: String| Refused::ValueNotAllowed {
+        action: action.to_owned(),
+        param: param.to_owned(),
+        why,
+    };
+    if value.contains('\0') {
+        return Err(not_allowed("contains a NUL character".into()));
+    }
+    if value.starts_with('-') && !rule.is_some_and(|r| r.allow_leading_dash) {
+        return Err(Refused::LeadingDash {
+            action: action.to_owned(),
+            param: param.to_owned(),
+        });
+    }
+    let Some(rule) = rule else { return Ok(()) };
+    if !rule.one_of.is_empty() && !rule.one_of.iter().any(|v| v == value) {
+        return Err(not_allowed(format!(
+            "'{value}' is not one of {}",
+            rule.one_of.join(", ")
+        )));
+    }
+    match rule.regex() {
+        Some(Ok(re)) if !re.is_match(value) => Err(not_allowed(format!(
+            "'{value}' does not match {}",
+            rule.pattern.as_deref().unwrap_or_default()
+        ))),
+        Some(Err(e)) => Err(not_allowed(format!(
+            "the local pattern does not compile: {e}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The allow-listed argv with `{name}` placeholders replaced by values.
-/// A value is always (part of) one argv element: no shell, no splitting.
+/// A value is always (part of) one argv element: no shell, no splitting,
+/// and one pass over the template, so a value that contains `{other}`
+/// stays literal.
 pub fn argv(
     action: &str,
     config: &ActionConfig,
     params: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, Refused> {
-    for name in params.keys() {
+    for (name, value) in params {
         if !config.params.contains(name) {
             return Err(Refused::UnknownParam {
                 action: action.to_owned(),
                 param: name.clone(),
             });
         }
+        check_value(action, name, value, config.allow.get(name))?;
     }
-    let mut out = Vec::with_capacity(config.argv.len());
-    for element in &config.argv {
-        let mut element = element.clone();
-        for name in &config.params {
-            let placeholder = format!("{{{name}}}");
-            if element.contains(&placeholder) {
+    config
+        .argv
+        .iter()
+        .map(|element| substitute(action, element, config, params))
+        .collect()
+}
+
+/// One argv element with its placeholders replaced, left to right.
+fn substitute(
+    action: &str,
+    template: &str,
+    config: &ActionConfig,
+    params: &BTreeMap<String, String>,
+) -> Result<String, Refused> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let name = after.find('}').map(|close| &after[..close]);
+        match name.filter(|n| config.params.iter().any(|p| p == n)) {
+            Some(name) => {
                 let value = params.get(name).ok_or_else(|| Refused::MissingParam {
                     action: action.to_owned(),
-                    param: name.clone(),
+                    param: name.to_owned(),
                 })?;
-                element = element.replace(&placeholder, value);
+                out.push_str(value);
+                rest = &after[name.len() + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
             }
         }
-        out.push(element);
     }
+    out.push_str(rest);
     Ok(out)
 }
 
@@ -152,6 +272,8 @@ pub async fn run(
         state,
         exit_code,
         output,
+        refusal: None,
+        timeout_secs: None,
     };
     let Some((program, args)) = argv.split_first() else {
         return update(
@@ -178,7 +300,10 @@ pub async fn run(
             )
         }
     };
-    let _ = updates.send(update(ActionState::Started, None, String::new()));
+    let _ = updates.send(ActionUpdate {
+        timeout_secs: u32::try_from(timeout.as_secs()).ok(),
+        ..update(ActionState::Started, None, String::new())
+    });
     let mut group = crate::exec::Group::of(&child);
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -265,6 +390,7 @@ mod tests {
                 argv: vec!["/bin/echo".into(), "path={path}".into()],
                 params: vec!["path".into()],
                 timeout_secs: 5,
+                allow: BTreeMap::new(),
             },
         )])
     }
@@ -290,7 +416,9 @@ mod tests {
         let pinned = server.verifying_key();
         let mut seen = Seen::load(dir.path().join("seen.json"));
         let ok = signed(&server, |_| {});
-        let argv = admit(&ok, "me", &pinned, &allow(), &mut seen, 1_000).unwrap();
+        let argv = admit(&ok, "me", &pinned, &allow(), &mut seen, 1_000)
+            .unwrap()
+            .argv;
         assert_eq!(
             argv,
             ["/bin/echo", "path=/; rm -rf / $(id)"],
@@ -362,6 +490,167 @@ mod tests {
         ));
     }
 
+    fn config(argv: &[&str], params: &[&str], allow: &str) -> ActionConfig {
+        let text = format!(
+            "argv = {}\nparams = {}\n{allow}",
+            serde_json::to_string(argv).unwrap(),
+            serde_json::to_string(params).unwrap()
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn values(list: &[(&str, &str)]) -> BTreeMap<String, String> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn values_beginning_with_a_dash_are_refused_unless_allowed() {
+        let du = config(&["/usr/bin/du", "-sh", "{path}"], &["path"], "");
+        assert_eq!(
+            argv("du", &du, &values(&[("path", "--files0-from=/etc/shadow")])),
+            Err(Refused::LeadingDash {
+                action: "du".into(),
+                param: "path".into()
+            })
+        );
+        assert_eq!(
+            argv("du", &du, &values(&[("path", "-")])).map_err(|e| e.code()),
+            Err("leading_dash")
+        );
+        assert_eq!(
+            argv("du", &du, &values(&[("path", "/var/log")])).unwrap(),
+            ["/usr/bin/du", "-sh", "/var/log"]
+        );
+        let opted = config(
+            &["/bin/echo", "{n}"],
+            &["n"],
+            "allow.n = { allow_leading_dash = true }",
+        );
+        assert_eq!(
+            argv("echo", &opted, &values(&[("n", "-5")])).unwrap(),
+            ["/bin/echo", "-5"]
+        );
+    }
+
+    #[test]
+    fn the_allow_list_constrains_each_value() {
+        let c = config(
+            &["/usr/sbin/service", "{name}", "{verb}"],
+            &["name", "verb"],
+            "[allow]\nname = { pattern = \"[a-z][a-z0-9-]*\" }\nverb = { one_of = [\"reload\", \"restart\"] }",
+        );
+        assert_eq!(
+            argv("svc", &c, &values(&[("name", "nginx"), ("verb", "reload")])).unwrap(),
+            ["/usr/sbin/service", "nginx", "reload"]
+        );
+        for bad in [
+            values(&[("name", "nginx x"), ("verb", "reload")]),
+            values(&[("name", "/etc"), ("verb", "reload")]),
+            values(&[("name", "nginx"), ("verb", "stop")]),
+        ] {
+            let refused = argv("svc", &c, &bad).unwrap_err();
+            assert_eq!(refused.code(), "value_not_allowed", "{bad:?}: {refused}");
+        }
+        // The anchor is the whole value: a match inside it is not enough.
+        let refused = argv(
+            "svc",
+            &c,
+            &values(&[("name", "ok\n/etc"), ("verb", "reload")]),
+        );
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn substitution_is_single_pass() {
+        let c = config(
+            &["/bin/echo", "{a}", "x={b}", "{a}{b}", "{c}", "{{a}}"],
+            &["a", "b"],
+            "",
+        );
+        let got = argv("echo", &c, &values(&[("a", "{b}"), ("b", "B{a}")])).unwrap();
+        assert_eq!(
+            got,
+            ["/bin/echo", "{b}", "x=B{a}", "{b}B{a}", "{c}", "{{b}}"]
+        );
+    }
+
+    #[test]
+    fn the_agent_caps_the_timeout_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = SigningKey::from_bytes(&[1; 32]);
+        let mut seen = Seen::load(dir.path().join("seen.json"));
+        let long = signed(&server, |r| {
+            r.run_id = "long".into();
+            r.timeout_secs = 600;
+            r.params = values(&[("path", "/")]);
+        });
+        let admitted = admit(
+            &long,
+            "me",
+            &server.verifying_key(),
+            &allow(),
+            &mut seen,
+            1_000,
+        );
+        assert_eq!(admitted.unwrap().timeout_secs, 5, "the local cap wins");
+        let short = signed(&server, |r| {
+            r.run_id = "short".into();
+            r.timeout_secs = 2;
+            r.params = values(&[("path", "/")]);
+        });
+        let admitted = admit(
+            &short,
+            "me",
+            &server.verifying_key(),
+            &allow(),
+            &mut seen,
+            1_000,
+        );
+        assert_eq!(
+            admitted.unwrap().timeout_secs,
+            2,
+            "the action's, when shorter"
+        );
+    }
+
+    #[test]
+    fn refusals_say_what_kind_they_are() {
+        let update = Refused::Replayed("r".into()).update("r".into());
+        assert_eq!(update.state, ActionState::Refused);
+        assert_eq!(update.refusal.as_deref(), Some("replayed"));
+        assert!(update.output.contains("replay"));
+    }
+
+    /// The README's allow-list entry, as written, is safe.
+    #[test]
+    fn the_readme_flush_cache_example_refuses_dashed_values() {
+        let readme = include_str!("../../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains("[actions.flush-cache]"))
+            .expect("README has the flush-cache allow-list entry");
+        let config: crate::config::AgentConfig = toml::from_str(block).unwrap();
+        let flush = &config.actions["flush-cache"];
+        let ok = argv("flush-cache", flush, &values(&[("path", "/product")])).unwrap();
+        assert_eq!(ok.last().map(String::as_str), Some("/product"));
+        let dash = ok.iter().position(|e| e == "--");
+        let ban = ok.iter().position(|e| e == "ban");
+        assert!(
+            dash.is_some() && dash < ban,
+            "options end before the command: {ok:?}"
+        );
+        for bad in ["-S/etc/shadow", "--help", "/x y", "."] {
+            assert!(
+                argv("flush-cache", flush, &values(&[("path", bad)])).is_err(),
+                "{bad} must be refused"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn runs_stream_output_and_can_be_cancelled() {
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -375,7 +664,12 @@ mod tests {
         )
         .await;
         assert_eq!(done.state, ActionState::Succeeded);
-        assert_eq!(rx.recv().await.unwrap().state, ActionState::Started);
+        let started = rx.recv().await.unwrap();
+        assert_eq!(
+            (started.state, started.timeout_secs),
+            (ActionState::Started, Some(5)),
+            "the start reports the timeout applied"
+        );
         let out = rx.recv().await.unwrap();
         assert_eq!(
             (out.state, out.output.as_str()),

@@ -14,8 +14,15 @@
 //! schedule = { kind = "interval", secs = 60 }
 //!
 //! [actions.flush-cache]
-//! argv = ["/usr/bin/varnishadm", "ban", "req.url ~ ."]
+//! argv = ["/usr/bin/varnishadm", "--", "ban", "req.url", "~", "{path}"]
+//! params = ["path"]
+//! timeout_secs = 60            # this agent's cap; the default is 60 s
+//! allow.path = { pattern = "/[A-Za-z0-9/._-]*" }
 //! ```
+//!
+//! A run's timeout is the action's (sent by the server), capped by the
+//! action's `timeout_secs` here: the agent decides, and reports the timeout
+//! it applies when the run starts.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -58,13 +65,45 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
     /// The command; `{name}` in an element is replaced by that parameter's
-    /// value (always inside that one element, never through a shell).
+    /// value (always inside that one element, never through a shell, in
+    /// one pass: a value is never expanded again).
     pub argv: Vec<String>,
     /// The parameters the server may send.
     #[serde(default)]
     pub params: Vec<String>,
+    /// The longest this agent lets a run take, whatever the server asks
+    /// (the run gets the smaller of the two). Default 60 s.
     #[serde(default = "default_action_timeout")]
     pub timeout_secs: u32,
+    /// What each parameter's values may be, judged here whatever the
+    /// server checked. A value beginning with `-` is refused unless its
+    /// rule allows it (a command could read it as an option).
+    #[serde(default)]
+    pub allow: BTreeMap<String, ValueRule>,
+}
+
+/// The values this agent accepts for one parameter.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueRule {
+    /// A regular expression the whole value must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// The only values accepted.
+    #[serde(default)]
+    pub one_of: Vec<String>,
+    /// Accept values that begin with `-`.
+    #[serde(default)]
+    pub allow_leading_dash: bool,
+}
+
+impl ValueRule {
+    /// The pattern anchored to the whole value.
+    pub fn regex(&self) -> Option<Result<regex::Regex, regex::Error>> {
+        self.pattern
+            .as_deref()
+            .map(|p| regex::Regex::new(&format!("^(?:{p})$")))
+    }
 }
 
 fn default_action_timeout() -> u32 {
@@ -119,6 +158,21 @@ impl AgentConfig {
             if action.argv.is_empty() {
                 return Err(format!("action '{name}' needs argv"));
             }
+            if action.timeout_secs == 0 {
+                return Err(format!("action '{name}': timeout_secs must be at least 1"));
+            }
+            for (param, rule) in &action.allow {
+                if !action.params.contains(param) {
+                    return Err(format!(
+                        "action '{name}': allow.{param} names a parameter not in params"
+                    ));
+                }
+                if let Some(Err(e)) = rule.regex() {
+                    return Err(format!(
+                        "action '{name}': allow.{param}.pattern does not compile: {e}"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -145,6 +199,32 @@ argv = ["/bin/true"]
         assert_eq!(c.queue_capacity, 100_000);
         assert!(c.validate().is_ok());
         assert!(toml::from_str::<AgentConfig>("unknown = 1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod action_rules {
+    use super::*;
+
+    #[test]
+    fn value_rules_must_name_a_parameter_and_compile() {
+        let parse = |t: &str| toml::from_str::<AgentConfig>(t).unwrap().validate();
+        assert!(parse(
+            "[actions.a]\nargv = [\"/bin/true\"]\nparams = [\"p\"]\nallow.p = { pattern = \"[a-z]+\" }"
+        )
+        .is_ok());
+        let unknown = parse(
+            "[actions.a]\nargv = [\"/bin/true\"]\nparams = [\"p\"]\nallow.q = { pattern = \"x\" }",
+        );
+        assert!(unknown.unwrap_err().contains("allow.q"));
+        let broken = parse(
+            "[actions.a]\nargv = [\"/bin/true\"]\nparams = [\"p\"]\nallow.p = { pattern = \"(\" }",
+        );
+        assert!(broken.unwrap_err().contains("does not compile"));
+        assert!(toml::from_str::<AgentConfig>(
+            "[actions.a]\nargv = [\"/bin/true\"]\nallow.p = { colour = \"red\" }"
+        )
+        .is_err());
     }
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aramaki_protocol::agent::{
-    agent_transcript, server_transcript, ActionState, ActionUpdate, AgentMessage, CheckDefinition,
-    EnrollToken, Refusal, ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
+    agent_transcript, server_transcript, ActionUpdate, AgentMessage, CheckDefinition, EnrollToken,
+    Refusal, ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
 };
 use aramaki_protocol::keys::{compact_fingerprint, hex, unhex_array};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -368,27 +368,17 @@ fn start_action(agent: &mut Agent, signed: aramaki_protocol::agent::SignedAction
         now,
     );
     let shared = agent.shared.clone();
-    let argv = match admitted {
-        Ok(argv) => argv,
+    let (argv, timeout_secs) = match admitted {
+        Ok(admitted) => (admitted.argv, admitted.timeout_secs),
         Err(refused) => {
             tracing::warn!(action = %request.action, run = %request.run_id, "refused an action: {refused}");
-            let update = ActionUpdate {
-                run_id: request.run_id,
-                state: ActionState::Refused,
-                exit_code: None,
-                output: refused.to_string(),
-            };
+            let update = refused.update(request.run_id);
             tokio::spawn(async move { queue_final(&shared, update).await });
             return;
         }
     };
-    tracing::info!(action = %request.action, run = %request.run_id, "running an allow-listed action");
-    let local = agent
-        .config
-        .actions
-        .get(&request.action)
-        .map_or(request.timeout_secs, |a| a.timeout_secs);
-    let timeout = Duration::from_secs(u64::from(request.timeout_secs.min(local).max(1)));
+    tracing::info!(action = %request.action, run = %request.run_id, timeout_secs, "running an allow-listed action");
+    let timeout = Duration::from_secs(u64::from(timeout_secs));
     let (stop, cancel) = tokio::sync::oneshot::channel();
     agent.running.retain(|_, s| !s.is_closed());
     agent.running.insert(request.run_id.clone(), stop);

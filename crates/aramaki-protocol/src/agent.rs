@@ -503,6 +503,15 @@ pub struct ActionUpdate {
     /// For `output`: the next chunk; for a final state: a message.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub output: String,
+    /// For `refused`: why, as a code (`replayed`, `bad_signature`,
+    /// `not_allowed`, …), so that the server can tell a refusal of the
+    /// request it sent from one of a replayed or forged copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// For `started`: the timeout the agent applies, in seconds (the
+    /// request's, capped by the agent's local configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
