@@ -95,6 +95,10 @@ pub struct ParamSpec {
     pub default: Option<String>,
     #[serde(default)]
     pub description: String,
+    /// Accept values that begin with `-` (refused otherwise: the command
+    /// could read them as options). Agents apply their own rule too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_leading_dash: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -219,6 +223,17 @@ impl ActionSpec {
                     )
                 })?;
             }
+            if let Some(v) = p.values.iter().find(|v| v.starts_with('-')) {
+                if !p.allow_leading_dash {
+                    return Err(Invalid::new(
+                        "params",
+                        format!(
+                            "parameter '{}': value '{v}' begins with '-'; set allow_leading_dash to allow it",
+                            p.name
+                        ),
+                    ));
+                }
+            }
             match p.kind {
                 ParamType::Enum if p.values.is_empty() => {
                     return Err(Invalid::new(
@@ -319,9 +334,15 @@ impl ActionSpec {
 
 impl ParamSpec {
     fn check(&self, v: &str) -> Result<(), String> {
+        if v.starts_with('-') && !self.allow_leading_dash {
+            return Err(
+                "must not begin with '-' (a command could read it as an option); the parameter needs allow_leading_dash to take such values"
+                    .into(),
+            );
+        }
         match self.kind {
             ParamType::String => {
-                if v.len() > self.max_len {
+                if v.chars().count() > self.max_len {
                     return Err(format!("must be at most {} characters", self.max_len));
                 }
                 if v.chars().any(char::is_control) {
@@ -405,6 +426,80 @@ mod tests {
                 field,
                 "{given:?}"
             );
+        }
+    }
+
+    #[test]
+    fn values_beginning_with_a_dash_need_an_explicit_opt_in() {
+        let du: ActionSpec = serde_json::from_value(json!({
+            "name": "disk-usage", "title": "Disk usage",
+            "params": [{"name": "path", "type": "string"}, {"name": "delta", "type": "integer"}]
+        }))
+        .unwrap();
+        du.validate().unwrap();
+        for given in [
+            json!({"path": "--files0-from=/etc/shadow"}),
+            json!({"path": "-"}),
+            json!({"delta": -5}),
+        ] {
+            let given: BTreeMap<String, serde_json::Value> = serde_json::from_value(given).unwrap();
+            let refused = du.check_params(&given).unwrap_err();
+            assert!(
+                refused.field.starts_with("params.") && refused.message.contains("'-'"),
+                "{given:?}: {refused:?}"
+            );
+        }
+        let mut opted = du.clone();
+        opted.params[1].allow_leading_dash = true;
+        let ok = opted
+            .check_params(&BTreeMap::from([("delta".into(), json!(-5))]))
+            .unwrap();
+        assert_eq!(ok["delta"], "-5");
+        let mut bad_enum = du.clone();
+        bad_enum.params[0].kind = ParamType::Enum;
+        bad_enum.params[0].values = vec!["-rf".into()];
+        assert!(bad_enum
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("allow_leading_dash"));
+    }
+
+    #[test]
+    fn lengths_are_counted_in_characters() {
+        let spec: ActionSpec = serde_json::from_value(json!({
+            "name": "greet", "title": "Greet",
+            "params": [{"name": "who", "type": "string", "max_len": 4}]
+        }))
+        .unwrap();
+        let given = |v: &str| BTreeMap::from([("who".to_owned(), json!(v))]);
+        assert!(
+            spec.check_params(&given("ÄÖÜß")).is_ok(),
+            "four characters, eight bytes"
+        );
+        let refused = spec.check_params(&given("ÄÖÜßa")).unwrap_err();
+        assert_eq!(refused.message, "must be at most 4 characters");
+    }
+
+    /// README's flush-cache definition, as written, refuses a dashed path.
+    #[test]
+    fn the_readme_flush_cache_definition_is_safe() {
+        let readme = include_str!("../../../../README.md");
+        let block = readme
+            .split("```json\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains("\"flush-cache\""))
+            .expect("README defines flush-cache");
+        let spec: ActionSpec = serde_json::from_str(block).unwrap();
+        spec.validate().unwrap();
+        let given = |v: &str| BTreeMap::from([("path".to_owned(), json!(v))]);
+        assert_eq!(
+            spec.check_params(&given("/product")).unwrap()["path"],
+            "/product"
+        );
+        for bad in ["-S/etc/shadow", "--help", "/a b", "product"] {
+            assert!(spec.check_params(&given(bad)).is_err(), "{bad}");
         }
     }
 

@@ -522,6 +522,9 @@ struct TargetView {
     output: String,
     /// "first N of M bytes" when the output was cut.
     cut: Option<String>,
+    /// The timeout the agent applies, when it differs from the run's
+    /// ("timeout 60 s (this agent's cap)").
+    timeout: Option<String>,
 }
 
 /// One distinct answer of a read-only run and the agents that gave it.
@@ -568,6 +571,10 @@ struct RunPage {
     params: Vec<String>,
     override_reason: Option<String>,
     state: String,
+    /// "600 s" (the action's; agents may cap it).
+    timeout: Option<String>,
+    /// Who asked to cancel it.
+    cancelled_by: Option<String>,
     targets: Vec<TargetView>,
     /// Grouped outputs of a finished read-only run on several targets.
     answers: Vec<Answer>,
@@ -623,11 +630,21 @@ async fn run_page(
         params: param_list(&run.params),
         override_reason: run.override_reason,
         state: run.state,
+        timeout: run.timeout_secs.map(|t| format!("{t} s")),
+        cancelled_by: run.cancelled_by.map(|a| a.name),
         targets: run
             .targets
             .into_iter()
             .enumerate()
             .map(|(i, t)| TargetView {
+                timeout: t.timeout_secs.map(|applied| match run.timeout_secs {
+                    Some(asked) if applied < asked => {
+                        format!(
+                            "timeout {applied} s (this agent's cap; the action allows {asked} s)"
+                        )
+                    }
+                    _ => format!("timeout {applied} s"),
+                }),
                 pre: pre_id(i),
                 cut: (t.output_size > t.output.len() as i64)
                     .then(|| format!("first {} of {} bytes", t.output.len(), t.output_size)),
@@ -806,6 +823,11 @@ async fn cancel_run(
     };
     match runs::cancel(&ctx, &access, &id).await {
         Ok(run) => go_to(&headers, &run_url(&run.id)),
+        // It ended meanwhile: the run page says how.
+        Err(ActionError::Refused {
+            code: "not_running",
+            ..
+        }) => go_to(&headers, &run_url(&id)),
         Err(ActionError::Refused { message, .. }) => forbidden(&session, &message),
         Err(ActionError::UnknownRun(_)) => not_found(&session, &format!("run '{id}'")),
         Err(e) => page_error(&e),

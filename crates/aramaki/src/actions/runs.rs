@@ -42,6 +42,13 @@ pub struct Run {
     pub started_at: Timestamp,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<Timestamp>,
+    /// The timeout the run asked for (seconds; each agent caps it by its
+    /// own configuration: see each target's `timeout_secs`).
+    pub timeout_secs: Option<u32>,
+    /// Who asked to cancel it, if anyone.
+    pub cancelled_by: Option<Actor>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub cancelled_at: Option<Timestamp>,
     pub targets: Vec<RunTarget>,
     /// Identical answers grouped (JSON compared canonically when every
     /// output is JSON, else trimmed text): discovery across many targets.
@@ -102,6 +109,9 @@ pub struct RunTarget {
     pub message: String,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<Timestamp>,
+    /// The timeout the agent applies (seconds): the run's, capped by the
+    /// agent's local configuration; reported when it starts.
+    pub timeout_secs: Option<u32>,
 }
 
 /// The body of a run request.
@@ -130,6 +140,37 @@ fn state_name(s: ActionState) -> &'static str {
     }
 }
 
+/// Records a refusal on the action's system, inside `tx`.
+async fn record_refusal(
+    ctx: &Context,
+    tx: &mut Tx,
+    actor: &Actor,
+    action: &Action,
+    code: &'static str,
+    message: &str,
+    details: &serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    let mut event = NewEvent::internal(
+        "action.refused",
+        Severity::Warning,
+        format!("Refused to run '{}': {message}", action.spec.name),
+        serde_json::json!({"action": action.spec.name, "code": code, "details": details}),
+    );
+    event.title = event.title.chars().take(500).collect();
+    timeline::append(
+        ctx,
+        tx,
+        actor,
+        Target {
+            id: &action.system_id,
+            slug: &action.system,
+        },
+        event,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Refuses and records the refusal on the system's timeline.
 async fn refuse(
     ctx: &Context,
@@ -141,24 +182,7 @@ async fn refuse(
 ) -> ActionError {
     let recorded = async {
         let mut tx = ctx.db.begin_recording().await?;
-        let mut event = NewEvent::internal(
-            "action.refused",
-            Severity::Warning,
-            format!("Refused to run '{}': {message}", action.spec.name),
-            serde_json::json!({"action": action.spec.name, "code": code, "details": details}),
-        );
-        event.title = event.title.chars().take(500).collect();
-        timeline::append(
-            ctx,
-            &mut tx,
-            actor,
-            Target {
-                id: &action.system_id,
-                slug: &action.system,
-            },
-            event,
-        )
-        .await?;
+        record_refusal(ctx, &mut tx, actor, action, code, &message, &details).await?;
         ctx.commit(tx).await
     };
     if let Err(e) = recorded.await {
@@ -169,6 +193,89 @@ async fn refuse(
         message,
         details,
     }
+}
+
+/// Why the guard refuses a run.
+struct Guarded {
+    code: &'static str,
+    message: String,
+    details: serde_json::Value,
+    /// Worth a timeline entry (busy); a question to the caller is not.
+    record: bool,
+}
+
+/// The concurrency and confirmation rules, decided inside the transaction
+/// that records the run. That transaction first takes the timeline lock
+/// (PostgreSQL: an advisory lock every recording transaction takes first)
+/// and then writes the action's row, which makes SQLite take its write
+/// lock and PostgreSQL a row lock: two starts of the same action are
+/// serialised even across server processes, and each reads what the other
+/// committed (READ COMMITTED reads per statement, after the lock).
+async fn guard(
+    tx: &mut Tx,
+    action: &Action,
+    agent_ids: &[&str],
+    confirmed: bool,
+    now: Timestamp,
+) -> Result<Option<Guarded>, sqlx::Error> {
+    sqlx::query("UPDATE actions SET updated_at = updated_at WHERE id = $1")
+        .bind(action.id.as_str())
+        .execute(&mut **tx)
+        .await?;
+    let live = store::live_runs(tx, &action.id).await?;
+    let limit = action.spec.concurrency as usize;
+    for agent in agent_ids {
+        let on_agent: Vec<&Run> = live
+            .iter()
+            .filter(|r| {
+                r.targets
+                    .iter()
+                    .any(|t| t.agent_id == *agent && matches!(t.state.as_str(), "sent" | "running"))
+            })
+            .collect();
+        if on_agent.len() >= limit {
+            if let Some(busy) = on_agent.first() {
+                let message = format!(
+                    "'{}' is already running on these targets ({} at once allowed): started by {} at {}",
+                    action.spec.name, limit, busy.actor.name, busy.started_at
+                );
+                let details = serde_json::json!({"run": busy.id, "by": busy.actor.name, "since": busy.started_at.to_string(), "concurrency": limit});
+                return Ok(Some(Guarded {
+                    code: "busy",
+                    message,
+                    details,
+                    record: true,
+                }));
+            }
+        }
+    }
+    // Read-only actions change nothing: asking again would only slow discovery.
+    let confirm_rule = action
+        .spec
+        .confirm_within_minutes
+        .filter(|_| !action.spec.read_only);
+    if let (Some(minutes), false) = (confirm_rule, confirmed) {
+        let since = now
+            .checked_sub(jiff::SignedDuration::from_mins(i64::from(minutes)))
+            .unwrap_or(now);
+        let recent = store::runs_since(tx, &action.id, to_micros(since)).await?;
+        if let Some(last) = recent.iter().find(|r| {
+            r.targets
+                .iter()
+                .any(|t| agent_ids.contains(&t.agent_id.as_str()))
+        }) {
+            return Ok(Some(Guarded {
+                code: "confirm",
+                message: format!(
+                    "'{}' ran on these targets at {} by {} ({}); confirm to run it again",
+                    action.spec.name, last.started_at, last.actor.name, last.state
+                ),
+                details: serde_json::json!({"run": last.id, "by": last.actor.name, "at": last.started_at.to_string(), "state": last.state}),
+                record: false,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// The agents an action targets.
@@ -273,55 +380,6 @@ pub async fn start(
         )
         .await);
     }
-    let mut conn = ctx.db.reader().acquire().await?;
-    let recent = store::runs_of(&mut conn, &action.id, 50).await?;
-    drop(conn);
-    let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
-    let on_targets = |r: &&Run| r.targets.iter().any(|t| ids.contains(&t.agent_id.as_str()));
-    let running: Vec<&Run> = recent
-        .iter()
-        .filter(on_targets)
-        .filter(|r| {
-            r.targets
-                .iter()
-                .any(|t| matches!(t.state.as_str(), "sent" | "running"))
-        })
-        .collect();
-    if running.len() >= action.spec.concurrency as usize {
-        if let Some(busy) = running.first() {
-            let message = format!(
-                "'{}' is already running on these targets: started by {} at {}",
-                action.spec.name, busy.actor.name, busy.started_at
-            );
-            let details = serde_json::json!({"run": busy.id, "by": busy.actor.name, "since": busy.started_at.to_string()});
-            return Err(refuse(ctx, &actor, action, "busy", message, details).await);
-        }
-    }
-    // Read-only actions change nothing: asking again would only slow discovery.
-    let confirm_rule = action
-        .spec
-        .confirm_within_minutes
-        .filter(|_| !action.spec.read_only);
-    if let (Some(minutes), false) = (confirm_rule, req.confirm) {
-        let since = now
-            .checked_sub(jiff::SignedDuration::from_mins(i64::from(minutes)))
-            .unwrap_or(now);
-        if let Some(last) = recent
-            .iter()
-            .filter(on_targets)
-            .find(|r| r.started_at >= since)
-        {
-            // Not a refusal worth a timeline entry: the caller is asked.
-            return Err(ActionError::Refused {
-                code: "confirm",
-                message: format!(
-                    "'{}' ran on these targets at {} by {} ({}); confirm to run it again",
-                    action.spec.name, last.started_at, last.actor.name, last.state
-                ),
-                details: serde_json::json!({"run": last.id, "by": last.actor.name, "at": last.started_at.to_string(), "state": last.state}),
-            });
-        }
-    }
     let run_id = new_id().to_string();
     let mut run = Run {
         id: run_id.clone(),
@@ -333,6 +391,9 @@ pub async fn start(
         state: "running".into(),
         started_at: now,
         finished_at: None,
+        timeout_secs: Some(action.spec.timeout),
+        cancelled_by: None,
+        cancelled_at: None,
         answers: Vec::new(),
         targets: agents
             .iter()
@@ -351,11 +412,24 @@ pub async fn start(
                         "the agent is not connected".into()
                     },
                     finished_at: None,
+                    timeout_secs: None,
                 }
             })
             .collect(),
     };
     let mut tx = ctx.db.begin_recording().await?;
+    let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+    if let Some(g) = guard(&mut tx, action, &ids, req.confirm, now).await? {
+        if g.record {
+            record_refusal(ctx, &mut tx, &actor, action, g.code, &g.message, &g.details).await?;
+            ctx.commit(tx).await?;
+        }
+        return Err(ActionError::Refused {
+            code: g.code,
+            message: g.message,
+            details: g.details,
+        });
+    }
     store::insert_run(&mut tx, &run, &action.id, &action.system_id).await?;
     let names: Vec<&str> = run.targets.iter().map(|t| t.agent.as_str()).collect();
     let (severity, title) = match &override_reason {
@@ -416,7 +490,7 @@ fn dispatch(ctx: &Context, action: &Action, run: &Run, params: &BTreeMap<String,
             action: action.spec.name.clone(),
             params: params.clone(),
             expires_at,
-            timeout_secs: action.spec.timeout,
+            timeout_secs: run.timeout_secs.unwrap_or(action.spec.timeout),
         };
         let signature = hex(&ctx.identity.sign(&action_transcript(&request)).to_bytes());
         ctx.agents.send(
@@ -435,9 +509,10 @@ pub async fn progress(
     let mut tx = ctx.db.begin().await?;
     match update.state {
         ActionState::Started => {
-            sqlx::query("UPDATE action_run_targets SET state = 'running' WHERE run_id = $1 AND agent_id = $2 AND state = 'sent'")
+            sqlx::query("UPDATE action_run_targets SET state = 'running', timeout_secs = $3 WHERE run_id = $1 AND agent_id = $2 AND state = 'sent'")
                 .bind(update.run_id.as_str())
                 .bind(agent.id.as_str())
+                .bind(update.timeout_secs.map(i64::from))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -483,6 +558,19 @@ async fn append_output(
     Ok(())
 }
 
+/// Refusals an agent makes of a request the server signed for it and it
+/// had not seen: the run's genuine outcome on that agent. Any other
+/// refusal (a replay, a forgery, another audience, or one without a code)
+/// is a security event and changes no run.
+const OWN_REQUEST_REFUSALS: [&str; 6] = [
+    "not_allowed",
+    "unknown_param",
+    "missing_param",
+    "leading_dash",
+    "value_not_allowed",
+    "expired",
+];
+
 /// The final outcome of a target, committed by the results writer with the
 /// rest of the agent's records. Returns true if it wrote a timeline event.
 pub async fn finish(
@@ -491,37 +579,21 @@ pub async fn finish(
     agent: &AgentRef,
     update: &ActionUpdate,
 ) -> Result<bool, sqlx::Error> {
-    let Some(current) = store::target_state(tx, &update.run_id, &agent.id).await? else {
-        if update.state != ActionState::Refused {
-            tracing::warn!(agent = %agent.name, run = %update.run_id, "an outcome for an unknown run");
-            return Ok(false);
+    let current = store::target_state(tx, &update.run_id, &agent.id).await?;
+    if update.state == ActionState::Refused {
+        let own = current.as_deref() == Some("sent")
+            && update
+                .refusal
+                .as_deref()
+                .is_some_and(|code| OWN_REQUEST_REFUSALS.contains(&code));
+        if !own {
+            record_refused_request(ctx, tx, agent, update).await?;
+            return Ok(true);
         }
-        // A request this server did not make for this agent (forged,
-        // replayed, misaddressed): worth a loud record.
-        let event = NewEvent::internal(
-            "action.refused",
-            Severity::Warning,
-            format!(
-                "Agent '{}' refused an action request: {}",
-                agent.name, update.output
-            )
-            .chars()
-            .take(500)
-            .collect(),
-            serde_json::json!({"run": update.run_id, "agent": agent.name, "reason": update.output}),
-        );
-        timeline::append(
-            ctx,
-            tx,
-            &Actor::agent(&agent.id, &agent.name),
-            Target {
-                id: &agent.system_id,
-                slug: &agent.system,
-            },
-            event,
-        )
-        .await?;
-        return Ok(true);
+    }
+    let Some(current) = current else {
+        tracing::warn!(agent = %agent.name, run = %update.run_id, "an outcome for an unknown run");
+        return Ok(false);
     };
     if !matches!(current.as_str(), "sent" | "running") {
         return Ok(false);
@@ -554,7 +626,7 @@ pub async fn finish(
                 .chars()
                 .take(500)
                 .collect(),
-                serde_json::json!({"action": run.action, "run": run.id, "agent": agent.name, "reason": update.output}),
+                serde_json::json!({"action": run.action, "run": run.id, "agent": agent.name, "reason": update.output, "refusal": update.refusal}),
             );
             timeline::append(
                 ctx,
@@ -570,6 +642,59 @@ pub async fn finish(
         }
     }
     run_finished(ctx, tx, &update.run_id).await
+}
+
+/// An agent refused a request this server did not send it as such: a
+/// replayed or tampered copy of a known run's request, one for another
+/// agent, or one for a run this server never made. Recorded loudly on the
+/// agent's system (which rolls up into the run's); no run changes, so a
+/// live run stays running and cancellable.
+async fn record_refused_request(
+    ctx: &Context,
+    tx: &mut Tx,
+    agent: &AgentRef,
+    update: &ActionUpdate,
+) -> Result<(), sqlx::Error> {
+    let run = store::run(tx, &update.run_id).await?;
+    let title = match &run {
+        Some(run) => format!(
+            "Security: agent '{}' refused a replayed or altered request for run {} of '{}' ({}): {}",
+            agent.name, run.id, run.action, run.state, update.output
+        ),
+        None => format!(
+            "Security: agent '{}' refused an action request this server did not make: {}",
+            agent.name, update.output
+        ),
+    };
+    let event = NewEvent::internal(
+        "action.refused",
+        Severity::Warning,
+        title.chars().take(500).collect(),
+        serde_json::json!({
+            "security": true,
+            "run": update.run_id,
+            "known_run": run.is_some(),
+            "action": run.as_ref().map(|r| r.action.clone()),
+            "run_state": run.as_ref().map(|r| r.state.clone()),
+            "agent": agent.name,
+            "agent_id": agent.id,
+            "reason": update.output.chars().take(2000).collect::<String>(),
+            "refusal": update.refusal,
+        }),
+    );
+    timeline::append(
+        ctx,
+        tx,
+        &Actor::agent(&agent.id, &agent.name),
+        Target {
+            id: &agent.system_id,
+            slug: &agent.system,
+        },
+        event,
+    )
+    .await?;
+    tracing::warn!(agent = %agent.name, run = %update.run_id, refusal = ?update.refusal, "an agent refused a request this server did not send it as such");
+    Ok(())
 }
 
 /// Closes the run once every target is done; records the outcome.
@@ -635,14 +760,19 @@ async fn run_finished(ctx: &Context, tx: &mut Tx, run_id: &str) -> Result<bool, 
     } else {
         Severity::Warning
     };
+    let by = run
+        .cancelled_by
+        .as_ref()
+        .map(|c| format!(" (cancel asked by {})", c.name))
+        .unwrap_or_default();
     let mut event = NewEvent::internal(
         "action.finished",
         severity,
-        format!("'{}' {state}: {}", run.action, per_target.join(", "))
+        format!("'{}' {state}{by}: {}", run.action, per_target.join(", "))
             .chars()
             .take(500)
             .collect(),
-        serde_json::json!({"action": run.action, "run": run.id, "state": state, "targets": run.targets.iter().map(|t| serde_json::json!({"agent": t.agent, "state": t.state, "exit_code": t.exit_code, "output_size": t.output_size})).collect::<Vec<_>>()}),
+        serde_json::json!({"action": run.action, "run": run.id, "state": state, "cancelled_by": run.cancelled_by, "timeout_secs": run.timeout_secs, "targets": run.targets.iter().map(|t| serde_json::json!({"agent": t.agent, "state": t.state, "exit_code": t.exit_code, "output_size": t.output_size, "timeout_secs": t.timeout_secs})).collect::<Vec<_>>()}),
     );
     event.body = body.chars().take(60_000).collect();
     let (sid, slug) = crate::agents::store::system_by_slug(tx, &run.system)
@@ -684,11 +814,64 @@ pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run,
             details: serde_json::json!({}),
         });
     }
-    for t in run
+    drop(conn);
+    let live: Vec<&RunTarget> = run
         .targets
         .iter()
         .filter(|t| matches!(t.state.as_str(), "sent" | "running"))
-    {
+        .collect();
+    if run.state != "running" || live.is_empty() {
+        return Err(ActionError::Refused {
+            code: "not_running",
+            message: format!("run {run_id} is not running ({})", run.state),
+            details: serde_json::json!({"state": run.state}),
+        });
+    }
+    // The first canceller is recorded on the run and on the timeline; a
+    // second request only asks the agents again.
+    let actor = access.actor();
+    let now = ctx.now();
+    let mut tx = ctx.db.begin_recording().await?;
+    let marked = sqlx::query(
+        "UPDATE action_runs SET cancelled_by = $2, cancelled_at = $3 WHERE id = $1 AND state = 'running' AND cancelled_by IS NULL",
+    )
+    .bind(run.id.as_str())
+    .bind(serde_json::to_string(&actor).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
+    .bind(to_micros(now))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if marked == 1 {
+        let agents: Vec<&str> = live.iter().map(|t| t.agent.as_str()).collect();
+        let event = NewEvent::internal(
+            "action.cancelled",
+            Severity::Warning,
+            format!(
+                "{} cancelled '{}' (run by {}) on {}",
+                actor.name,
+                run.action,
+                run.actor.name,
+                agents.join(", ")
+            )
+            .chars()
+            .take(500)
+            .collect(),
+            serde_json::json!({"action": run.action, "run": run.id, "cancelled_by": actor, "started_by": run.actor, "targets": agents}),
+        );
+        timeline::append(
+            ctx,
+            &mut tx,
+            &actor,
+            Target {
+                id: &system_id,
+                slug: &run.system,
+            },
+            event,
+        )
+        .await?;
+    }
+    ctx.commit(tx).await?;
+    for t in &live {
         ctx.agents.send(
             &t.agent_id,
             ServerMessage::Cancel {
@@ -696,7 +879,10 @@ pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run,
             },
         );
     }
-    Ok(run)
+    let mut conn = ctx.db.reader().acquire().await?;
+    store::run(&mut conn, run_id)
+        .await?
+        .ok_or_else(|| ActionError::UnknownRun(run_id.to_owned()))
 }
 
 /// Marks targets that never reported back as `lost` once their request
@@ -757,6 +943,7 @@ mod tests {
                 output_size: output.len() as i64,
                 message: String::new(),
                 finished_at: None,
+                timeout_secs: None,
             })
             .collect()
     }

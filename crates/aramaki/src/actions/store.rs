@@ -137,8 +137,8 @@ pub async fn insert_run(
     let params =
         serde_json::to_string(&run.params).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
-        "INSERT INTO action_runs (id, action_id, system_id, actor, params, override_reason, state, started_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO action_runs (id, action_id, system_id, actor, params, override_reason, state, started_at, timeout_secs) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(run.id.as_str())
     .bind(action_id)
@@ -148,6 +148,7 @@ pub async fn insert_run(
     .bind(run.override_reason.as_deref())
     .bind(run.state.as_str())
     .bind(crate::db::to_micros(run.started_at))
+    .bind(run.timeout_secs.map(i64::from))
     .execute(&mut **tx)
     .await?;
     for t in &run.targets {
@@ -175,19 +176,31 @@ fn run_from(r: &AnyRow, targets: Vec<RunTarget>) -> Result<Run, sqlx::Error> {
         state: r.try_get("state")?,
         started_at: from_micros(r.try_get("started_at")?),
         finished_at: r.try_get::<Option<i64>, _>("finished_at")?.map(from_micros),
+        timeout_secs: seconds(r.try_get("timeout_secs")?),
+        cancelled_by: r
+            .try_get::<Option<String>, _>("cancelled_by")?
+            .and_then(|a| serde_json::from_str(&a).ok()),
+        cancelled_at: r
+            .try_get::<Option<i64>, _>("cancelled_at")?
+            .map(from_micros),
         answers: super::runs::group_answers(&targets),
         targets,
     })
 }
 
-const RUN_COLUMNS: &str = "r.id, a.name, s.slug, r.actor, r.params, r.override_reason, r.state, r.started_at, r.finished_at";
+/// A stored number of seconds (NULL or out of range: unknown).
+fn seconds(v: Option<i64>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
+}
+
+const RUN_COLUMNS: &str = "r.id, a.name, s.slug, r.actor, r.params, r.override_reason, r.state, r.started_at, r.finished_at, r.timeout_secs, r.cancelled_by, r.cancelled_at";
 
 pub async fn targets(
     conn: &mut AnyConnection,
     run_id: &str,
 ) -> Result<Vec<RunTarget>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT t.agent_id, g.name, t.state, t.exit_code, t.output, t.output_size, t.message, t.finished_at \
+        "SELECT t.agent_id, g.name, t.state, t.exit_code, t.output, t.output_size, t.message, t.finished_at, t.timeout_secs \
          FROM action_run_targets t JOIN agents g ON g.id = t.agent_id WHERE t.run_id = $1 ORDER BY g.name",
     )
     .bind(run_id)
@@ -204,6 +217,7 @@ pub async fn targets(
                 output_size: r.try_get("output_size")?,
                 message: r.try_get("message")?,
                 finished_at: r.try_get::<Option<i64>, _>("finished_at")?.map(from_micros),
+                timeout_secs: seconds(r.try_get("timeout_secs")?),
             })
         })
         .collect()
@@ -239,6 +253,55 @@ pub async fn runs_of(
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: String = row.try_get("id")?;
+        let targets = targets(conn, &id).await?;
+        out.push(run_from(row, targets)?);
+    }
+    Ok(out)
+}
+
+/// Runs of an action with a target still sent or running, oldest first.
+pub async fn live_runs(conn: &mut AnyConnection, action_id: &str) -> Result<Vec<Run>, sqlx::Error> {
+    runs_where(
+        conn,
+        "r.action_id = $1 AND EXISTS (SELECT 1 FROM action_run_targets t WHERE t.run_id = r.id AND t.state IN ('sent', 'running')) ORDER BY r.started_at",
+        action_id,
+        None,
+    )
+    .await
+}
+
+/// Runs of an action started at or after `since` (µs), newest first.
+pub async fn runs_since(
+    conn: &mut AnyConnection,
+    action_id: &str,
+    since: i64,
+) -> Result<Vec<Run>, sqlx::Error> {
+    runs_where(
+        conn,
+        "r.action_id = $1 AND r.started_at >= $2 ORDER BY r.started_at DESC",
+        action_id,
+        Some(since),
+    )
+    .await
+}
+
+async fn runs_where(
+    conn: &mut AnyConnection,
+    condition: &str,
+    action_id: &str,
+    since: Option<i64>,
+) -> Result<Vec<Run>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM action_runs r JOIN actions a ON a.id = r.action_id JOIN systems s ON s.id = r.system_id WHERE {condition}"
+    );
+    let mut query = sqlx::query(&sql).bind(action_id);
+    if let Some(since) = since {
+        query = query.bind(since);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let id: String = row.try_get("id")?;

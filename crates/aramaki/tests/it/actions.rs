@@ -2,13 +2,16 @@
 //! definitions, targets, requests as agents receive them, lost targets.
 
 use aramaki::monitoring::watch::sweep;
-use aramaki_protocol::agent::{action_transcript, ServerMessage};
+use aramaki_protocol::agent::{
+    action_transcript, ActionState, ActionUpdate, AgentMessage, Record, RecordBody, ServerMessage,
+};
 use aramaki_protocol::keys::unhex_array;
 use ed25519_dalek::{Signature, Verifier};
 use jiff::SignedDuration;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
+use crate::agent_e2e::eventually;
 use crate::both;
 use crate::monitoring::{enrolled, SimAgent};
 
@@ -167,5 +170,443 @@ both!(
             )
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "no longer busy: {v}");
+    }
+);
+
+/// Sends `body` to the runs endpoint `n` times at once (real concurrent
+/// HTTP requests); returns the answers.
+async fn run_at_once(
+    app: &crate::support::TestApp,
+    path: &str,
+    body: serde_json::Value,
+    n: usize,
+) -> Vec<(StatusCode, serde_json::Value)> {
+    futures_util::future::join_all((0..n).map(|_| app.call(Method::POST, path, Some(body.clone()))))
+        .await
+}
+
+async fn count_runs(app: &crate::support::TestApp) -> i64 {
+    use sqlx::Row;
+    sqlx::query("SELECT COUNT(*) FROM action_runs")
+        .fetch_one(app.ctx.db.reader())
+        .await
+        .unwrap()
+        .get(0)
+}
+
+both!(
+    simultaneous_run_requests_start_no_more_than_the_rules_allow,
+    |app| async move {
+        let (id, k) = enrolled(&app, "edge-4", 94).await;
+        let _agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        let (status, v) = app
+            .post(
+                "/api/v1/systems/edge-4-host/actions",
+                json!({"name": "once", "title": "One at a time", "confirm_within_minutes": null}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let answers = run_at_once(
+            &app,
+            "/api/v1/systems/edge-4-host/actions/once/runs",
+            json!({}),
+            4,
+        )
+        .await;
+        let started = answers
+            .iter()
+            .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+            .count();
+        assert_eq!(started, 1, "exactly one starts: {answers:?}");
+        for (status, v) in answers.iter().filter(|(s, _)| *s != StatusCode::ACCEPTED) {
+            assert_eq!(*status, StatusCode::CONFLICT, "{v}");
+            assert_eq!(v["code"], "busy", "{v}");
+            assert!(
+                v["detail"].as_str().unwrap().contains("already running"),
+                "{v}"
+            );
+        }
+        assert_eq!(count_runs(&app).await, 1);
+
+        // Two at once allowed, but a recent run asks for confirmation: of
+        // four unconfirmed requests one starts, three are asked.
+        let (status, v) = app
+            .post("/api/v1/systems/edge-4-host/actions", json!({"name": "twice", "title": "Two at a time", "concurrency": 2, "confirm_within_minutes": 30}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let path = "/api/v1/systems/edge-4-host/actions/twice/runs";
+        let answers = run_at_once(&app, path, json!({}), 4).await;
+        let codes: Vec<&str> = answers
+            .iter()
+            .map(|(s, v)| {
+                if *s == StatusCode::ACCEPTED {
+                    "started"
+                } else {
+                    v["code"].as_str().unwrap_or("?")
+                }
+            })
+            .collect();
+        assert_eq!(
+            codes.iter().filter(|c| **c == "started").count(),
+            1,
+            "{answers:?}"
+        );
+        assert_eq!(
+            codes.iter().filter(|c| **c == "confirm").count(),
+            3,
+            "{answers:?}"
+        );
+        // Confirmed: only one more fits beside the running one.
+        let answers = run_at_once(&app, path, json!({"confirm": true}), 4).await;
+        let started = answers
+            .iter()
+            .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+            .count();
+        assert_eq!(started, 1, "{answers:?}");
+        assert!(
+            answers
+                .iter()
+                .filter(|(s, _)| *s != StatusCode::ACCEPTED)
+                .all(|(_, v)| v["code"] == "busy"),
+            "{answers:?}"
+        );
+        assert_eq!(count_runs(&app).await, 3);
+        // Every busy refusal is on the record.
+        let refused = app
+            .get("/api/v1/systems/edge-4-host/timeline?kind=action.refused&limit=100")
+            .await;
+        let busy = refused["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"]["code"] == "busy")
+            .count();
+        assert_eq!(busy, 6);
+    }
+);
+
+/// Sends a live update over the agent's session.
+async fn live(agent: &mut SimAgent, update: ActionUpdate) {
+    use futures_util::SinkExt;
+    let text = serde_json::to_string(&AgentMessage::ActionUpdate(update)).unwrap();
+    agent
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+        .await
+        .unwrap();
+}
+
+fn update(run_id: &str, state: ActionState, output: &str) -> ActionUpdate {
+    ActionUpdate {
+        run_id: run_id.into(),
+        state,
+        exit_code: None,
+        output: output.into(),
+        refusal: None,
+        timeout_secs: None,
+    }
+}
+
+fn refusal(run_id: &str, code: Option<&str>, output: &str) -> ActionUpdate {
+    ActionUpdate {
+        refusal: code.map(str::to_owned),
+        ..update(run_id, ActionState::Refused, output)
+    }
+}
+
+/// The next action request the agent receives.
+async fn next_request(agent: &mut SimAgent) -> aramaki_protocol::agent::SignedAction {
+    loop {
+        match agent.next().await {
+            ServerMessage::Action(signed) => return signed,
+            ServerMessage::Checks { .. } | ServerMessage::Heartbeat => {}
+            other => panic!("expected an action request, got {other:?}"),
+        }
+    }
+}
+
+async fn security_events(app: &crate::support::TestApp, system: &str) -> Vec<serde_json::Value> {
+    app.get(&format!(
+        "/api/v1/systems/{system}/timeline?kind=action.refused&limit=100"
+    ))
+    .await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["security"] == true)
+        .cloned()
+        .collect()
+}
+
+both!(
+    a_refused_replay_is_recorded_and_leaves_the_live_run_alone,
+    |app| async move {
+        let (id, k) = enrolled(&app, "edge-5", 95).await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        let (status, v) = app
+            .post("/api/v1/systems/edge-5-host/actions", json!({"name": "slow", "title": "Slow", "timeout": 600, "confirm_within_minutes": null}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let runs = "/api/v1/systems/edge-5-host/actions/slow/runs";
+        let (status, run) = app.call(Method::POST, runs, Some(json!({}))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        let run_id = run["id"].as_str().unwrap().to_owned();
+        assert_eq!(run["timeout_secs"], 600);
+        let signed = next_request(&mut agent).await;
+        assert_eq!(signed.request.timeout_secs, 600);
+        // The agent starts it, capped by its own configuration at 20 s.
+        live(
+            &mut agent,
+            ActionUpdate {
+                timeout_secs: Some(20),
+                ..update(&run_id, ActionState::Started, "")
+            },
+        )
+        .await;
+        let path = format!("/api/v1/actions/runs/{run_id}");
+        eventually("the run to be running on the agent", || async {
+            let v = app.get(&path).await;
+            (v["targets"][0]["state"] == "running").then_some(v)
+        })
+        .await;
+        let shown = app.get(&path).await;
+        assert_eq!(shown["targets"][0]["timeout_secs"], 20, "{shown}");
+
+        // A replayed copy reaches the agent, which refuses it.
+        agent
+            .send(vec![Record {
+                seq: 1,
+                body: RecordBody::Action(refusal(
+                    &run_id,
+                    Some("replayed"),
+                    &format!("run id {run_id} was seen before (replay)"),
+                )),
+            }])
+            .await;
+        let shown = app.get(&path).await;
+        assert_eq!(shown["state"], "running", "{shown}");
+        assert_eq!(shown["targets"][0]["state"], "running", "{shown}");
+        let events = security_events(&app, "edge-5-host").await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["data"]["agent"], "edge-5");
+        assert_eq!(events[0]["data"]["run"], run_id.as_str());
+        assert_eq!(events[0]["data"]["refusal"], "replayed");
+        assert!(events[0]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("replay"));
+        assert_eq!(events[0]["severity"], "warning");
+
+        // The guard still holds, and Cancel still reaches the agent.
+        let (status, busy) = app.call(Method::POST, runs, Some(json!({}))).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{busy}");
+        assert_eq!(busy["code"], "busy");
+        let operator = app.user("olga", aramaki::users::Role::Operator).await;
+        let (status, cancelled) = app
+            .call_as(
+                &operator,
+                Method::POST,
+                &format!("{path}/cancel"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{cancelled}");
+        assert_eq!(cancelled["cancelled_by"]["name"], "olga");
+        loop {
+            match agent.next().await {
+                ServerMessage::Cancel { run_id: r } => {
+                    assert_eq!(r, run_id);
+                    break;
+                }
+                ServerMessage::Checks { .. } | ServerMessage::Heartbeat => {}
+                other => panic!("expected the cancel, got {other:?}"),
+            }
+        }
+        agent
+            .send(vec![Record {
+                seq: 2,
+                body: RecordBody::Action(update(
+                    &run_id,
+                    ActionState::Cancelled,
+                    "cancelled; process group killed",
+                )),
+            }])
+            .await;
+        let shown = app.get(&path).await;
+        assert_eq!(shown["state"], "cancelled", "{shown}");
+        assert_eq!(shown["cancelled_by"]["name"], "olga");
+        let timeline = |kind: &'static str| {
+            let app = &app;
+            async move {
+                app.get(&format!("/api/v1/systems/edge-5-host/timeline?kind={kind}"))
+                    .await["items"][0]
+                    .clone()
+            }
+        };
+        let asked = timeline("action.cancelled").await;
+        assert_eq!(asked["actor"]["name"], "olga", "{asked}");
+        assert_eq!(asked["data"]["run"], run_id.as_str());
+        let finished = timeline("action.finished").await;
+        assert_eq!(
+            finished["data"]["cancelled_by"]["name"], "olga",
+            "{finished}"
+        );
+        assert!(
+            finished["title"].as_str().unwrap().contains("olga"),
+            "{finished}"
+        );
+        // Cancelling what no longer runs is refused, not recorded again.
+        let (status, v) = app
+            .call(Method::POST, &format!("{path}/cancel"), Some(json!({})))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{v}");
+        assert_eq!(v["code"], "not_running");
+    }
+);
+
+both!(
+    only_a_refusal_of_the_request_sent_closes_a_target,
+    |app| async move {
+        let (id, k) = enrolled(&app, "edge-6", 96).await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        app.post("/api/v1/systems/edge-6-host/actions", json!({"name": "job", "title": "Job", "confirm_within_minutes": null, "concurrency": 5}))
+            .await;
+        let runs = "/api/v1/systems/edge-6-host/actions/job/runs";
+        let (_, first) = app.call(Method::POST, runs, Some(json!({}))).await;
+        let first = first["id"].as_str().unwrap().to_owned();
+        next_request(&mut agent).await;
+        // Not yet started on the agent: a forged copy, one for another
+        // agent, and a refusal without a code change nothing.
+        agent
+            .send(vec![
+                Record {
+                    seq: 1,
+                    body: RecordBody::Action(refusal(
+                        &first,
+                        Some("bad_signature"),
+                        "the request's signature does not verify",
+                    )),
+                },
+                Record {
+                    seq: 2,
+                    body: RecordBody::Action(refusal(
+                        &first,
+                        Some("wrong_audience"),
+                        "the request is for agent x",
+                    )),
+                },
+                Record {
+                    seq: 3,
+                    body: RecordBody::Action(refusal(&first, None, "refused")),
+                },
+            ])
+            .await;
+        let path = format!("/api/v1/actions/runs/{first}");
+        let shown = app.get(&path).await;
+        assert_eq!(shown["state"], "running", "{shown}");
+        assert_eq!(shown["targets"][0]["state"], "sent", "{shown}");
+        assert_eq!(security_events(&app, "edge-6-host").await.len(), 3);
+        // The agent refusing the request it was sent is the run's outcome.
+        agent
+            .send(vec![Record {
+                seq: 4,
+                body: RecordBody::Action(refusal(
+                    &first,
+                    Some("not_allowed"),
+                    "action 'job' is not in this agent's allow-list",
+                )),
+            }])
+            .await;
+        let shown = app.get(&path).await;
+        assert_eq!(shown["state"], "failed", "{shown}");
+        assert_eq!(shown["targets"][0]["state"], "refused", "{shown}");
+        assert_eq!(security_events(&app, "edge-6-host").await.len(), 3);
+        // A refusal arriving for a finished run is on the record too.
+        agent
+            .send(vec![Record {
+                seq: 5,
+                body: RecordBody::Action(refusal(&first, Some("expired"), "the request expired")),
+            }])
+            .await;
+        assert_eq!(app.get(&path).await["targets"][0]["state"], "refused");
+        let events = security_events(&app, "edge-6-host").await;
+        assert_eq!(events.len(), 4);
+        assert_eq!(events[0]["data"]["run_state"], "failed", "{:?}", events[0]);
+    }
+);
+
+both!(
+    values_beginning_with_a_dash_are_refused_by_field,
+    |app| async move {
+        let (id, k) = enrolled(&app, "edge-7", 97).await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        let (status, v) = app
+            .post("/api/v1/systems/edge-7-host/actions", json!({"name": "du", "title": "Disk usage", "confirm_within_minutes": null, "concurrency": 10,
+                "params": [{"name": "path", "type": "string"}, {"name": "label", "type": "string", "max_len": 4},
+                           {"name": "flags", "type": "string", "allow_leading_dash": true}]}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let runs = "/api/v1/systems/edge-7-host/actions/du/runs";
+        let (status, v) = app
+            .call(
+                Method::POST,
+                runs,
+                Some(json!({"params": {"path": "--files0-from=/etc/shadow"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["code"], "invalid_params");
+        assert_eq!(v["field"], "params.path");
+        assert!(v["detail"].as_str().unwrap().contains("'-'"), "{v}");
+        // Lengths are characters, as the message says.
+        let (status, v) = app
+            .call(
+                Method::POST,
+                runs,
+                Some(json!({"params": {"path": "/srv", "label": "ÄÖÜß"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "four characters: {v}");
+        let (status, v) = app
+            .call(
+                Method::POST,
+                runs,
+                Some(json!({"params": {"path": "/srv", "label": "ÄÖÜßa"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap()
+                .contains("at most 4 characters"),
+            "{v}"
+        );
+        // An explicit opt-in lets a dash through to the agent.
+        let (status, v) = app
+            .call(
+                Method::POST,
+                runs,
+                Some(json!({"params": {"path": "/srv", "flags": "-x"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        next_request(&mut agent).await;
+        let signed = next_request(&mut agent).await;
+        assert_eq!(signed.request.params["flags"], "-x");
+        // An enum value or default that begins with '-' needs it too.
+        let (status, v) = app
+            .post(
+                "/api/v1/systems/edge-7-host/actions",
+                json!({"name": "rm", "title": "Remove",
+                "params": [{"name": "mode", "type": "enum", "values": ["-rf", "-i"]}]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["field"], "params");
+        assert!(
+            v["detail"].as_str().unwrap().contains("allow_leading_dash"),
+            "{v}"
+        );
     }
 );
