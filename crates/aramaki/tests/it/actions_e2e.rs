@@ -165,8 +165,9 @@ async fn flushing_a_real_varnish_fetches_the_object_again() {
     host.configure(&format!(
         r#"
 [actions.flush-cache]
-argv = ["/usr/bin/varnishadm", "-T", "127.0.0.1:{}", "-S", "{}", "ban", "req.url", "~", "{{path}}"]
+argv = ["/usr/bin/varnishadm", "-T", "127.0.0.1:{}", "-S", "{}", "--", "ban", "req.url", "~", "{{path}}"]
 params = ["path"]
+allow.path = {{ pattern = "/[A-Za-z0-9/._-]*" }}
 [actions.ban-list]
 argv = ["/usr/bin/varnishadm", "-T", "127.0.0.1:{}", "-S", "{}", "ban.list"]
 "#,
@@ -589,4 +590,134 @@ async fn read_only_discovery_groups_identical_answers() {
     // Read-only: running again needs no confirmation.
     let (status, _) = run(&app, &app.token, "dc-9", "lsblk", json!({})).await;
     assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_checks_values_itself_and_a_replay_leaves_the_run_alone() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.clock.set(jiff::Timestamp::now());
+    app.system("lab-box", "host", json!({})).await;
+    let host = AgentHost::new();
+    host.configure(
+        r#"
+[actions.show]
+argv = ["/bin/echo", "{a}", "{b}"]
+params = ["a", "b"]
+timeout_secs = 30
+[actions.dash]
+argv = ["/bin/echo", "{flag}"]
+params = ["flag"]
+[actions.slow]
+argv = ["/bin/sh", "-c", "sleep 30 & sleep 30"]
+"#,
+    );
+    let t = token(&app, "lab-box", json!({})).await;
+    assert_eq!(enroll(&app.base, &t, &host.state(), "lab-1").0, 0);
+    let _agent = host.run();
+    let agent_id = eventually("the agent to connect", || async {
+        let a = app.get("/api/v1/agents/lab-1").await;
+        (a["connected"] == true).then(|| a["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    for spec in [
+        json!({"name": "show", "title": "Show", "confirm_within_minutes": null, "timeout": 600,
+               "params": [{"name": "a", "type": "string"}, {"name": "b", "type": "string"}]}),
+        json!({"name": "dash", "title": "Dash", "confirm_within_minutes": null,
+               "params": [{"name": "flag", "type": "string", "allow_leading_dash": true}]}),
+        json!({"name": "slow", "title": "Slow", "confirm_within_minutes": null, "timeout": 60}),
+    ] {
+        let (status, body) = app.post("/api/v1/systems/lab-box/actions", spec).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let admin = app.token.clone();
+
+    // One pass: a value naming another placeholder stays literal; the
+    // agent's cap (30 s) is the run's timeout there, and it says so.
+    let (status, r) = run(
+        &app,
+        &admin,
+        "lab-box",
+        "show",
+        json!({"params": {"a": "{b}", "b": "B{a}"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{r}");
+    let r = finished(&app, &r).await;
+    assert_eq!(r["state"], "succeeded", "{r}");
+    assert_eq!(r["targets"][0]["output"].as_str().unwrap(), "{b} B{a}\n");
+    assert_eq!(r["timeout_secs"], 600);
+    assert_eq!(r["targets"][0]["timeout_secs"], 30, "{r}");
+
+    // The server lets a dash through (the parameter opts in); the agent,
+    // whose allow-list does not, refuses it: the run's outcome, not a
+    // security event.
+    let (status, r) = run(
+        &app,
+        &admin,
+        "lab-box",
+        "dash",
+        json!({"params": {"flag": "--files0-from=/etc/passwd"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{r}");
+    let r = finished(&app, &r).await;
+    assert_eq!(r["targets"][0]["state"], "refused", "{r}");
+    assert!(
+        r["targets"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("begins with '-'"),
+        "{r}"
+    );
+    assert!(!r["targets"][0]["output"]
+        .as_str()
+        .unwrap()
+        .contains("root:"));
+
+    // A replay of a live run's request: refused by the agent, recorded,
+    // and the run keeps running until cancelled.
+    let (status, slow) = run(&app, &admin, "lab-box", "slow", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{slow}");
+    let slow_id = slow["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/actions/runs/{slow_id}");
+    eventually("the slow run to start", || async {
+        (app.get(&path).await["targets"][0]["state"] == "running").then_some(())
+    })
+    .await;
+    let request = ActionRequest {
+        run_id: slow_id.clone(),
+        audience: agent_id.clone(),
+        action: "slow".into(),
+        params: Default::default(),
+        expires_at: app.ctx.now().as_microsecond() + 60_000_000,
+        timeout_secs: 60,
+    };
+    let signature = hex(&app
+        .ctx
+        .identity
+        .sign(&action_transcript(&request))
+        .to_bytes());
+    assert!(app.ctx.agents.send(
+        &agent_id,
+        ServerMessage::Action(SignedAction { request, signature })
+    ));
+    let event = eventually("the replay's refusal on the timeline", || async {
+        kinds(&app, "lab-box", "action.refused")
+            .await
+            .into_iter()
+            .find(|e| e["data"]["security"] == true && e["data"]["run"] == slow_id.as_str())
+    })
+    .await;
+    assert_eq!(event["data"]["refusal"], "replayed", "{event}");
+    assert_eq!(event["data"]["agent"], "lab-1");
+    let shown = app.get(&path).await;
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(shown["targets"][0]["state"], "running", "{shown}");
+    let (status, busy) = run(&app, &admin, "lab-box", "slow", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{busy}");
+    let (status, _) = app.post(&format!("{path}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let done = finished(&app, &slow).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(done["cancelled_by"]["name"], "Administrator");
 }
