@@ -255,10 +255,13 @@ async fn show_run(
     Ok(Json(run))
 }
 
-/// Cancel a run: its agents kill the process groups. Role: operator.
+/// Cancel a run: its agents kill the process groups; the canceller is
+/// recorded (`cancelled_by`, an `action.cancelled` event). A run that no
+/// longer runs answers 409 `not_running`. Role: operator.
 #[utoipa::path(post, path = "/actions/runs/{id}/cancel", tag = "actions", params(("id" = String, Path)),
     extensions(("x-aramaki-role" = json!("operator"))), security(("token" = [])),
-    responses((status = 202, body = Run), (status = 404, body = crate::web::ProblemBody)))]
+    responses((status = 202, body = Run), (status = 404, body = crate::web::ProblemBody),
+        (status = 409, body = crate::web::ProblemBody)))]
 async fn cancel_run(
     State(ctx): State<AppState>,
     Caller(access): Caller,

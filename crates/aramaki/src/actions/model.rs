@@ -78,7 +78,7 @@ pub struct ParamSpec {
     /// string: a regular expression the whole value must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
-    /// string: longest value (default 200).
+    /// string: longest value in characters (default 200).
     #[serde(default = "max_len")]
     pub max_len: usize,
     /// enum: the allowed values.
