@@ -463,3 +463,36 @@ async fn admins_define_actions_on_the_system_page() {
         "the new action is on the page"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_page_shows_the_timeout_the_agent_applied() {
+    let bench = bench().await;
+    let app = &bench.app;
+    // The action allows ten minutes; the agent's allow-list keeps its
+    // default cap of 60 s.
+    let (status, body) = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/systems/ops-box/actions/echo",
+            Some(json!({"name": "echo", "title": "Echo a phrase", "timeout": 600, "confirm_within_minutes": null,
+                        "params": [{"name": "text", "type": "string", "pattern": "[a-z ]+", "default": "hello"}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let olga = logged_in(app, "olga", Some(Role::Operator)).await;
+    let (_, html) = get(app, "/systems/ops-box", &olga).await;
+    let ok = post(app, RUN, &olga, &[("csrf", &csrf_of(&html))]).await;
+    assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+    let run_path = ok.headers()[LOCATION].to_str().unwrap().to_owned();
+    let html = finished(app, &run_path, &olga).await;
+    assert!(
+        html.contains("600 s (each agent may cap it)"),
+        "{}",
+        part(&html, "<dl", "</dl>")
+    );
+    assert!(
+        html.contains("timeout 60 s (this agent") && html.contains("the action allows 600 s)"),
+        "{}",
+        part(&html, "<section class=\"target", "</section>")
+    );
+}
