@@ -267,13 +267,16 @@ pub async fn run(
     updates: mpsc::UnboundedSender<ActionUpdate>,
     cancel: oneshot::Receiver<()>,
 ) -> ActionUpdate {
+    // Every update but output chunks says which timeout applies: the
+    // outcome travels through the queue and may arrive before `started`.
+    let applied = u32::try_from(timeout.as_secs()).ok();
     let update = |state, exit_code, output: String| ActionUpdate {
         run_id: run_id.clone(),
         state,
         exit_code,
         output,
         refusal: None,
-        timeout_secs: None,
+        timeout_secs: applied,
     };
     let Some((program, args)) = argv.split_first() else {
         return update(
@@ -300,10 +303,7 @@ pub async fn run(
             )
         }
     };
-    let _ = updates.send(ActionUpdate {
-        timeout_secs: u32::try_from(timeout.as_secs()).ok(),
-        ..update(ActionState::Started, None, String::new())
-    });
+    let _ = updates.send(update(ActionState::Started, None, String::new()));
     let mut group = crate::exec::Group::of(&child);
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -317,7 +317,10 @@ pub async fn run(
         sent += chunk.len();
         if room > 0 {
             let text = String::from_utf8_lossy(&chunk[..room]).into_owned();
-            let _ = updates.send(update(ActionState::Output, None, text));
+            let _ = updates.send(ActionUpdate {
+                timeout_secs: None,
+                ..update(ActionState::Output, None, text)
+            });
         }
     };
     let deadline = tokio::time::sleep(timeout);
@@ -663,7 +666,11 @@ mod tests {
             cancel,
         )
         .await;
-        assert_eq!(done.state, ActionState::Succeeded);
+        assert_eq!(
+            (done.state, done.timeout_secs),
+            (ActionState::Succeeded, Some(5)),
+            "the outcome says it too: it may arrive first"
+        );
         let started = rx.recv().await.unwrap();
         assert_eq!(
             (started.state, started.timeout_secs),

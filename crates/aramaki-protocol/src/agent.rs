@@ -508,8 +508,8 @@ pub struct ActionUpdate {
     /// request it sent from one of a replayed or forged copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
-    /// For `started`: the timeout the agent applies, in seconds (the
-    /// request's, capped by the agent's local configuration).
+    /// For `started` and the outcome: the timeout the agent applies, in
+    /// seconds (the request's, capped by the agent's local configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u32>,
 }

@@ -509,7 +509,9 @@ pub async fn progress(
     let mut tx = ctx.db.begin().await?;
     match update.state {
         ActionState::Started => {
-            sqlx::query("UPDATE action_run_targets SET state = 'running', timeout_secs = $3 WHERE run_id = $1 AND agent_id = $2 AND state = 'sent'")
+            // The outcome (through the queue) may have come first: then
+            // only the timeout is news.
+            sqlx::query("UPDATE action_run_targets SET state = CASE WHEN state = 'sent' THEN 'running' ELSE state END, timeout_secs = COALESCE(timeout_secs, $3) WHERE run_id = $1 AND agent_id = $2")
                 .bind(update.run_id.as_str())
                 .bind(agent.id.as_str())
                 .bind(update.timeout_secs.map(i64::from))
@@ -600,7 +602,7 @@ pub async fn finish(
     }
     let state = state_name(update.state);
     sqlx::query(
-        "UPDATE action_run_targets SET state = $3, exit_code = $4, message = $5, finished_at = $6 WHERE run_id = $1 AND agent_id = $2",
+        "UPDATE action_run_targets SET state = $3, exit_code = $4, message = $5, finished_at = $6, timeout_secs = COALESCE($7, timeout_secs) WHERE run_id = $1 AND agent_id = $2",
     )
     .bind(update.run_id.as_str())
     .bind(agent.id.as_str())
@@ -608,6 +610,7 @@ pub async fn finish(
     .bind(update.exit_code.map(i64::from))
     .bind(update.output.chars().take(2000).collect::<String>())
     .bind(to_micros(ctx.now()))
+    .bind(update.timeout_secs.map(i64::from))
     .execute(&mut **tx)
     .await?;
     if update.state == ActionState::Refused {

@@ -610,3 +610,65 @@ both!(
         );
     }
 );
+
+both!(
+    the_applied_timeout_is_kept_whichever_update_comes_first,
+    |app| async move {
+        let (id, k) = enrolled(&app, "edge-8", 98).await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        app.post("/api/v1/systems/edge-8-host/actions", json!({"name": "quick", "title": "Quick", "timeout": 300, "confirm_within_minutes": null}))
+            .await;
+        let (_, run) = app
+            .call(
+                Method::POST,
+                "/api/v1/systems/edge-8-host/actions/quick/runs",
+                Some(json!({})),
+            )
+            .await;
+        let run_id = run["id"].as_str().unwrap().to_owned();
+        next_request(&mut agent).await;
+        // The outcome (queued) overtakes the live `started`.
+        agent
+            .send(vec![Record {
+                seq: 1,
+                body: RecordBody::Action(ActionUpdate {
+                    timeout_secs: Some(15),
+                    exit_code: Some(0),
+                    ..update(&run_id, ActionState::Succeeded, "")
+                }),
+            }])
+            .await;
+        let path = format!("/api/v1/actions/runs/{run_id}");
+        let shown = app.get(&path).await;
+        assert_eq!(shown["state"], "succeeded", "{shown}");
+        assert_eq!(shown["targets"][0]["timeout_secs"], 15, "{shown}");
+        live(
+            &mut agent,
+            ActionUpdate {
+                timeout_secs: Some(15),
+                ..update(&run_id, ActionState::Started, "")
+            },
+        )
+        .await;
+        // A heartbeat round trip: the late `started` has been handled.
+        use futures_util::SinkExt;
+        let beat = serde_json::to_string(&AgentMessage::Heartbeat {
+            queue_depth: 0,
+            dropped: 0,
+        })
+        .unwrap();
+        agent
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(beat.into()))
+            .await
+            .unwrap();
+        loop {
+            if let ServerMessage::Heartbeat = agent.next().await {
+                break;
+            }
+        }
+        let shown = app.get(&path).await;
+        assert_eq!(shown["targets"][0]["state"], "succeeded", "{shown}");
+        assert_eq!(shown["targets"][0]["timeout_secs"], 15);
+    }
+);
