@@ -158,9 +158,16 @@ pub async fn run(client: &Client, cmd: ActionCommand) -> Result<()> {
 }
 
 fn print_outcome(run: &Value) {
+    if let Some(by) = run["cancelled_by"]["name"].as_str() {
+        println!("cancelled by {by}");
+    }
     for t in run["targets"].as_array().into_iter().flatten() {
+        let timeout = t["timeout_secs"]
+            .as_u64()
+            .map(|secs| format!(", timeout {secs} s"))
+            .unwrap_or_default();
         println!(
-            "== {}: {} (exit {})",
+            "== {}: {} (exit {}{timeout})",
             s(t, "agent"),
             s(t, "state"),
             s(t, "exit_code")

@@ -895,7 +895,7 @@ pub async fn expire_lost(ctx: &Context) -> Result<usize, sqlx::Error> {
     use sqlx::Row;
     let now = to_micros(ctx.now());
     let rows = sqlx::query(
-        "SELECT t.run_id, t.agent_id, r.started_at, a.spec FROM action_run_targets t \
+        "SELECT t.run_id, t.agent_id, r.started_at, r.timeout_secs, a.spec FROM action_run_targets t \
          JOIN action_runs r ON r.id = t.run_id JOIN actions a ON a.id = r.action_id \
          WHERE t.state IN ('sent', 'running')",
     )
@@ -903,9 +903,14 @@ pub async fn expire_lost(ctx: &Context) -> Result<usize, sqlx::Error> {
     .await?;
     let mut lost = 0;
     for row in rows {
+        // The timeout the run asked for: the action may have changed since.
+        let asked = row
+            .try_get::<Option<i64>, _>("timeout_secs")?
+            .and_then(|t| u32::try_from(t).ok());
         let spec: String = row.try_get("spec")?;
-        let timeout =
-            serde_json::from_str::<super::model::ActionSpec>(&spec).map_or(60, |s| s.timeout);
+        let timeout = asked.unwrap_or_else(|| {
+            serde_json::from_str::<super::model::ActionSpec>(&spec).map_or(60, |s| s.timeout)
+        });
         let started: i64 = row.try_get("started_at")?;
         let give_up = started + (REQUEST_TTL_SECS + i64::from(timeout) + 60) * 1_000_000;
         if now < give_up {

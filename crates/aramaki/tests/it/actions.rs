@@ -672,3 +672,43 @@ both!(
         assert_eq!(shown["targets"][0]["timeout_secs"], 15);
     }
 );
+
+both!(
+    a_run_is_given_up_by_the_timeout_it_asked_for,
+    |app| async move {
+        let (id, k) = enrolled(&app, "edge-3", 93).await;
+        let _agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        let spec = |timeout: u32| json!({"name": "long", "title": "Long", "timeout": timeout, "confirm_within_minutes": null});
+        app.post("/api/v1/systems/edge-3-host/actions", spec(1200))
+            .await;
+        let (_, run) = app
+            .call(
+                Method::POST,
+                "/api/v1/systems/edge-3-host/actions/long/runs",
+                Some(json!({})),
+            )
+            .await;
+        // The admin shortens the action while it runs: this run keeps the
+        // 20 minutes it was sent with.
+        let (status, v) = app
+            .call(
+                Method::PUT,
+                "/api/v1/systems/edge-3-host/actions/long",
+                Some(spec(1)),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let started = app.ctx.now();
+        app.clock.advance(SignedDuration::from_mins(10));
+        assert_eq!(sweep(&app.ctx, started).await.unwrap().lost_actions, 0);
+        app.clock.advance(SignedDuration::from_mins(20));
+        assert_eq!(sweep(&app.ctx, started).await.unwrap().lost_actions, 1);
+        let v = app
+            .get(&format!(
+                "/api/v1/actions/runs/{}",
+                run["id"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(v["targets"][0]["state"], "lost");
+    }
+);

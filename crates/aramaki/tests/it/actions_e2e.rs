@@ -500,7 +500,9 @@ async fn actions_from_the_command_line() {
     let (ok, out, err) = cli(&app, &words("action run cli-box greet --param who=ada")).await;
     assert!(ok, "{out}{err}");
     assert!(
-        out.contains("cli-1: succeeded") && out.contains("hello ada"),
+        out.contains("cli-1: succeeded")
+            && out.contains("timeout 60 s")
+            && out.contains("hello ada"),
         "{out}"
     );
     let (ok, _, err) = cli(&app, &words("action run cli-box greet --param who=ada")).await;
