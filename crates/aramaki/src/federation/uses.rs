@@ -1375,6 +1375,7 @@ async fn on_snapshot(
             "the snapshot lacks its root system".into(),
         ));
     }
+    answers_the_use(tx, peer, &u, &root, &systems, &data["edges"]).await?;
     let now = ctx.now();
     let mut local: HashMap<String, (String, String)> = HashMap::new();
     let actor = Actor::instance(&peer.id, &peer.name);
@@ -1475,6 +1476,105 @@ async fn on_snapshot(
             json!({"use": u.id, "peer": peer.id, "remote": root}),
         )
         .await?;
+    }
+    Ok(())
+}
+
+/// A snapshot describes the system its use is about and what lies below
+/// it, nothing else: the root is the system mirrored so far (or, for the
+/// first snapshot, the one asked for by its slug), every other system is
+/// reached from the root by the snapshot's own edges (and only if the use
+/// shares subsystems), and no id is one of ours or another peer's.
+async fn answers_the_use(
+    tx: &mut Tx,
+    peer: &LinkPeer,
+    u: &UseInfo,
+    root: &str,
+    systems: &[SnapshotSystem],
+    edges: &serde_json::Value,
+) -> Result<(), Refusal> {
+    let refuse = |why: String| {
+        Err(Refusal::Refused(format!(
+            "snapshot for use {}: {why}",
+            u.id
+        )))
+    };
+    let mirrored_root = sqlx::query(
+        "SELECT r.remote_id FROM uses u JOIN remote_systems r ON r.system_id = u.system_id \
+         WHERE u.peer_id = $1 AND u.id = $2",
+    )
+    .bind(peer.id.as_str())
+    .bind(u.id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    match mirrored_root {
+        Some(row) => {
+            let known: String = row.try_get(0)?;
+            if known != root {
+                return refuse(format!(
+                    "its root {root} is not {known}, the system this use mirrors"
+                ));
+            }
+        }
+        None => {
+            let asked = systems
+                .iter()
+                .find(|s| s.system.id.to_string() == root)
+                .map(|s| s.system.slug.to_string())
+                .unwrap_or_default();
+            if asked != u.system {
+                return refuse(format!(
+                    "its root is '{asked}', but the use asked for '{}'",
+                    u.system
+                ));
+            }
+        }
+    }
+    if !u.exposure.subsystems && systems.len() > 1 {
+        return refuse("the use does not share subsystems, yet the snapshot has several".into());
+    }
+    let ids: HashSet<String> = systems.iter().map(|s| s.system.id.to_string()).collect();
+    if ids.len() != systems.len() {
+        return refuse("a system appears twice".into());
+    }
+    let mut below: HashMap<&str, Vec<&str>> = HashMap::new();
+    for edge in edges.as_array().map(Vec::as_slice).unwrap_or_default() {
+        if let (Some(p), Some(c)) = (edge[0].as_str(), edge[1].as_str()) {
+            below.entry(p).or_default().push(c);
+        }
+    }
+    let mut reached: HashSet<&str> = HashSet::from([root]);
+    let mut todo = vec![root];
+    while let Some(next) = todo.pop() {
+        for kid in below.get(next).map(Vec::as_slice).unwrap_or_default() {
+            if ids.contains(*kid) && reached.insert(kid) {
+                todo.push(kid);
+            }
+        }
+    }
+    for s in systems {
+        let id = s.system.id.to_string();
+        if !reached.contains(id.as_str()) {
+            return refuse(format!("{} ({id}) is not below its root", s.system.slug));
+        }
+        let ours = sqlx::query("SELECT 1 FROM systems WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some();
+        let elsewhere =
+            sqlx::query("SELECT 1 FROM remote_systems WHERE remote_id = $1 AND peer_id <> $2")
+                .bind(id.as_str())
+                .bind(peer.id.as_str())
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_some();
+        if ours || elsewhere {
+            return refuse(format!(
+                "{} carries the id {id} of a system that is not {}'s",
+                s.system.slug, peer.name
+            ));
+        }
     }
     Ok(())
 }
@@ -1589,10 +1689,23 @@ async fn insert_remote_event(
     if e.origin != peer.id {
         return Err(not_primary(peer, &format!("the event {}", e.id)));
     }
+    ctx.db.lock_timeline(tx).await?;
     if !timeline_store::existing_ids(tx, &[e.id]).await?.is_empty() {
+        // Known already. On a mirror of this peer that went (a revocation,
+        // an ended use) it moves to the mirror the peer's system has now,
+        // so that peering again brings the history back; anywhere else it
+        // is a redelivery.
+        sqlx::query(
+            "UPDATE events SET system_id = $2 WHERE id = $1 AND origin = $3 AND system_id <> $2 AND system_id IN \
+             (SELECT id FROM systems WHERE instance_id = $3 AND deleted_at IS NOT NULL)",
+        )
+        .bind(e.id.to_string())
+        .bind(system_id)
+        .bind(peer.id.as_str())
+        .execute(&mut **tx)
+        .await?;
         return Ok(());
     }
-    ctx.db.lock_timeline(tx).await?;
     e.system_id = system_id.to_owned();
     e.system = slug.to_owned();
     e.recorded_at = ctx.now();

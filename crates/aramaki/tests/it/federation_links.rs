@@ -12,7 +12,7 @@ use crate::agent_e2e::eventually;
 use crate::support::TestApp;
 
 /// The in-memory network has no TLS: any pin will do.
-const ANY_PIN: TlsPin = TlsPin {
+pub(crate) const ANY_PIN: TlsPin = TlsPin {
     key: [0; 32],
     strict: false,
 };
@@ -26,7 +26,7 @@ pub(crate) async fn instance(name: &str, net: &Arc<MemoryNet>) -> TestApp {
 }
 
 /// `joiner` joins `inviter`, who approves.
-async fn peer(inviter: &TestApp, joiner: &TestApp) {
+pub(crate) async fn peer(inviter: &TestApp, joiner: &TestApp) {
     let (status, issued) = inviter.post("/api/v1/peers/invites", json!({})).await;
     assert_eq!(status, StatusCode::CREATED, "{issued}");
     let (status, v) = joiner
@@ -106,7 +106,13 @@ fn kinds(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
-async fn record(app: &TestApp, system: &str, kind: &str, title: &str, severity: &str) -> Value {
+pub(crate) async fn record(
+    app: &TestApp,
+    system: &str,
+    kind: &str,
+    title: &str,
+    severity: &str,
+) -> Value {
     let (status, v) = app
         .post(
             "/api/v1/events",
@@ -425,7 +431,7 @@ async fn using_a_remote_system_propagates_exactly_its_activity() {
     assert_eq!(events_from(&customer, &hosting_id).await, before);
 }
 
-async fn sqlx_titles(app: &TestApp, origin: &str) -> Vec<String> {
+pub(crate) async fn sqlx_titles(app: &TestApp, origin: &str) -> Vec<String> {
     use sqlx::Row;
     sqlx::query("SELECT title FROM events WHERE origin = $1")
         .bind(origin)

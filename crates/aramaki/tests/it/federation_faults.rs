@@ -1,0 +1,366 @@
+//! Federation faults from outside (issue 13): forged snapshots, history
+//! after peering again, restored backups, floods, refusals and suspension.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aramaki::federation::envelope::{open, seal, Peer, PeerState};
+use aramaki::federation::identity::Identity;
+use aramaki::federation::link::{connect_url, Conn, MemoryNet, Transport};
+use aramaki_protocol::federation::Envelope;
+use ed25519_dalek::SigningKey;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::agent_e2e::eventually;
+use crate::federation_links::{instance, peer, record, timeline, wait_use, ANY_PIN};
+use crate::support::TestApp;
+
+const MINUTE: i64 = 60_000_000;
+
+fn now(app: &TestApp) -> i64 {
+    aramaki::db::to_micros(app.ctx.now())
+}
+
+fn refusals(app: &TestApp, reason: &str) -> u64 {
+    app.ctx
+        .federation
+        .refusals()
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A peer the test speaks for, pinned by `app` as active, with a link open.
+struct Mallory {
+    id: String,
+    me: Identity,
+    to: String,
+    conn: Conn,
+}
+
+impl Mallory {
+    async fn link(net: &MemoryNet, app: &TestApp, seed: u8) -> Mallory {
+        let id = uuid::Uuid::now_v7().to_string();
+        let me = Identity::new(
+            id.clone(),
+            "mallory".into(),
+            SigningKey::from_bytes(&[seed; 32]),
+        );
+        sqlx::query("INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, 'mallory', 'http://mallory.invalid', $2, 'active', $3, $3)")
+            .bind(id.as_str())
+            .bind(me.public_key_hex())
+            .bind(now(app))
+            .execute(app.ctx.db.reader())
+            .await
+            .unwrap();
+        let to = app.ctx.identity.instance_id.clone();
+        let conn = net.dial(&connect_url(&app.base), ANY_PIN).await.unwrap();
+        let mut m = Mallory { id, me, to, conn };
+        let hello = seal(
+            &m.me,
+            &m.to,
+            "link.hello",
+            json!({"cursor": 0, "keys": []}),
+            now(app),
+            MINUTE,
+        );
+        m.send_raw(serde_json::to_string(&hello).unwrap()).await;
+        m.next(app, "link.welcome").await;
+        m
+    }
+
+    async fn send_raw(&self, frame: String) {
+        self.conn.tx.send(frame).await.unwrap();
+    }
+
+    async fn send(&self, app: &TestApp, seq: i64, kind: &str, data: Value) {
+        let e = seal(
+            &self.me,
+            &self.to,
+            kind,
+            json!({"seq": seq, "data": data}),
+            now(app),
+            MINUTE,
+        );
+        self.send_raw(serde_json::to_string(&e).unwrap()).await;
+    }
+
+    /// The next envelope of `kind` from `app`, checked against its key.
+    async fn next(&mut self, app: &TestApp, kind: &str) -> Envelope {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.conn.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {kind} in time"))
+                .unwrap_or_else(|| panic!("the link closed while waiting for {kind}"));
+            let key = app.ctx.identity.public_key();
+            let id = app.ctx.identity.instance_id.clone();
+            let opened = open(
+                frame.as_bytes(),
+                &self.id,
+                now(app),
+                |issuer| {
+                    (issuer == id).then(|| Peer {
+                        instance_id: id.clone(),
+                        state: PeerState::Active,
+                        key,
+                    })
+                },
+                |_, _| true,
+            )
+            .expect("the instance's frames are valid");
+            if opened.envelope.kind == kind {
+                return opened.envelope;
+            }
+        }
+    }
+
+    /// Waits until `app` acknowledged everything up to `seq`.
+    async fn acked(&mut self, app: &TestApp, seq: i64) {
+        loop {
+            let ack = self.next(app, "link.ack").await;
+            if ack.body["upto"].as_i64().unwrap_or(0) >= seq {
+                return;
+            }
+        }
+    }
+}
+
+fn system(id: &str, slug: &str, instance: &str) -> Value {
+    json!({"id": id, "slug": slug, "title": slug.to_uppercase(), "category": "service", "description": "",
+        "handbook": "", "labels": {}, "links": [], "contacts": [], "selector": null, "instance": instance,
+        "version": 1, "created_at": "2026-11-23T08:00:00Z", "updated_at": "2026-11-23T08:00:00Z"})
+}
+
+fn snapshot(use_id: &str, root: &str, systems: &[Value], edges: Value) -> Value {
+    let systems: Vec<Value> = systems
+        .iter()
+        .map(|s| json!({"system": s, "states": []}))
+        .collect();
+    json!({"use": use_id, "root": root, "systems": systems, "edges": edges, "events": []})
+}
+
+async fn mirrors_of(app: &TestApp, peer: &str) -> Vec<(String, String)> {
+    use sqlx::Row;
+    sqlx::query(
+        "SELECT s.slug, r.remote_id FROM remote_systems r JOIN systems s ON s.id = r.system_id \
+         WHERE r.peer_id = $1 AND s.deleted_at IS NULL ORDER BY s.slug",
+    )
+    .bind(peer)
+    .fetch_all(app.ctx.db.reader())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_must_answer_its_use_with_its_root_and_what_lies_below() {
+    let net = Arc::new(MemoryNet::default());
+    let customer = instance("customer", &net).await;
+    let payroll = customer.system("payroll", "service", json!({})).await;
+    let payroll_id = payroll["id"].as_str().unwrap().to_owned();
+    let mut m = Mallory::link(&net, &customer, 51).await;
+    let (status, asked) = customer
+        .post("/api/v1/peers/mallory/uses", json!({"system": "vault"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let use_id = asked["id"].as_str().unwrap().to_owned();
+    m.next(&customer, "use.request").await;
+    m.send(
+        &customer,
+        1,
+        "use.accepted",
+        json!({"use": use_id, "exposure": {"level": "timeline"}}),
+    )
+    .await;
+    let refused = refusals(&customer, "not_allowed");
+
+    // The first snapshot's root must be the system asked for.
+    let other = uuid::Uuid::now_v7().to_string();
+    m.send(
+        &customer,
+        2,
+        "system.snapshot",
+        snapshot(
+            &use_id,
+            &other,
+            &[system(&other, "ledger", &m.id)],
+            json!([]),
+        ),
+    )
+    .await;
+    // The real one.
+    let vault = uuid::Uuid::now_v7().to_string();
+    let node = uuid::Uuid::now_v7().to_string();
+    m.send(
+        &customer,
+        3,
+        "system.snapshot",
+        snapshot(
+            &use_id,
+            &vault,
+            &[
+                system(&vault, "vault", &m.id),
+                system(&node, "vault-node", &m.id),
+            ],
+            json!([[vault, node]]),
+        ),
+    )
+    .await;
+    m.acked(&customer, 3).await;
+    assert_eq!(
+        refusals(&customer, "not_allowed"),
+        refused + 1,
+        "the ledger snapshot is refused"
+    );
+    let real = vec![
+        ("vault".to_owned(), vault.clone()),
+        ("vault-node".to_owned(), node.clone()),
+    ];
+    assert_eq!(mirrors_of(&customer, &m.id).await, real);
+
+    // Forgeries: a root that is one of the customer's own systems; another
+    // root with the same slug; a member not below the root; a member
+    // carrying one of the customer's ids. Each is refused whole.
+    let stray = uuid::Uuid::now_v7().to_string();
+    let forged = [
+        snapshot(
+            &use_id,
+            &payroll_id,
+            &[system(&payroll_id, "vault", &m.id)],
+            json!([]),
+        ),
+        snapshot(
+            &use_id,
+            &other,
+            &[system(&other, "vault", &m.id)],
+            json!([]),
+        ),
+        snapshot(
+            &use_id,
+            &vault,
+            &[
+                system(&vault, "vault", &m.id),
+                system(&stray, "stray", &m.id),
+            ],
+            json!([]),
+        ),
+        snapshot(
+            &use_id,
+            &vault,
+            &[
+                system(&vault, "vault", &m.id),
+                system(&payroll_id, "payroll", &m.id),
+            ],
+            json!([[vault, payroll_id]]),
+        ),
+    ];
+    for (i, s) in forged.into_iter().enumerate() {
+        m.send(&customer, 4 + i as i64, "system.snapshot", s).await;
+    }
+    m.acked(&customer, 7).await;
+    assert_eq!(
+        refusals(&customer, "not_allowed"),
+        refused + 5,
+        "every forgery is refused"
+    );
+    assert_eq!(
+        mirrors_of(&customer, &m.id).await,
+        real,
+        "the real mirror stays, no forged one"
+    );
+    let own = customer.get("/api/v1/systems/payroll").await;
+    assert_eq!(
+        own["instance"],
+        customer.ctx.identity.instance_id.as_str(),
+        "payroll is still ours"
+    );
+    let (status, _) = customer
+        .call(Method::GET, "/api/v1/systems/stray", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peering_again_after_a_revocation_brings_the_history_back() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    peer(&hosting, &customer).await;
+    hosting.system("storage", "infrastructure", json!({})).await;
+    let (status, v) = hosting
+        .call(
+            Method::PUT,
+            "/api/v1/peers/customer/policies",
+            Some(json!({"system": "storage", "level": "timeline"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    let (_, asked) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "storage"}))
+        .await;
+    wait_use(&customer, asked["id"].as_str().unwrap(), "accepted").await;
+    record(
+        &hosting,
+        "storage",
+        "deploy",
+        "storage 2.0 before the revocation",
+        "info",
+    )
+    .await;
+    eventually("the deploy on the mirror", || async {
+        timeline(&customer, "storage")
+            .await
+            .iter()
+            .any(|e| e["title"] == "storage 2.0 before the revocation")
+            .then_some(())
+    })
+    .await;
+
+    let (status, _) = hosting
+        .post("/api/v1/peers/customer/revoke", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("the mirror to go", || async {
+        let (status, _) = customer
+            .call(Method::GET, "/api/v1/systems/storage", None)
+            .await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+
+    peer(&hosting, &customer).await;
+    let (status, asked) = customer
+        .post(
+            "/api/v1/peers/hosting/uses",
+            json!({"system": "storage", "level": "timeline"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let again = asked["id"].as_str().unwrap().to_owned();
+    wait_use(&hosting, &again, "pending").await;
+    let (status, v) = hosting
+        .post(&format!("/api/v1/uses/{again}/accept"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_use(&customer, &again, "accepted").await;
+    let events = eventually("the new mirror", || async {
+        let t = timeline(&customer, "storage").await;
+        t.iter()
+            .any(|e| e["kind"] == "federation.mirrored")
+            .then_some(t)
+    })
+    .await;
+    let deploys: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["title"] == "storage 2.0 before the revocation")
+        .collect();
+    assert_eq!(
+        deploys.len(),
+        1,
+        "the history is on the new mirror, once: {events:?}"
+    );
+}
