@@ -769,6 +769,42 @@ async fn snapshot(
     Ok(json!({"use": use_id, "root": system_id, "systems": out, "edges": edges, "events": events}))
 }
 
+/// What a peer gets when a new epoch starts (its copy of our messages may
+/// be gone or from another time): every use it has of ours accepted again
+/// with a fresh snapshot, and every request of ours still open asked again.
+/// Each handler takes a repeat as a no-op or a refresh.
+pub async fn resync_messages(
+    tx: &mut Tx,
+    peer: &str,
+) -> Result<Vec<(&'static str, serde_json::Value)>, sqlx::Error> {
+    let rows = sqlx::query(&select_uses(
+        "WHERE u.peer_id = $1 AND ((u.role = 'provider' AND u.state = 'accepted') OR (u.role = 'consumer' AND u.state = 'requested')) \
+         ORDER BY u.created_at, u.id",
+    ))
+    .bind(peer)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out = Vec::new();
+    for row in &rows {
+        let u = use_from(row)?;
+        let system_id: Option<String> = row.try_get("system_id")?;
+        if u.role == "consumer" {
+            out.push((
+                "use.request",
+                json!({"use": u.id, "system": u.system, "level": u.exposure.level.as_str()}),
+            ));
+            continue;
+        }
+        let Some(system_id) = system_id else { continue };
+        out.push(("use.accepted", json!({"use": u.id, "exposure": u.exposure})));
+        out.push((
+            "system.snapshot",
+            snapshot(tx, &u.id, &system_id, u.exposure).await?,
+        ));
+    }
+    Ok(out)
+}
+
 /// An event as a use may see it. Changes to a system carry its fields in
 /// their data (before and after): the handbook and contacts are taken out
 /// unless the use shares them, selectors always; inclusions are withheld

@@ -364,3 +364,217 @@ async fn peering_again_after_a_revocation_brings_the_history_back() {
         "the history is on the new mirror, once: {events:?}"
     );
 }
+
+/// The federation state of `app` towards `peer` as a backup holds it: the
+/// peer's row (numbering, cursors) and the outbox.
+struct Backup {
+    row: Vec<Value>,
+    outbox: Vec<(i64, String, String, String, i64)>,
+}
+
+const NUMBERING: [&str; 7] = [
+    "out_seq",
+    "in_seq",
+    "out_epoch",
+    "in_epoch",
+    "in_mark",
+    "acked_seq",
+    "acked_mark",
+];
+
+async fn backup(app: &TestApp, peer: &str) -> Backup {
+    use sqlx::Row;
+    let pool = app.ctx.db.reader();
+    let r = sqlx::query(&format!(
+        "SELECT {} FROM peers WHERE instance_id = $1",
+        NUMBERING.join(", ")
+    ))
+    .bind(peer)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let row = NUMBERING
+        .iter()
+        .map(|c| match r.try_get::<i64, _>(*c) {
+            Ok(n) => json!(n),
+            Err(_) => json!(r.get::<String, _>(*c)),
+        })
+        .collect();
+    let outbox = sqlx::query(
+        "SELECT seq, mark, kind, body, created_at FROM federation_outbox WHERE peer_id = $1",
+    )
+    .bind(peer)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .collect();
+    Backup { row, outbox }
+}
+
+/// Puts the backup back, as restoring the database would.
+async fn restore(app: &TestApp, peer: &str, b: &Backup) {
+    let pool = app.ctx.db.reader();
+    for (column, value) in NUMBERING.iter().zip(&b.row) {
+        let q = format!("UPDATE peers SET {column} = $2 WHERE instance_id = $1");
+        let q = sqlx::query(&q).bind(peer);
+        let q = match value.as_i64() {
+            Some(n) => q.bind(n),
+            None => q.bind(value.as_str().unwrap().to_owned()),
+        };
+        q.execute(pool).await.unwrap();
+    }
+    sqlx::query("DELETE FROM federation_outbox WHERE peer_id = $1")
+        .bind(peer)
+        .execute(pool)
+        .await
+        .unwrap();
+    for (seq, mark, kind, body, at) in &b.outbox {
+        sqlx::query("INSERT INTO federation_outbox (peer_id, seq, mark, kind, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(peer)
+            .bind(*seq)
+            .bind(mark.as_str())
+            .bind(kind.as_str())
+            .bind(body.as_str())
+            .bind(*at)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.http
+        .get(app.url("/metrics"))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn peer_info(app: &TestApp, name: &str) -> Value {
+    app.get("/api/v1/peers").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no peer {name}"))
+}
+
+/// SQLite only (the in-memory network's instances are): the restore puts
+/// back the numbering and the outbox as a backup holds them; the detection
+/// itself is plain SQL on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_restored_from_a_backup_is_detected_on_both_sides_and_recovers() {
+    use crate::federation_links::sqlx_titles;
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    peer(&hosting, &customer).await;
+    let (hosting_id, customer_id) = (
+        hosting.ctx.identity.instance_id.clone(),
+        customer.ctx.identity.instance_id.clone(),
+    );
+    hosting.system("storage", "infrastructure", json!({})).await;
+    hosting.system("billing", "service", json!({})).await;
+    let (status, v) = hosting
+        .call(
+            Method::PUT,
+            "/api/v1/peers/customer/policies",
+            Some(json!({"system": "storage", "level": "timeline"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    let (_, asked) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "storage"}))
+        .await;
+    wait_use(&customer, asked["id"].as_str().unwrap(), "accepted").await;
+    record(&hosting, "storage", "deploy", "before the backup", "info").await;
+    let arrived = |title: &'static str| {
+        let (customer, hosting_id) = (&customer, hosting_id.clone());
+        async move {
+            eventually(&format!("'{title}' on the customer"), || async {
+                sqlx_titles(customer, &hosting_id)
+                    .await
+                    .contains(&title.to_owned())
+                    .then_some(())
+            })
+            .await
+        }
+    };
+    arrived("before the backup").await;
+    let saved = backup(&customer, &hosting_id).await;
+
+    // After the backup, messages flow both ways.
+    let (_, ghost) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "ghost"}))
+        .await;
+    wait_use(&customer, ghost["id"].as_str().unwrap(), "rejected").await;
+    record(&hosting, "storage", "deploy", "after the backup", "info").await;
+    arrived("after the backup").await;
+
+    // The customer goes down and comes back from the backup.
+    net.cut(&customer.base);
+    eventually("the link to drop", || async {
+        (!hosting.ctx.federation.connected(&customer_id)
+            && !customer.ctx.federation.connected(&hosting_id))
+        .then_some(())
+    })
+    .await;
+    restore(&customer, &hosting_id, &saved).await;
+    // Its next message takes the number the ghost request had.
+    let (status, billing) = customer
+        .post(
+            "/api/v1/peers/hosting/uses",
+            json!({"system": "billing", "level": "status"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{billing}");
+    record(&hosting, "storage", "deploy", "while apart", "info").await;
+    net.heal(&customer.base);
+
+    // Nothing is skipped either way.
+    wait_use(&hosting, billing["id"].as_str().unwrap(), "pending").await;
+    arrived("while apart").await;
+    record(&hosting, "storage", "deploy", "after the restore", "info").await;
+    arrived("after the restore").await;
+    let (status, v) = customer
+        .call(Method::GET, "/api/v1/systems/storage", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "the mirror is still there: {v}");
+
+    // Said loudly, on both sides: the peer, the timeline, the metric.
+    for (app, other) in [(&hosting, "customer"), (&customer, "hosting")] {
+        let p = peer_info(app, other).await;
+        assert!(
+            p["resync_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("from a backup")),
+            "{}: {p}",
+            app.ctx.identity.name
+        );
+        assert!(p["resynced_at"].is_string(), "{p}");
+        let audit = timeline(app, "aramaki").await;
+        assert!(
+            audit.iter().any(|e| e["kind"] == "federation.resynced"),
+            "{}: {audit:?}",
+            app.ctx.identity.name
+        );
+        let m = metrics(app).await;
+        assert!(
+            m.contains("aramaki_federation_resyncs_total{direction=\"outbound\"} 1"),
+            "{}: {m}",
+            app.ctx.identity.name
+        );
+        assert!(
+            m.contains("aramaki_federation_resyncs_total{direction=\"inbound\"}"),
+            "{}: {m}",
+            app.ctx.identity.name
+        );
+    }
+}

@@ -1197,7 +1197,14 @@ mod wire {
         .await;
         assert!(closed.is_ok(), "the link closed");
         let forged = seal(&impostor, &to, "link.hello", hello, now(&customer), MINUTE);
-        refused_hello(&net, &customer, &forged, "peer_blocked").await;
+        let blocked = refusals(&customer, "peer_blocked");
+        let mut conn = dial(&net, &customer).await;
+        send(&conn, &forged).await;
+        // Told so, signed (at most every 10 s), then closed.
+        let told = next(&mut conn, &customer, &mallory_id, "link.suspended").await;
+        assert_eq!(told.issuer, to);
+        assert!(conn.rx.recv().await.is_none(), "no welcome");
+        assert_eq!(refusals(&customer, "peer_blocked"), blocked + 1);
         let metrics = customer
             .http
             .get(customer.url("/metrics"))
