@@ -25,7 +25,7 @@ async fn connect(
     State(ctx): State<AppState>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> axum::response::Response {
-    let limit = super::envelope::MAX_ENVELOPE_BYTES + 1024;
+    let limit = super::link::TRANSPORT_LIMIT;
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| super::link::accept(ctx, super::link::pump_axum(socket)))

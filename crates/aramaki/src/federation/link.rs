@@ -1273,8 +1273,8 @@ impl Transport for WsTransport {
                 ));
             }
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                .max_message_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024))
-                .max_frame_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024));
+                .max_message_size(Some(TRANSPORT_LIMIT))
+                .max_frame_size(Some(TRANSPORT_LIMIT));
             let tls = super::tls::client_config(super::tls::Pin::Key(pin.key), pin.strict)
                 .map_err(|e| format!("TLS configuration: {e}"))?;
             let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
@@ -1311,6 +1311,24 @@ pub fn with_causes(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The largest WebSocket message taken in. Larger than an envelope may be,
+/// so that an oversized frame is refused by the link (counted, logged, the
+/// sender told where to resume) rather than closing the connection; beyond
+/// it the transport closes, and says why.
+pub const TRANSPORT_LIMIT: usize = 4 * super::envelope::MAX_ENVELOPE_BYTES;
+
+/// Why a link's connection ended, for the log.
+fn closed_because(e: Option<&dyn std::error::Error>, silent: bool) {
+    match e {
+        Some(e) => tracing::warn!(error = with_causes(e), "federation connection closed"),
+        None if silent => tracing::warn!(
+            seconds = (PING_EVERY * 3).as_secs(),
+            "federation connection closed: the peer was silent"
+        ),
+        None => tracing::debug!("federation connection closed by the peer"),
+    }
+}
+
 /// Heartbeat: a ping this often; a link silent for three of them is dead.
 const PING_EVERY: Duration = Duration::from_secs(15);
 
@@ -1345,7 +1363,24 @@ where
                     }
                 }
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
-                _ => break,
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    tracing::warn!(
+                        "federation connection closed: a binary frame (only text is spoken)"
+                    );
+                    break;
+                }
+                Ok(Some(Ok(Message::Close(_))) | None) => {
+                    closed_because(None, false);
+                    break;
+                }
+                Ok(Some(Err(e))) => {
+                    closed_because(Some(&e), false);
+                    break;
+                }
+                Err(_) => {
+                    closed_because(None, true);
+                    break;
+                }
             }
         }
     });
@@ -1384,7 +1419,24 @@ pub fn pump_axum(socket: axum::extract::ws::WebSocket) -> Conn {
                     }
                 }
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-                _ => break,
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    tracing::warn!(
+                        "federation connection closed: a binary frame (only text is spoken)"
+                    );
+                    break;
+                }
+                Ok(Some(Ok(Message::Close(_))) | None) => {
+                    closed_because(None, false);
+                    break;
+                }
+                Ok(Some(Err(e))) => {
+                    closed_because(Some(&e), false);
+                    break;
+                }
+                Err(_) => {
+                    closed_because(None, true);
+                    break;
+                }
             }
         }
     });
@@ -1507,6 +1559,48 @@ mod tests {
             assert!(d.as_millis() as u64 >= base / 2, "{failures}: {d:?}");
             assert!(d.as_millis() as u64 <= base, "{failures}: {d:?}");
         }
+    }
+
+    #[test]
+    fn refusals_of_a_burst_are_one_line_with_their_count() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            log.note("mallory", "too_large", t0),
+            Some(1),
+            "the first at once"
+        );
+        for _ in 0..4_745 {
+            assert_eq!(log.note("mallory", "too_large", t0), None);
+        }
+        assert_eq!(
+            log.note("mallory", "rate", t0),
+            Some(1),
+            "another reason is another line"
+        );
+        assert_eq!(
+            log.note("other", "too_large", t0),
+            Some(1),
+            "another peer too"
+        );
+        assert!(log.flush(t0 + Duration::from_secs(1)).is_empty(), "not yet");
+        let later = t0 + REFUSAL_LOG_EVERY;
+        assert_eq!(
+            log.flush(later),
+            vec![(("mallory".to_owned(), "too_large"), 4_745)],
+            "the rest of the burst, counted"
+        );
+        assert!(log.flush(later + REFUSAL_LOG_EVERY).is_empty(), "told once");
+        assert_eq!(
+            log.note("mallory", "too_large", later + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            log.note("mallory", "too_large", later + REFUSAL_LOG_EVERY),
+            Some(2),
+            "the next interval's line counts what came since"
+        );
+        assert_eq!(log.lines, 5);
     }
 
     #[test]

@@ -578,3 +578,138 @@ async fn an_instance_restored_from_a_backup_is_detected_on_both_sides_and_recove
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_peer_is_told_so_and_shows_it_until_resumed() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    peer(&hosting, &customer).await;
+    let (status, _) = hosting
+        .post("/api/v1/peers/customer/suspend", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let shown = eventually("the customer to know it is suspended", || async {
+        let p = peer_info(&customer, "hosting").await;
+        p["suspended_by_peer_at"].is_string().then_some(p)
+    })
+    .await;
+    assert_eq!(
+        shown["state"], "active",
+        "the customer did not suspend anyone: {shown}"
+    );
+    let audit = timeline(&customer, "aramaki").await;
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e["kind"] == "peer.suspended_us")
+            .count(),
+        1,
+        "on the timeline once, however often it dials: {audit:?}"
+    );
+    let (status, _) = hosting
+        .post("/api/v1/peers/customer/resume", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    crate::federation_links::linked(&hosting, &customer).await;
+    eventually("the suspension to be over on the customer", || async {
+        peer_info(&customer, "hosting").await["suspended_by_peer_at"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_oversized_frames_is_counted_logged_once_and_keeps_the_link() {
+    let net = Arc::new(MemoryNet::default());
+    let customer = instance("customer", &net).await;
+    let mut m = Mallory::link(&net, &customer, 52).await;
+    let large = refusals(&customer, "too_large");
+    let lines = customer.ctx.federation.refusal_lines();
+    let frame = "x".repeat(aramaki::federation::envelope::MAX_ENVELOPE_BYTES + 1);
+    for _ in 0..60 {
+        m.send_raw(frame.clone()).await;
+    }
+    let nack = m.next(&customer, "link.nack").await;
+    assert_eq!(nack.body["from"], 1, "told where to resume");
+    eventually("every refused frame to be counted", || async {
+        (refusals(&customer, "too_large") == large + 60).then_some(())
+    })
+    .await;
+    assert_eq!(
+        customer.ctx.federation.refusal_lines(),
+        lines + 1,
+        "one WARN line for the burst"
+    );
+    // The link is still up: a good message is committed and acknowledged.
+    m.send(&customer, 1, "status", json!({})).await;
+    m.acked(&customer, 1).await;
+}
+
+/// Over a real WebSocket: a frame over the envelope limit (but not over
+/// the transport's) is refused by the link, which stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_on_a_websocket_is_refused_without_closing_the_link() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let customer = TestApp::start_reachable("customer").await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let me = Identity::new(
+        id.clone(),
+        "mallory".into(),
+        SigningKey::from_bytes(&[53; 32]),
+    );
+    sqlx::query("INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, 'mallory', 'http://mallory.invalid', $2, 'active', $3, $3)")
+        .bind(id.as_str())
+        .bind(me.public_key_hex())
+        .bind(now(&customer))
+        .execute(customer.ctx.db.reader())
+        .await
+        .unwrap();
+    let to = customer.ctx.identity.instance_id.clone();
+    let (mut ws, _) = tokio_tungstenite::connect_async(connect_url(&customer.base))
+        .await
+        .unwrap();
+    let hello = seal(
+        &me,
+        &to,
+        "link.hello",
+        json!({"cursor": 0, "keys": []}),
+        now(&customer),
+        MINUTE,
+    );
+    ws.send(Message::Text(serde_json::to_string(&hello).unwrap().into()))
+        .await
+        .unwrap();
+    let kind_of = |m: Message| -> String {
+        let v: Value = serde_json::from_str(m.to_text().unwrap_or("{}")).unwrap_or_default();
+        v["type"].as_str().unwrap_or_default().to_owned()
+    };
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains(&"link.welcome".to_owned()) {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a welcome in time");
+        seen.push(kind_of(m.expect("open").expect("a frame")));
+    }
+    let large = refusals(&customer, "too_large");
+    ws.send(Message::Text(
+        "x".repeat(aramaki::federation::envelope::MAX_ENVELOPE_BYTES + 4096)
+            .into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a nack in time")
+            .expect("the link stays open")
+            .expect("a frame");
+        if kind_of(m) == "link.nack" {
+            break;
+        }
+    }
+    assert_eq!(refusals(&customer, "too_large"), large + 1);
+}
