@@ -806,10 +806,26 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, now: i64) -> bool {
+    fn refill(&mut self, now: i64) {
         let elapsed = (now - self.at).max(0) as f64 / 1e6;
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+    }
+
+    /// Spends `n` after the fact (it may run into debt).
+    fn charge(&mut self, n: u64, now: i64) {
+        self.refill(now);
+        self.tokens -= n as f64;
+    }
+
+    /// Whether anything is left to spend.
+    fn ready(&mut self, now: i64) -> bool {
+        self.refill(now);
+        self.tokens > 0.0
+    }
+
+    fn take(&mut self, now: i64) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -831,6 +847,8 @@ struct Link<'a> {
     acked: i64,
     paused_until: Option<Instant>,
     bucket: Bucket,
+    /// What applying its messages cost, in rows.
+    work: Bucket,
     last_nack: Option<(i64, Instant)>,
 }
 
@@ -851,6 +869,7 @@ async fn run(
     let mut link = Link {
         ctx,
         bucket: Bucket::new(ctx.config.federation.max_messages_per_second, now),
+        work: Bucket::new(ctx.config.federation.max_work_per_second, now),
         peer,
         out,
         epoch,
@@ -1002,7 +1021,24 @@ impl Link<'_> {
                     }
                     self.paused_until = Some(Instant::now() + Duration::from_millis(wait));
                 }
-                _ if e.body["seq"].is_i64() => messages.push(e),
+                _ if e.body["seq"].is_i64() => {
+                    // Its cost is known before it is applied: once the
+                    // budget is spent, the rest waits (nacked) until the
+                    // clock refills it.
+                    let now = to_micros(self.ctx.now());
+                    if !self.work.ready(now) {
+                        self.ctx.federation.refuse(
+                            &self.peer.name,
+                            "work",
+                            "messages that cost more work per second than allowed (federation.max_work_per_second)",
+                        );
+                        dropped = true;
+                        continue;
+                    }
+                    self.work
+                        .charge(super::uses::work_of(&e.kind, &e.body["data"]), now);
+                    messages.push(e);
+                }
                 other => self.ctx.federation.refuse(
                     &self.peer.name,
                     "malformed",

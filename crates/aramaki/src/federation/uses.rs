@@ -1131,6 +1131,20 @@ fn field<'a>(data: &'a serde_json::Value, name: &str) -> Result<&'a str, Refusal
         .ok_or_else(|| Refusal::Refused(format!("the message has no '{name}'")))
 }
 
+/// What applying a message costs, in rows it may write: counted against
+/// `federation.max_work_per_second`, since frames alone say little (a
+/// snapshot writes hundreds of rows, a status one).
+pub fn work_of(kind: &str, data: &serde_json::Value) -> u64 {
+    let len = |k: &str| data[k].as_array().map_or(0, |a| a.len() as u64);
+    1 + match kind {
+        "use.request" => 3,
+        "system.snapshot" => 2 + 3 * len("systems") + len("edges") + len("events"),
+        "activity" => 2,
+        "status" => 1,
+        _ => 2,
+    }
+}
+
 /// Applies one message from `peer` in the caller's transaction.
 pub async fn dispatch(
     ctx: &Context,
@@ -1167,6 +1181,21 @@ async fn on_request(
     }
     let actor = Actor::instance(&peer.id, &peer.name);
     let now = to_micros(ctx.now());
+    if let Some(reason) = over_request_quota(ctx, tx, peer, now).await? {
+        // Refused, signed, with nothing stored but the answer.
+        outbox::enqueue(
+            tx,
+            &peer.id,
+            &[(
+                "use.rejected",
+                json!({"use": id, "reason": reason, "quota": true}),
+            )],
+            now,
+        )
+        .await?;
+        ctx.federation.refuse(&peer.name, "quota", &reason);
+        return Ok(());
+    }
     let system = systems_store::by_slug(tx, slug)
         .await?
         .filter(|s| s.instance == ctx.identity.instance_id);
@@ -1255,6 +1284,38 @@ async fn on_request(
         .await?;
     }
     Ok(())
+}
+
+/// Why one more use request of `peer` would be too many, if it would.
+async fn over_request_quota(
+    ctx: &Context,
+    tx: &mut Tx,
+    peer: &LinkPeer,
+    now: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    let q = &ctx.config.federation;
+    let row = sqlx::query(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN created_at > $2 THEN 1 ELSE 0 END), 0) \
+         FROM uses WHERE peer_id = $1 AND role = 'provider'",
+    )
+    .bind(peer.id.as_str())
+    .bind(now - 3_600_000_000)
+    .fetch_one(&mut **tx)
+    .await?;
+    let (kept, recent): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok(if recent >= i64::from(q.max_use_requests_per_hour) {
+        Some(format!(
+            "too many use requests from {}: {recent} in the last hour, at most {} (federation.max_use_requests_per_hour)",
+            peer.name, q.max_use_requests_per_hour
+        ))
+    } else if kept >= i64::from(q.max_uses_per_peer) {
+        Some(format!(
+            "too many use requests from {}: {kept} kept, at most {} (federation.max_uses_per_peer)",
+            peer.name, q.max_uses_per_peer
+        ))
+    } else {
+        None
+    })
 }
 
 async fn consumer_use(
@@ -1651,6 +1712,18 @@ async fn upsert_mirror(
             systems_store::update(tx, &m).await?;
             return Ok((id, m.slug.to_string()));
         }
+    }
+    let mirrors: i64 = sqlx::query("SELECT COUNT(*) FROM remote_systems WHERE peer_id = $1")
+        .bind(peer.id.as_str())
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+    let most = ctx.config.federation.max_mirrors_per_peer;
+    if mirrors >= i64::from(most) {
+        return Err(Refusal::Refused(format!(
+            "quota: {} has {mirrors} systems mirrored here, at most {most} (federation.max_mirrors_per_peer)",
+            peer.name
+        )));
     }
     let slug = free_slug(tx, &remote.slug, &peer.name).await?;
     let mirror = System {

@@ -713,3 +713,118 @@ async fn an_oversized_frame_on_a_websocket_is_refused_without_closing_the_link()
     }
     assert_eq!(refusals(&customer, "too_large"), large + 1);
 }
+
+async fn instance_with(
+    name: &str,
+    net: &Arc<MemoryNet>,
+    tweak: impl FnOnce(&mut aramaki::config::Config),
+) -> TestApp {
+    let app = TestApp::start_reachable_with(name, tweak).await;
+    app.ctx.federation.set_transport(net.clone());
+    net.attach(&app.base, app.ctx.clone());
+    app
+}
+
+async fn count(app: &TestApp, sql: &str, peer: &str) -> i64 {
+    use sqlx::Row;
+    sqlx::query(sql)
+        .bind(peer)
+        .fetch_one(app.ctx.db.reader())
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_requests_beyond_the_quota_are_refused_signed_and_store_nothing() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance_with("hosting", &net, |c| {
+        c.federation.max_use_requests_per_hour = 5;
+        c.federation.max_uses_per_peer = 8;
+    })
+    .await;
+    let mut m = Mallory::link(&net, &hosting, 54).await;
+    let request = |n: usize| json!({"use": uuid::Uuid::now_v7().to_string(), "system": format!("missing-{n}"), "level": "status"});
+    for seq in 1..=12 {
+        m.send(&hosting, seq, "use.request", request(seq as usize))
+            .await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 12 {
+        answers.push(m.next(&hosting, "use.rejected").await);
+    }
+    let over: Vec<&Envelope> = answers
+        .iter()
+        .filter(|a| a.body["data"]["quota"] == true)
+        .collect();
+    assert_eq!(over.len(), 7, "every request is answered, signed");
+    assert!(
+        over[0].body["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 5 (federation.max_use_requests_per_hour)"),
+        "{:?}",
+        over[0].body
+    );
+    let stored = "SELECT COUNT(*) FROM uses WHERE peer_id = $1";
+    assert_eq!(
+        count(&hosting, stored, &m.id).await,
+        5,
+        "only those within the quota are kept"
+    );
+    let audited =
+        "SELECT COUNT(*) FROM events WHERE kind = 'federation.use_rejected' AND actor_id = $1";
+    assert_eq!(count(&hosting, audited, &m.id).await, 5, "and audited");
+    assert_eq!(refusals(&hosting, "quota"), 7);
+
+    // An hour later (by the instance's clock) a few more are taken, up to
+    // what is kept at all.
+    hosting
+        .clock
+        .advance(jiff::SignedDuration::from_secs(3_601));
+    for seq in 13..=17 {
+        m.send(&hosting, seq, "use.request", request(seq as usize))
+            .await;
+    }
+    m.acked(&hosting, 17).await;
+    assert_eq!(
+        count(&hosting, stored, &m.id).await,
+        8,
+        "at most max_uses_per_peer"
+    );
+    assert_eq!(refusals(&hosting, "quota"), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_charged_by_their_work_until_the_clock_refills_it() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance_with("hosting", &net, |c| {
+        c.federation.max_work_per_second = 10;
+    })
+    .await;
+    let mut m = Mallory::link(&net, &hosting, 55).await;
+    // Each request costs four rows: the burst (twice the rate) takes five,
+    // though twenty frames are well within the message rate.
+    for seq in 1..=20 {
+        let data = json!({"use": uuid::Uuid::now_v7().to_string(), "system": format!("missing-{seq}"), "level": "status"});
+        m.send(&hosting, seq, "use.request", data).await;
+    }
+    let nack = m.next(&hosting, "link.nack").await;
+    let from = nack.body["from"].as_i64().unwrap();
+    assert!((2..=7).contains(&from), "{:?}", nack.body);
+    eventually("the costly rest to be refused", || async {
+        (refusals(&hosting, "work") >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        refusals(&hosting, "rate"),
+        0,
+        "not for the number of frames"
+    );
+    let stored = "SELECT COUNT(*) FROM uses WHERE peer_id = $1";
+    assert_eq!(count(&hosting, stored, &m.id).await, from - 1);
+    hosting.clock.advance(jiff::SignedDuration::from_secs(10));
+    let data = json!({"use": uuid::Uuid::now_v7().to_string(), "system": "missing-again", "level": "status"});
+    m.send(&hosting, from, "use.request", data).await;
+    m.acked(&hosting, from).await;
+}
