@@ -458,6 +458,49 @@ pub async fn list(ctx: &Context) -> Result<Vec<PeerInfo>, sqlx::Error> {
     Ok(out)
 }
 
+/// A page of peers by name (then id), after the peer `after` (an instance
+/// id) of the previous page; `None` if `after` names no peer.
+pub async fn page(
+    ctx: &Context,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Option<Vec<PeerInfo>>, sqlx::Error> {
+    let rows = match after {
+        Some(id) => {
+            let Some(at) = sqlx::query("SELECT name FROM peers WHERE instance_id = $1")
+                .bind(id)
+                .fetch_optional(ctx.db.reader())
+                .await?
+            else {
+                return Ok(None);
+            };
+            let name: String = at.try_get(0)?;
+            sqlx::query(&format!(
+                "SELECT {PEER_COLUMNS} FROM peers WHERE name > $1 OR (name = $1 AND instance_id > $2) \
+                 ORDER BY name, instance_id LIMIT $3"
+            ))
+            .bind(name)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(ctx.db.reader())
+            .await?
+        }
+        None => {
+            sqlx::query(&format!(
+                "SELECT {PEER_COLUMNS} FROM peers ORDER BY name, instance_id LIMIT $1"
+            ))
+            .bind(limit)
+            .fetch_all(ctx.db.reader())
+            .await?
+        }
+    };
+    let mut out = Vec::new();
+    for row in &rows {
+        out.push(peer_from(ctx, row).await?);
+    }
+    Ok(Some(out))
+}
+
 async fn peer_from(ctx: &Context, r: &sqlx::any::AnyRow) -> Result<PeerInfo, sqlx::Error> {
     let key: String = r.try_get("public_key")?;
     let id: String = r.try_get("instance_id")?;

@@ -153,6 +153,44 @@ pub async fn list(ctx: &Context) -> Result<Vec<UseInfo>, sqlx::Error> {
     rows.iter().map(use_from).collect()
 }
 
+/// A page of use relations, newest first (by when they were asked), after
+/// the use `after` (peer, id) of the previous page, optionally in one state.
+/// `None` if `after` names no use.
+pub async fn page(
+    ctx: &Context,
+    state: Option<&str>,
+    after: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Option<Vec<UseInfo>>, sqlx::Error> {
+    let mut filter = String::from("WHERE ($1 = '' OR u.state = $1)");
+    if after.is_some() {
+        filter.push_str(
+            " AND (u.created_at, u.peer_id, u.id) < \
+             (SELECT c.created_at, c.peer_id, c.id FROM uses c WHERE c.peer_id = $3 AND c.id = $4)",
+        );
+        let (peer, id) = after.unwrap_or_default();
+        let known = sqlx::query("SELECT 1 FROM uses WHERE peer_id = $1 AND id = $2")
+            .bind(peer)
+            .bind(id)
+            .fetch_optional(ctx.db.reader())
+            .await?
+            .is_some();
+        if !known {
+            return Ok(None);
+        }
+    }
+    filter.push_str(" ORDER BY u.created_at DESC, u.peer_id DESC, u.id DESC LIMIT $2");
+    let sql = select_uses(&filter);
+    let mut q = sqlx::query(&sql)
+        .bind(state.unwrap_or_default())
+        .bind(limit);
+    if let Some((peer, id)) = after {
+        q = q.bind(peer).bind(id);
+    }
+    let rows = q.fetch_all(ctx.db.reader()).await?;
+    Ok(Some(rows.iter().map(use_from).collect::<Result<_, _>>()?))
+}
+
 /// One use relation by id.
 pub async fn get(ctx: &Context, id: &str) -> Result<UseInfo, FederationError> {
     let row = sqlx::query(&select_uses("WHERE u.id = $1"))
@@ -624,6 +662,39 @@ pub struct Policy {
     pub peer: String,
     pub peer_name: String,
     pub exposure: Exposure,
+}
+
+/// A page of standing policies, by system then peer, after (system slug,
+/// peer id) of the previous page.
+pub async fn policies_page(
+    ctx: &Context,
+    after: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Vec<Policy>, sqlx::Error> {
+    let (slug, peer) = after.unwrap_or_default();
+    let rows = sqlx::query(
+        "SELECT s.slug, p.instance_id, p.name, u.level, u.subsystems, u.handbook, u.contacts \
+         FROM use_policies u JOIN systems s ON s.id = u.system_id AND s.deleted_at IS NULL \
+         JOIN peers p ON p.instance_id = u.peer_id \
+         WHERE $1 = 0 OR s.slug > $2 OR (s.slug = $2 AND p.instance_id > $3) \
+         ORDER BY s.slug, p.instance_id LIMIT $4",
+    )
+    .bind(i64::from(after.is_some()))
+    .bind(slug)
+    .bind(peer)
+    .bind(limit)
+    .fetch_all(ctx.db.reader())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Policy {
+                system: r.try_get("slug")?,
+                peer: r.try_get("instance_id")?,
+                peer_name: r.try_get("name")?,
+                exposure: Exposure::of_row(r)?,
+            })
+        })
+        .collect()
 }
 
 /// Every standing policy, by system then peer.

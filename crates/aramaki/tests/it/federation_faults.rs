@@ -13,6 +13,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::agent_e2e::eventually;
+use crate::both;
 use crate::federation_links::{instance, peer, record, timeline, wait_use, ANY_PIN};
 use crate::support::TestApp;
 
@@ -828,3 +829,133 @@ async fn messages_are_charged_by_their_work_until_the_clock_refills_it() {
     m.send(&hosting, from, "use.request", data).await;
     m.acked(&hosting, from).await;
 }
+
+/// Every item of a federation list, read `limit` at a time through `next`.
+async fn all_pages(
+    app: &TestApp,
+    path: &str,
+    limit: usize,
+    key: impl Fn(&Value) -> String,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut url = format!("{path}{sep}limit={limit}");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page = app.get(&url).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= limit, "{page}");
+        out.extend(items.iter().map(&key));
+        match page["next"].as_str() {
+            Some(n) => cursor = Some(n.to_owned()),
+            None => return out,
+        }
+    }
+    panic!("no last page");
+}
+
+both!(federation_lists_come_in_pages, |app| async move {
+    let t = aramaki::db::to_micros(app.ctx.now());
+    let storage = app.system("storage", "service", json!({})).await;
+    let billing = app.system("billing", "service", json!({})).await;
+    let mut peers = Vec::new();
+    for (i, name) in ["delta", "alpha", "echo", "bravo", "charlie"]
+        .iter()
+        .enumerate()
+    {
+        let id = uuid::Uuid::now_v7().to_string();
+        let key = Identity::new(
+            id.clone(),
+            (*name).into(),
+            SigningKey::from_bytes(&[60 + i as u8; 32]),
+        );
+        sqlx::query("INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, $2, 'http://p.invalid', $3, 'active', $4, $4)")
+            .bind(id.as_str())
+            .bind(*name)
+            .bind(key.public_key_hex())
+            .bind(t)
+            .execute(app.ctx.db.reader())
+            .await
+            .unwrap();
+        peers.push(id);
+    }
+    let mut uses = Vec::new();
+    for n in 0..7i64 {
+        let id = uuid::Uuid::now_v7().to_string();
+        let peer = &peers[n as usize % 5];
+        let state = if n % 2 == 0 { "pending" } else { "rejected" };
+        // Two uses at the same time: the page order still holds.
+        sqlx::query("INSERT INTO uses (peer_id, id, role, system_slug, state, level, requested_by, created_at, updated_at) VALUES ($1, $2, 'provider', 'storage', $3, 'status', 'x', $4, $4)")
+            .bind(peer.as_str())
+            .bind(id.as_str())
+            .bind(state)
+            .bind(t + n / 2)
+            .execute(app.ctx.db.reader())
+            .await
+            .unwrap();
+        uses.push(id);
+    }
+    for (system, peer) in [
+        (&storage, &peers[0]),
+        (&storage, &peers[1]),
+        (&billing, &peers[2]),
+    ] {
+        sqlx::query("INSERT INTO use_policies (system_id, peer_id, level, created_at) VALUES ($1, $2, 'status', $3)")
+            .bind(system["id"].as_str().unwrap())
+            .bind(peer.as_str())
+            .bind(t)
+            .execute(app.ctx.db.reader())
+            .await
+            .unwrap();
+    }
+
+    let names = all_pages(&app, "/api/v1/peers", 2, |p| {
+        p["name"].as_str().unwrap().to_owned()
+    })
+    .await;
+    assert_eq!(names, ["alpha", "bravo", "charlie", "delta", "echo"]);
+    let mut listed = all_pages(&app, "/api/v1/uses", 3, |u| {
+        u["id"].as_str().unwrap().to_owned()
+    })
+    .await;
+    assert_eq!(listed.len(), 7, "each once: {listed:?}");
+    listed.sort();
+    let mut expected = uses.clone();
+    expected.sort();
+    assert_eq!(listed, expected);
+    let pending = all_pages(&app, "/api/v1/uses?state=pending", 1, |u| {
+        u["state"].as_str().unwrap().to_owned()
+    })
+    .await;
+    assert_eq!(pending, vec!["pending"; 4]);
+    let policies = all_pages(&app, "/api/v1/policies", 2, |p| {
+        format!(
+            "{} {}",
+            p["system"].as_str().unwrap(),
+            p["peer_name"].as_str().unwrap()
+        )
+    })
+    .await;
+    assert_eq!(policies.len(), 3, "{policies:?}");
+    assert_eq!(policies[0], "billing echo");
+
+    for (path, problem) in [
+        ("/api/v1/peers?limit=0", "limit must be between 1 and 500"),
+        ("/api/v1/uses?limit=501", "limit must be between 1 and 500"),
+        ("/api/v1/peers?cursor=nobody", "invalid cursor 'nobody'"),
+        ("/api/v1/uses?cursor=nobody", "invalid cursor 'nobody'"),
+        ("/api/v1/uses?cursor=a/b", "invalid cursor 'a/b'"),
+        ("/api/v1/policies?cursor=nobody", "invalid cursor 'nobody'"),
+        ("/api/v1/uses?state=sleeping", "state 'sleeping' is none of"),
+    ] {
+        let (status, v) = app.call(Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap_or_default().contains(problem),
+            "{path}: {v}"
+        );
+    }
+});
