@@ -42,8 +42,6 @@ const WINDOW: i64 = 2_000;
 const SEND_BATCH: i64 = 500;
 /// Frames committed in one transaction, at most.
 const APPLY_BATCH: usize = 500;
-/// Seen envelope ids are kept this long (µs).
-pub const SEEN_FOR: i64 = 7 * 24 * 3_600 * 1_000_000;
 
 /// Text frames both ways; the transport closes when both ends drop.
 #[derive(Debug)]
@@ -472,14 +470,19 @@ async fn open_frame(ctx: &Context, peer: &LinkPeer, raw: &str) -> Option<Opened>
     }
 }
 
-/// Records an envelope id durably; false if it was seen before.
+/// Records an envelope id durably, until the envelope expires (and the
+/// clock skew allowed); false if it was seen before.
 pub async fn remember(tx: &mut crate::db::Tx, e: &Envelope, now: i64) -> Result<bool, sqlx::Error> {
+    let until = e
+        .expires_at
+        .max(now)
+        .saturating_add(super::envelope::MAX_SKEW_MICROS);
     let done = sqlx::query(
         "INSERT INTO federation_seen (id, issuer, expires_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
     )
     .bind(e.id.as_str())
     .bind(e.issuer.as_str())
-    .bind(now.saturating_add(SEEN_FOR))
+    .bind(until)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -1239,7 +1242,7 @@ async fn maintain(ctx: Arc<Context>, peer_id: String, mut stop: watch::Receiver<
 }
 
 /// Marks peers no link reached for `unreachable_after_hours` unreachable,
-/// and forgets envelope ids older than a week.
+/// and forgets envelope ids whose envelopes expired.
 pub async fn sweep(ctx: &Context) -> Result<(), super::peers::FederationError> {
     let now = to_micros(ctx.now());
     let limit =

@@ -959,3 +959,39 @@ both!(federation_lists_come_in_pages, |app| async move {
         );
     }
 });
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelope_ids_are_kept_until_their_envelope_expires_and_no_longer() {
+    let net = Arc::new(MemoryNet::default());
+    let customer = instance("customer", &net).await;
+    let mut m = Mallory::link(&net, &customer, 56).await;
+    let t = now(&customer);
+    // A message meant to live a day (its id would be kept a day) is refused.
+    let lasting = seal(
+        &m.me,
+        &m.to,
+        "status",
+        json!({"seq": 1, "data": {}}),
+        t,
+        24 * 60 * MINUTE,
+    );
+    m.send_raw(serde_json::to_string(&lasting).unwrap()).await;
+    let nack = m.next(&customer, "link.nack").await;
+    assert_eq!(nack.body["from"], 1);
+    assert_eq!(refusals(&customer, "lifetime"), 1);
+    m.send(&customer, 1, "status", json!({})).await;
+    m.acked(&customer, 1).await;
+    let longest = "SELECT MAX(expires_at) FROM federation_seen WHERE issuer = $1";
+    let kept = count(&customer, longest, &m.id).await;
+    let skew = aramaki::federation::envelope::MAX_SKEW_MICROS;
+    assert!(kept <= t + MINUTE + skew, "kept until {kept}, sent at {t}");
+    // Once they expired, the sweep forgets them.
+    customer
+        .clock
+        .advance(jiff::SignedDuration::from_secs(3_600));
+    aramaki::federation::link::sweep(&customer.ctx)
+        .await
+        .unwrap();
+    let left = "SELECT COUNT(*) FROM federation_seen WHERE issuer = $1";
+    assert_eq!(count(&customer, left, &m.id).await, 0);
+}
