@@ -16,6 +16,9 @@ use super::identity::Identity;
 pub const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
 /// How far an envelope's issue time may be from our clock.
 pub const MAX_SKEW_MICROS: i64 = 5 * 60 * 1_000_000;
+/// An envelope may live this long at most (µs): its id is remembered until
+/// it expires, so a peer cannot make the seen-set keep ids for ever.
+pub const MAX_LIFETIME_MICROS: i64 = 15 * 60 * 1_000_000;
 
 /// Where a peering stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,8 @@ pub enum Refused {
     Skewed(i64),
     #[error("the envelope expired")]
     Expired,
+    #[error("the envelope would live {0} s, longer than the {max} s allowed", max = MAX_LIFETIME_MICROS / 1_000_000)]
+    Lifetime(i64),
     #[error("envelope {0} was seen before (replay)")]
     Replayed(String),
 }
@@ -101,6 +106,7 @@ impl Refused {
             Refused::BadSignature => "bad_signature",
             Refused::Skewed(_) => "skewed",
             Refused::Expired => "expired",
+            Refused::Lifetime(_) => "lifetime",
             Refused::Replayed(_) => "replayed",
         }
     }
@@ -190,6 +196,10 @@ pub fn open(
     }
     if envelope.expires_at <= now {
         return Err(Refused::Expired);
+    }
+    let lifetime = envelope.expires_at.saturating_sub(envelope.issued_at);
+    if lifetime > MAX_LIFETIME_MICROS {
+        return Err(Refused::Lifetime(lifetime / 1_000_000));
     }
     if !first_time(&envelope.id, envelope.expires_at) {
         return Err(Refused::Replayed(envelope.id.clone()));
@@ -337,6 +347,14 @@ mod tests {
             open(&raw(&early), "b", NOW, active(), ok),
             Err(Refused::Skewed(_))
         ));
+        let lasting = seal(&a, "b", "activity", json!({}), NOW, 24 * 60 * MINUTE);
+        assert_eq!(
+            open(&raw(&lasting), "b", NOW, active(), ok),
+            Err(Refused::Lifetime(86_400)),
+            "its id would have to be kept for a day"
+        );
+        let long_enough = seal(&a, "b", "activity", json!({}), NOW, 15 * MINUTE);
+        assert!(open(&raw(&long_enough), "b", NOW, active(), ok).is_ok());
         let stale = seal(&a, "b", "activity", json!({}), NOW - 2 * MINUTE, MINUTE);
         assert_eq!(
             open(&raw(&stale), "b", NOW, active(), ok),

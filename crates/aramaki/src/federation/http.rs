@@ -25,7 +25,7 @@ async fn connect(
     State(ctx): State<AppState>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> axum::response::Response {
-    let limit = super::envelope::MAX_ENVELOPE_BYTES + 1024;
+    let limit = super::link::TRANSPORT_LIMIT;
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| super::link::accept(ctx, super::link::pump_axum(socket)))
@@ -97,19 +97,84 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct UseList {
     pub items: Vec<super::uses::UseInfo>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
 }
 
-/// Use relations, both ways. Role: instance admin.
-#[utoipa::path(get, path = "/uses", tag = "federation",
+/// A page of a federation list.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// From the previous page's `next`.
+    cursor: Option<String>,
+    /// Page size, 1 to 500 (default 100).
+    limit: Option<i64>,
+}
+
+/// Use relations in one state: requested, pending (requests waiting for
+/// an admin here), accepted, rejected or ended.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsePageQuery {
+    /// From the previous page's `next`.
+    cursor: Option<String>,
+    /// Page size, 1 to 500 (default 100).
+    limit: Option<i64>,
+    /// Only uses in this state.
+    state: Option<String>,
+}
+
+fn page_limit(limit: Option<i64>) -> Result<i64, Problem> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 500"));
+    }
+    Ok(limit)
+}
+
+fn bad_cursor(c: &str) -> Problem {
+    Problem::bad_request(format!(
+        "invalid cursor '{c}': use the previous page's 'next'"
+    ))
+}
+
+/// The rest of a page one longer than asked: the cursor of what follows.
+fn cut<T>(items: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(cursor)
+    } else {
+        None
+    }
+}
+
+/// Use relations, both ways, newest first, a page at a time. Role: instance admin.
+#[utoipa::path(get, path = "/uses", tag = "federation", params(UsePageQuery),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
-    responses((status = 200, body = UseList)))]
+    responses((status = 200, body = UseList), (status = 400, body = crate::web::ProblemBody)))]
 async fn list_uses(
     State(ctx): State<AppState>,
     InstanceAdmin(_): InstanceAdmin,
+    crate::web::ApiQuery(q): crate::web::ApiQuery<UsePageQuery>,
 ) -> Result<Json<UseList>, Problem> {
-    Ok(Json(UseList {
-        items: super::uses::list(&ctx).await?,
-    }))
+    let limit = page_limit(q.limit)?;
+    const STATES: [&str; 5] = ["requested", "pending", "accepted", "rejected", "ended"];
+    if let Some(state) = q.state.as_deref().filter(|s| !STATES.contains(s)) {
+        return Err(Problem::bad_request(format!(
+            "state '{state}' is none of requested, pending, accepted, rejected, ended"
+        )));
+    }
+    let after = match q.cursor.as_deref() {
+        Some(c) => Some(c.split_once('/').ok_or_else(|| bad_cursor(c))?),
+        None => None,
+    };
+    let mut items = super::uses::page(&ctx, q.state.as_deref(), after, limit + 1)
+        .await?
+        .ok_or_else(|| bad_cursor(q.cursor.as_deref().unwrap_or_default()))?;
+    let next = cut(&mut items, limit, |u| format!("{}/{}", u.peer, u.id));
+    Ok(Json(UseList { items, next }))
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
@@ -247,19 +312,27 @@ async fn disallow_use(
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct PolicyList {
     pub items: Vec<super::uses::Policy>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
 }
 
-/// Standing policies. Role: instance admin.
-#[utoipa::path(get, path = "/policies", tag = "federation",
+/// Standing policies, by system then peer, a page at a time. Role: instance admin.
+#[utoipa::path(get, path = "/policies", tag = "federation", params(PageQuery),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
-    responses((status = 200, body = PolicyList)))]
+    responses((status = 200, body = PolicyList), (status = 400, body = crate::web::ProblemBody)))]
 async fn list_policies(
     State(ctx): State<AppState>,
     InstanceAdmin(_): InstanceAdmin,
+    crate::web::ApiQuery(q): crate::web::ApiQuery<PageQuery>,
 ) -> Result<Json<PolicyList>, Problem> {
-    Ok(Json(PolicyList {
-        items: super::uses::policies(&ctx).await?,
-    }))
+    let limit = page_limit(q.limit)?;
+    let after = match q.cursor.as_deref() {
+        Some(c) => Some(c.split_once('/').ok_or_else(|| bad_cursor(c))?),
+        None => None,
+    };
+    let mut items = super::uses::policies_page(&ctx, after, limit + 1).await?;
+    let next = cut(&mut items, limit, |p| format!("{}/{}", p.system, p.peer));
+    Ok(Json(PolicyList { items, next }))
 }
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -318,19 +391,26 @@ async fn join_from_peer(
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct PeerList {
     pub items: Vec<super::peers::PeerInfo>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
 }
 
-/// Peers with their fingerprints and states. Role: instance admin.
-#[utoipa::path(get, path = "/peers", tag = "federation",
+/// Peers with their fingerprints and states, by name, a page at a time.
+/// Role: instance admin.
+#[utoipa::path(get, path = "/peers", tag = "federation", params(PageQuery),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
-    responses((status = 200, body = PeerList)))]
+    responses((status = 200, body = PeerList), (status = 400, body = crate::web::ProblemBody)))]
 async fn list_peers(
     State(ctx): State<AppState>,
     InstanceAdmin(_): InstanceAdmin,
+    crate::web::ApiQuery(q): crate::web::ApiQuery<PageQuery>,
 ) -> Result<Json<PeerList>, Problem> {
-    Ok(Json(PeerList {
-        items: super::peers::list(&ctx).await?,
-    }))
+    let limit = page_limit(q.limit)?;
+    let mut items = super::peers::page(&ctx, q.cursor.as_deref(), limit + 1)
+        .await?
+        .ok_or_else(|| bad_cursor(q.cursor.as_deref().unwrap_or_default()))?;
+    let next = cut(&mut items, limit, |p| p.instance_id.clone());
+    Ok(Json(PeerList { items, next }))
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]

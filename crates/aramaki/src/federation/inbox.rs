@@ -14,27 +14,50 @@ use super::uses::{dispatch, Refusal};
 use crate::context::Context;
 use crate::db::to_micros;
 
-/// Commits `messages` from `peer`; returns the new cursor and whether a
-/// gap (or a replay) stopped the batch early.
+/// Commits `messages` from `peer`; returns the new cursor, the epoch it
+/// counts in, and whether a gap (or a replay) stopped the batch early.
+///
+/// Numbers count within the sender's epoch: a message of another epoch
+/// numbered 1 starts that epoch here (the sender found the numbering
+/// broken and started afresh, which is said loudly); any other number of
+/// another epoch is a gap.
 pub async fn apply(
     ctx: &Context,
     peer: &LinkPeer,
     messages: Vec<Envelope>,
-) -> Result<(i64, bool), sqlx::Error> {
+) -> Result<(i64, String, bool), sqlx::Error> {
     if messages.is_empty() {
-        return Ok((peer.in_seq, false));
+        return Ok((peer.in_seq, peer.in_epoch.clone(), false));
     }
     let now = to_micros(ctx.now());
     let mut tx = ctx.db.begin_recording().await?;
-    let mut cursor: i64 = sqlx::query("SELECT in_seq FROM peers WHERE instance_id = $1")
+    let row = sqlx::query("SELECT in_seq, in_epoch FROM peers WHERE instance_id = $1")
         .bind(peer.id.as_str())
         .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-    let start = cursor;
+        .await?;
+    let (mut cursor, mut epoch): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+    let (start, start_epoch) = (cursor, epoch.clone());
     let mut gap = false;
+    let mut mark: Option<String> = None;
     for e in messages {
         let seq = e.body["seq"].as_i64().unwrap_or(0);
+        let their_epoch = e.body["epoch"].as_str().unwrap_or_default();
+        if their_epoch != epoch {
+            if seq != 1 {
+                gap = true;
+                break;
+            }
+            if cursor > 0 || !epoch.is_empty() {
+                let reason = format!(
+                    "{} restarted its numbering (after message {cursor} of the epoch before): \
+                     it found it broken, after a restore from a backup on one side",
+                    peer.name
+                );
+                note_broken(ctx, peer, "inbound", &reason, Some(&mut tx)).await?;
+            }
+            epoch = their_epoch.to_owned();
+            cursor = 0;
+        }
         if seq <= cursor {
             continue;
         }
@@ -77,15 +100,72 @@ pub async fn apply(
                 .await?;
         }
         cursor = seq;
+        mark = Some(e.body["mark"].as_str().unwrap_or_default().to_owned());
     }
-    if cursor != start {
-        sqlx::query("UPDATE peers SET in_seq = $2, last_seen_at = $3 WHERE instance_id = $1")
-            .bind(peer.id.as_str())
-            .bind(cursor)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+    if cursor != start || epoch != start_epoch {
+        sqlx::query(
+            "UPDATE peers SET in_seq = $2, in_epoch = $4, in_mark = COALESCE($5, in_mark), last_seen_at = $3 WHERE instance_id = $1",
+        )
+        .bind(peer.id.as_str())
+        .bind(cursor)
+        .bind(now)
+        .bind(epoch.as_str())
+        .bind(mark)
+        .execute(&mut *tx)
+        .await?;
+        ctx.commit(tx).await?;
+    } else {
+        // Nothing committed: the epoch switch (if any) is not noted either.
+        return Ok((start, start_epoch, gap));
+    }
+    Ok((cursor, epoch, gap))
+}
+
+/// Says loudly that the numbering with `peer` was found broken: on the
+/// instance's timeline, on the peer (shown in the peer list), in the
+/// metric and the log. In `tx` if given, else in its own transaction.
+pub async fn note_broken(
+    ctx: &Context,
+    peer: &LinkPeer,
+    direction: &'static str,
+    reason: &str,
+    tx: Option<&mut crate::db::Tx>,
+) -> Result<(), sqlx::Error> {
+    let mut own = None;
+    let tx = match tx {
+        Some(tx) => tx,
+        None => own.insert(ctx.db.begin_recording().await?),
+    };
+    let now = to_micros(ctx.now());
+    sqlx::query("UPDATE peers SET resynced_at = $2, resync_reason = $3 WHERE instance_id = $1")
+        .bind(peer.id.as_str())
+        .bind(now)
+        .bind(reason)
+        .execute(&mut **tx)
+        .await?;
+    let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "federation");
+    crate::users::audit(
+        ctx,
+        tx,
+        &actor,
+        "federation.resynced",
+        format!(
+            "The numbering of messages with {} was broken: {reason}",
+            peer.name
+        ),
+        serde_json::json!({"peer": peer.id, "direction": direction, "reason": reason}),
+    )
+    .await
+    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    if let Some(tx) = own {
         ctx.commit(tx).await?;
     }
-    Ok((cursor, gap))
+    ctx.federation.resynced(direction);
+    tracing::warn!(
+        peer = peer.name,
+        direction,
+        reason,
+        "federation numbering broken"
+    );
+    Ok(())
 }

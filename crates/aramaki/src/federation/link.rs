@@ -42,8 +42,6 @@ const WINDOW: i64 = 2_000;
 const SEND_BATCH: i64 = 500;
 /// Frames committed in one transaction, at most.
 const APPLY_BATCH: usize = 500;
-/// Seen envelope ids are kept this long (µs).
-pub const SEEN_FOR: i64 = 7 * 24 * 3_600 * 1_000_000;
 
 /// Text frames both ways; the transport closes when both ends drop.
 #[derive(Debug)]
@@ -94,6 +92,10 @@ pub struct Federation {
     health: Mutex<HashMap<String, LinkHealth>>,
     seen: Mutex<HashMap<String, i64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Refusals not yet written to the log, per (peer, reason).
+    refusal_log: Mutex<RefusalLog>,
+    /// Numbering found broken and restarted, by direction.
+    resyncs: Mutex<BTreeMap<&'static str, u64>>,
     /// When each revoked peer was last told so (at most every 10 s).
     told_revoked: Mutex<HashMap<String, Instant>>,
     /// Peers changed: the supervisor looks again.
@@ -188,10 +190,37 @@ impl Federation {
         }
     }
 
-    /// Counts and logs a refusal.
+    /// Counts a refusal and logs it: the first of a (peer, reason) at
+    /// once, the rest of a burst as one line with their count.
     pub fn refuse(&self, peer: &str, reason: &'static str, detail: &str) {
         *lock(&self.refused).entry(reason).or_default() += 1;
-        tracing::warn!(peer, reason, detail, "federation message refused");
+        let logged = lock(&self.refusal_log).note(peer, reason, Instant::now());
+        if let Some(count) = logged {
+            tracing::warn!(peer, reason, count, detail, "federation messages refused");
+        }
+    }
+
+    /// Writes the counts of refusals not logged yet (the sweep calls it).
+    pub fn flush_refusals(&self) {
+        for ((peer, reason), count) in lock(&self.refusal_log).flush(Instant::now()) {
+            tracing::warn!(peer, reason, count, "federation messages refused");
+        }
+    }
+
+    /// WARN lines written for refusals so far.
+    pub fn refusal_lines(&self) -> u64 {
+        lock(&self.refusal_log).lines
+    }
+
+    /// The numbering with a peer was found broken (`outbound`: ours to it,
+    /// restarted here; `inbound`: its to us).
+    pub fn resynced(&self, direction: &'static str) {
+        *lock(&self.resyncs).entry(direction).or_default() += 1;
+    }
+
+    /// Numbering restarts so far, by direction.
+    pub fn resyncs(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.resyncs).clone()
     }
 
     /// In-memory half of replay protection (the database holds the rest).
@@ -258,6 +287,13 @@ impl Federation {
             "# TYPE aramaki_federation_applied_total counter\naramaki_federation_applied_total {}",
             self.applied()
         );
+        let _ = writeln!(out, "# TYPE aramaki_federation_resyncs_total counter");
+        for (direction, n) in self.resyncs() {
+            let _ = writeln!(
+                out,
+                "aramaki_federation_resyncs_total{{direction=\"{direction}\"}} {n}"
+            );
+        }
         let _ = writeln!(out, "# TYPE aramaki_federation_refused_total counter");
         for (reason, n) in self.refusals() {
             let _ = writeln!(
@@ -265,6 +301,62 @@ impl Federation {
                 "aramaki_federation_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
+    }
+}
+
+/// How often refusals of one (peer, reason) are written to the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Refusals of one (peer, reason) are logged once per interval, with how
+/// many there were: a burst of thousands is one line, and the metric
+/// counts each.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// Last line written, and refusals since then, per (peer, reason).
+    open: HashMap<(String, &'static str), (Instant, u64)>,
+    /// Lines written so far.
+    pub lines: u64,
+}
+
+impl RefusalLog {
+    /// Notes one refusal; `Some(count)` when a line is due now.
+    pub fn note(&mut self, peer: &str, reason: &'static str, now: Instant) -> Option<u64> {
+        if self.open.len() > 10_000 {
+            self.open
+                .retain(|_, (at, pending)| *pending > 0 || now - *at < REFUSAL_LOG_EVERY);
+        }
+        match self.open.get_mut(&(peer.to_owned(), reason)) {
+            Some((at, pending)) if now - *at < REFUSAL_LOG_EVERY => {
+                *pending += 1;
+                None
+            }
+            Some((at, pending)) => {
+                let count = *pending + 1;
+                *at = now;
+                *pending = 0;
+                self.lines += 1;
+                Some(count)
+            }
+            None => {
+                self.open.insert((peer.to_owned(), reason), (now, 0));
+                self.lines += 1;
+                Some(1)
+            }
+        }
+    }
+
+    /// The counts whose interval is over and that no line told yet.
+    pub fn flush(&mut self, now: Instant) -> Vec<((String, &'static str), u64)> {
+        let mut out = Vec::new();
+        for (key, (at, pending)) in self.open.iter_mut() {
+            if *pending > 0 && now - *at >= REFUSAL_LOG_EVERY {
+                out.push((key.clone(), *pending));
+                *at = now;
+                *pending = 0;
+                self.lines += 1;
+            }
+        }
+        out
     }
 }
 
@@ -284,6 +376,12 @@ pub struct LinkPeer {
     pub state: PeerState,
     pub key: VerifyingKey,
     pub in_seq: i64,
+    /// The peer's epoch `in_seq` counts in, and the mark of that message.
+    pub in_epoch: String,
+    pub in_mark: String,
+    /// Ours for the messages we send it, and the last number given.
+    pub out_epoch: String,
+    pub out_seq: i64,
     /// It serves TLS with its instance key: no other certificate will do.
     pub tls_pinned: bool,
 }
@@ -310,7 +408,7 @@ pub fn parse_state(s: &str) -> PeerState {
 
 pub async fn load_peer(ctx: &Context, id: &str) -> Result<Option<LinkPeer>, sqlx::Error> {
     let Some(row) = sqlx::query(
-        "SELECT instance_id, name, url, public_key, state, in_seq, tls_pinned FROM peers WHERE instance_id = $1",
+        "SELECT instance_id, name, url, public_key, state, in_seq, in_epoch, in_mark, out_epoch, out_seq, tls_pinned FROM peers WHERE instance_id = $1",
     )
     .bind(id)
     .fetch_optional(ctx.db.reader())
@@ -331,6 +429,10 @@ pub async fn load_peer(ctx: &Context, id: &str) -> Result<Option<LinkPeer>, sqlx
         state: parse_state(&row.try_get::<String, _>("state")?),
         key,
         in_seq: row.try_get("in_seq")?,
+        in_epoch: row.try_get("in_epoch")?,
+        in_mark: row.try_get("in_mark")?,
+        out_epoch: row.try_get("out_epoch")?,
+        out_seq: row.try_get("out_seq")?,
         tls_pinned: row.try_get::<i64, _>("tls_pinned")? != 0,
     }))
 }
@@ -368,14 +470,19 @@ async fn open_frame(ctx: &Context, peer: &LinkPeer, raw: &str) -> Option<Opened>
     }
 }
 
-/// Records an envelope id durably; false if it was seen before.
+/// Records an envelope id durably, until the envelope expires (and the
+/// clock skew allowed); false if it was seen before.
 pub async fn remember(tx: &mut crate::db::Tx, e: &Envelope, now: i64) -> Result<bool, sqlx::Error> {
+    let until = e
+        .expires_at
+        .max(now)
+        .saturating_add(super::envelope::MAX_SKEW_MICROS);
     let done = sqlx::query(
         "INSERT INTO federation_seen (id, issuer, expires_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
     )
     .bind(e.id.as_str())
     .bind(e.issuer.as_str())
-    .bind(now.saturating_add(SEEN_FOR))
+    .bind(until)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -388,8 +495,33 @@ async fn remember_now(ctx: &Context, e: &Envelope) -> Result<bool, sqlx::Error> 
     Ok(first)
 }
 
-fn hello_body(ctx: &Context, cursor: i64) -> serde_json::Value {
-    json!({"cursor": cursor, "keys": ctx.identity.rotations()})
+/// What each side says when a link opens: its cursor (the last message it
+/// committed from the other, in the other's epoch `cursor_epoch`) and its
+/// own numbering (`epoch`, and `head`, the last number it gave).
+fn hello_body(ctx: &Context, peer: &LinkPeer, epoch: &str, head: i64) -> serde_json::Value {
+    json!({"cursor": peer.in_seq, "cursor_epoch": peer.in_epoch, "cursor_mark": peer.in_mark,
+        "epoch": epoch, "head": head,
+        "keys": ctx.identity.rotations()})
+}
+
+/// The other side's numbering as it opens the link: in the epoch we know,
+/// a head below our cursor means its numbers went back (it was restored
+/// from a backup). It restarts its epoch when it sees our cursor; we say so.
+async fn note_their_numbering(ctx: &Context, peer: &LinkPeer, body: &serde_json::Value) {
+    let epoch = body["epoch"].as_str().unwrap_or_default();
+    let Some(head) = body["head"].as_i64() else {
+        return;
+    };
+    if epoch != peer.in_epoch || head >= peer.in_seq {
+        return;
+    }
+    let reason = format!(
+        "the numbering of messages from {} went back from {} to {head}: it was restored from a backup or lost its state",
+        peer.name, peer.in_seq
+    );
+    if let Err(e) = super::inbox::note_broken(ctx, peer, "inbound", &reason, None).await {
+        tracing::warn!(error = %e, "cannot record a broken numbering");
+    }
 }
 
 fn seal_to(ctx: &Context, peer: &str, kind: &str, body: serde_json::Value) -> String {
@@ -473,8 +605,8 @@ async fn opening(
     Some((peer, opened.envelope))
 }
 
-fn cursor_of(e: &Envelope) -> i64 {
-    e.body["cursor"].as_i64().unwrap_or(0).max(0)
+fn cursor_of_body(body: &serde_json::Value) -> i64 {
+    body["cursor"].as_i64().unwrap_or(0).max(0)
 }
 
 /// The accepting side of a link (the WebSocket route hands it over).
@@ -482,7 +614,7 @@ pub async fn accept(ctx: Arc<Context>, mut conn: Conn) {
     let Ok(Some(first)) = tokio::time::timeout(HANDSHAKE, conn.rx.recv()).await else {
         return;
     };
-    tell_if_revoked(&ctx, &conn, &first).await;
+    tell_if_blocked(&ctx, &conn, &first).await;
     let Some((peer, hello)) = opening(&ctx, &first, "link.hello", None).await else {
         return;
     };
@@ -500,17 +632,43 @@ pub async fn accept(ctx: Arc<Context>, mut conn: Conn) {
         ctx.federation.unregister(&session);
         return;
     }
-    let welcome = seal_to(
-        &ctx,
-        &peer.id,
-        "link.welcome",
-        json!({"hello": hello.id, "cursor": peer.in_seq, "keys": ctx.identity.rotations()}),
-    );
+    note_their_numbering(&ctx, &peer, &hello.body).await;
+    let Some((cursor, epoch, head)) = resume_point(&ctx, &peer, &hello.body).await else {
+        ctx.federation.unregister(&session);
+        return;
+    };
+    let mut body = hello_body(&ctx, &peer, &epoch, head);
+    body["hello"] = json!(hello.id);
+    let welcome = seal_to(&ctx, &peer.id, "link.welcome", body);
     if conn.tx.send(welcome).await.is_err() {
         ctx.federation.unregister(&session);
         return;
     }
-    run(&ctx, peer, conn, cursor_of(&hello), session).await;
+    run(&ctx, peer, conn, cursor, epoch, session).await;
+}
+
+/// Where to resume sending to `peer` after its opening `body`: its cursor
+/// in our epoch, our epoch (new if the numbering was broken), our head.
+async fn resume_point(
+    ctx: &Context,
+    peer: &LinkPeer,
+    body: &serde_json::Value,
+) -> Option<(i64, String, i64)> {
+    let cursor_epoch = body["cursor_epoch"].as_str().unwrap_or_default();
+    let cursor_mark = body["cursor_mark"].as_str().unwrap_or_default();
+    match outbox::reconcile(ctx, peer, cursor_of_body(body), cursor_epoch, cursor_mark).await {
+        Ok((cursor, epoch)) => {
+            let head = match load_peer(ctx, &peer.id).await {
+                Ok(Some(p)) => p.out_seq,
+                _ => peer.out_seq,
+            };
+            Some((cursor, epoch, head))
+        }
+        Err(e) => {
+            tracing::warn!(peer = peer.name, error = %e, "cannot check the numbering with a peer");
+            None
+        }
+    }
 }
 
 /// Dials `peer` and runs the link until it ends.
@@ -521,11 +679,18 @@ async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
         strict: peer.tls_pinned,
     };
     let mut conn = transport.dial(&connect_url(&peer.url), pin).await?;
+    // The cursor and numbering as they are now, not as when the dial began
+    // (the database may have changed meanwhile: a restore, say).
+    let fresh = match load_peer(ctx, &peer.id).await {
+        Ok(Some(p)) => p,
+        _ => return Err("the peer is gone".into()),
+    };
+    let peer = &fresh;
     let hello = seal(
         &ctx.identity,
         &peer.id,
         "link.hello",
-        hello_body(ctx, peer.in_seq),
+        hello_body(ctx, peer, &peer.out_epoch, peer.out_seq),
         to_micros(ctx.now()),
         MESSAGE_TTL,
     );
@@ -537,7 +702,7 @@ async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
         .await
         .map_err(|_| "no welcome in time".to_owned())?
         .ok_or_else(|| "the peer closed the link (refused?)".to_owned())?;
-    if let Some(why) = revoked_by(ctx, peer, &first).await {
+    if let Some(why) = blocked_by(ctx, peer, &first).await {
         return Err(why);
     }
     let (peer, welcome) = opening(ctx, &first, "link.welcome", Some(&peer.id))
@@ -554,7 +719,12 @@ async fn dial(ctx: &Context, peer: &LinkPeer) -> Result<(), String> {
         ctx.federation.unregister(&session);
         return Err("the peer was suspended or revoked meanwhile".into());
     }
-    run(ctx, peer, conn, cursor_of(&welcome), session).await;
+    note_their_numbering(ctx, &peer, &welcome.body).await;
+    let Some((cursor, epoch, _)) = resume_point(ctx, &peer, &welcome.body).await else {
+        ctx.federation.unregister(&session);
+        return Err("cannot check the numbering with the peer".into());
+    };
+    run(ctx, peer, conn, cursor, epoch, session).await;
     Ok(())
 }
 
@@ -567,9 +737,10 @@ async fn still_allowed(ctx: &Context, peer: &str) -> bool {
     )
 }
 
-/// A revoked peer that dials is told so, signed, so that it can end its
-/// side too (its uses, its mirrors); at most every 10 s per peer.
-async fn tell_if_revoked(ctx: &Context, conn: &Conn, first: &str) {
+/// A revoked or suspended peer that dials is told so, signed, so that it
+/// can end its side too (its uses, its mirrors) or show that it waits; at
+/// most every 10 s per peer.
+async fn tell_if_blocked(ctx: &Context, conn: &Conn, first: &str) {
     let issuer = serde_json::from_str::<serde_json::Value>(first)
         .ok()
         .and_then(|v| v["issuer"].as_str().map(str::to_owned))
@@ -577,9 +748,11 @@ async fn tell_if_revoked(ctx: &Context, conn: &Conn, first: &str) {
     let Ok(Some(peer)) = load_peer(ctx, &issuer).await else {
         return;
     };
-    if peer.state != PeerState::Revoked {
-        return;
-    }
+    let kind = match peer.state {
+        PeerState::Revoked => "link.revoked",
+        PeerState::Suspended => "link.suspended",
+        _ => return,
+    };
     {
         let mut told = lock(&ctx.federation.told_revoked);
         if told
@@ -590,15 +763,23 @@ async fn tell_if_revoked(ctx: &Context, conn: &Conn, first: &str) {
         }
         told.insert(peer.id.clone(), Instant::now());
     }
-    let notice = seal_to(ctx, &peer.id, "link.revoked", json!({}));
+    let notice = seal_to(ctx, &peer.id, kind, json!({}));
     let _ = conn.tx.send(notice).await;
 }
 
-/// The peer told us, signed, that it revoked this instance: our side ends.
-async fn revoked_by(ctx: &Context, peer: &LinkPeer, raw: &str) -> Option<String> {
+/// The peer told us, signed, that it revoked this instance (our side
+/// ends) or suspended it (we show it, and keep trying at a slow pace).
+async fn blocked_by(ctx: &Context, peer: &LinkPeer, raw: &str) -> Option<String> {
     let kind = serde_json::from_str::<serde_json::Value>(raw)
         .ok()
         .and_then(|v| v["type"].as_str().map(str::to_owned));
+    if kind.as_deref() == Some("link.suspended") {
+        opening(ctx, raw, "link.suspended", Some(&peer.id)).await?;
+        if let Err(e) = super::peers::suspended_by_peer(ctx, peer).await {
+            tracing::warn!(error = %e, "cannot record a suspension by the peer");
+        }
+        return Some(format!("{} suspended this instance", peer.name));
+    }
     if kind.as_deref() != Some("link.revoked") {
         return None;
     }
@@ -628,10 +809,26 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, now: i64) -> bool {
+    fn refill(&mut self, now: i64) {
         let elapsed = (now - self.at).max(0) as f64 / 1e6;
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+    }
+
+    /// Spends `n` after the fact (it may run into debt).
+    fn charge(&mut self, n: u64, now: i64) {
+        self.refill(now);
+        self.tokens -= n as f64;
+    }
+
+    /// Whether anything is left to spend.
+    fn ready(&mut self, now: i64) -> bool {
+        self.refill(now);
+        self.tokens > 0.0
+    }
+
+    fn take(&mut self, now: i64) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -646,15 +843,26 @@ struct Link<'a> {
     ctx: &'a Context,
     peer: LinkPeer,
     out: mpsc::Sender<String>,
+    /// Our epoch for this link: acks and nacks of another are stale.
+    epoch: String,
     /// Highest sequence sent, and acknowledged, to the peer.
     sent: i64,
     acked: i64,
     paused_until: Option<Instant>,
     bucket: Bucket,
+    /// What applying its messages cost, in rows.
+    work: Bucket,
     last_nack: Option<(i64, Instant)>,
 }
 
-async fn run(ctx: &Context, peer: LinkPeer, conn: Conn, their_cursor: i64, mut session: Session) {
+async fn run(
+    ctx: &Context,
+    peer: LinkPeer,
+    conn: Conn,
+    their_cursor: i64,
+    epoch: String,
+    mut session: Session,
+) {
     let Conn {
         tx: out,
         rx: mut inbound,
@@ -664,8 +872,10 @@ async fn run(ctx: &Context, peer: LinkPeer, conn: Conn, their_cursor: i64, mut s
     let mut link = Link {
         ctx,
         bucket: Bucket::new(ctx.config.federation.max_messages_per_second, now),
+        work: Bucket::new(ctx.config.federation.max_work_per_second, now),
         peer,
         out,
+        epoch,
         sent: their_cursor,
         acked: their_cursor,
         paused_until: None,
@@ -749,7 +959,7 @@ impl Link<'_> {
                 self.ctx,
                 &self.peer.id,
                 &q.kind,
-                json!({"seq": q.seq, "data": q.body}),
+                json!({"seq": q.seq, "epoch": self.epoch, "mark": q.mark, "data": q.body}),
             );
             self.out.send(frame).await.map_err(|_| ())?;
             self.sent = q.seq;
@@ -788,6 +998,8 @@ impl Link<'_> {
             };
             let e = opened.envelope;
             match e.kind.as_str() {
+                // An ack of another epoch is stale: it counts nothing of ours.
+                "link.ack" if e.body["epoch"].as_str().unwrap_or_default() != self.epoch => {}
                 "link.ack" => {
                     let upto = e.body["upto"].as_i64().unwrap_or(0);
                     if upto > self.acked {
@@ -800,14 +1012,36 @@ impl Link<'_> {
                     }
                 }
                 "link.nack" => {
-                    let from = e.body["from"].as_i64().unwrap_or(1).max(1);
+                    // A nack in another epoch: the peer has nothing of ours yet.
+                    let from = if e.body["epoch"].as_str().unwrap_or_default() == self.epoch {
+                        e.body["from"].as_i64().unwrap_or(1).max(1)
+                    } else {
+                        1
+                    };
                     let wait = e.body["retry_ms"].as_u64().unwrap_or(100).min(60_000);
                     if from - 1 < self.sent {
                         self.sent = (from - 1).max(self.acked);
                     }
                     self.paused_until = Some(Instant::now() + Duration::from_millis(wait));
                 }
-                _ if e.body["seq"].is_i64() => messages.push(e),
+                _ if e.body["seq"].is_i64() => {
+                    // Its cost is known before it is applied: once the
+                    // budget is spent, the rest waits (nacked) until the
+                    // clock refills it.
+                    let now = to_micros(self.ctx.now());
+                    if !self.work.ready(now) {
+                        self.ctx.federation.refuse(
+                            &self.peer.name,
+                            "work",
+                            "messages that cost more work per second than allowed (federation.max_work_per_second)",
+                        );
+                        dropped = true;
+                        continue;
+                    }
+                    self.work
+                        .charge(super::uses::work_of(&e.kind, &e.body["data"]), now);
+                    messages.push(e);
+                }
                 other => self.ctx.federation.refuse(
                     &self.peer.name,
                     "malformed",
@@ -819,20 +1053,28 @@ impl Link<'_> {
             return Ok(());
         }
         let applied = super::inbox::apply(self.ctx, &self.peer, messages).await;
-        let (cursor, gap) = match applied {
+        let (cursor, epoch, gap) = match applied {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(peer = self.peer.name, error = %e, "cannot commit messages from a peer");
-                (self.peer.in_seq, true)
+                (self.peer.in_seq, self.peer.in_epoch.clone(), true)
             }
         };
-        if cursor > self.peer.in_seq {
+        let new_epoch = epoch != self.peer.in_epoch;
+        if cursor > self.peer.in_seq || new_epoch {
+            let before = if new_epoch { 0 } else { self.peer.in_seq };
             self.ctx
                 .federation
                 .applied
-                .fetch_add((cursor - self.peer.in_seq) as u64, Ordering::Relaxed);
+                .fetch_add((cursor - before).max(0) as u64, Ordering::Relaxed);
             self.peer.in_seq = cursor;
-            let ack = seal_to(self.ctx, &self.peer.id, "link.ack", json!({"upto": cursor}));
+            self.peer.in_epoch = epoch;
+            let ack = seal_to(
+                self.ctx,
+                &self.peer.id,
+                "link.ack",
+                json!({"upto": cursor, "epoch": self.peer.in_epoch}),
+            );
             self.out.send(ack).await.map_err(|_| ())?;
         }
         if gap || dropped {
@@ -846,7 +1088,7 @@ impl Link<'_> {
                     self.ctx,
                     &self.peer.id,
                     "link.nack",
-                    json!({"from": cursor + 1, "retry_ms": if dropped { 250 } else { 20 }}),
+                    json!({"from": cursor + 1, "epoch": self.peer.in_epoch, "retry_ms": if dropped { 250 } else { 20 }}),
                 );
                 self.out.send(nack).await.map_err(|_| ())?;
             }
@@ -877,6 +1119,7 @@ pub fn spawn(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
                 Err(e) => tracing::warn!(error = %e, "cannot list peers"),
             }
             if Instant::now() >= next_sweep {
+                ctx.federation.flush_refusals();
                 if let Err(e) = sweep(&ctx).await {
                     tracing::warn!(error = %e, "federation sweep failed");
                 }
@@ -999,7 +1242,7 @@ async fn maintain(ctx: Arc<Context>, peer_id: String, mut stop: watch::Receiver<
 }
 
 /// Marks peers no link reached for `unreachable_after_hours` unreachable,
-/// and forgets envelope ids older than a week.
+/// and forgets envelope ids whose envelopes expired.
 pub async fn sweep(ctx: &Context) -> Result<(), super::peers::FederationError> {
     let now = to_micros(ctx.now());
     let limit =
@@ -1069,8 +1312,8 @@ impl Transport for WsTransport {
                 ));
             }
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                .max_message_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024))
-                .max_frame_size(Some(super::envelope::MAX_ENVELOPE_BYTES + 1024));
+                .max_message_size(Some(TRANSPORT_LIMIT))
+                .max_frame_size(Some(TRANSPORT_LIMIT));
             let tls = super::tls::client_config(super::tls::Pin::Key(pin.key), pin.strict)
                 .map_err(|e| format!("TLS configuration: {e}"))?;
             let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
@@ -1107,6 +1350,24 @@ pub fn with_causes(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The largest WebSocket message taken in. Larger than an envelope may be,
+/// so that an oversized frame is refused by the link (counted, logged, the
+/// sender told where to resume) rather than closing the connection; beyond
+/// it the transport closes, and says why.
+pub const TRANSPORT_LIMIT: usize = 4 * super::envelope::MAX_ENVELOPE_BYTES;
+
+/// Why a link's connection ended, for the log.
+fn closed_because(e: Option<&dyn std::error::Error>, silent: bool) {
+    match e {
+        Some(e) => tracing::warn!(error = with_causes(e), "federation connection closed"),
+        None if silent => tracing::warn!(
+            seconds = (PING_EVERY * 3).as_secs(),
+            "federation connection closed: the peer was silent"
+        ),
+        None => tracing::debug!("federation connection closed by the peer"),
+    }
+}
+
 /// Heartbeat: a ping this often; a link silent for three of them is dead.
 const PING_EVERY: Duration = Duration::from_secs(15);
 
@@ -1141,7 +1402,24 @@ where
                     }
                 }
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
-                _ => break,
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    tracing::warn!(
+                        "federation connection closed: a binary frame (only text is spoken)"
+                    );
+                    break;
+                }
+                Ok(Some(Ok(Message::Close(_))) | None) => {
+                    closed_because(None, false);
+                    break;
+                }
+                Ok(Some(Err(e))) => {
+                    closed_because(Some(&e), false);
+                    break;
+                }
+                Err(_) => {
+                    closed_because(None, true);
+                    break;
+                }
             }
         }
     });
@@ -1180,7 +1458,24 @@ pub fn pump_axum(socket: axum::extract::ws::WebSocket) -> Conn {
                     }
                 }
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-                _ => break,
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    tracing::warn!(
+                        "federation connection closed: a binary frame (only text is spoken)"
+                    );
+                    break;
+                }
+                Ok(Some(Ok(Message::Close(_))) | None) => {
+                    closed_because(None, false);
+                    break;
+                }
+                Ok(Some(Err(e))) => {
+                    closed_because(Some(&e), false);
+                    break;
+                }
+                Err(_) => {
+                    closed_because(None, true);
+                    break;
+                }
             }
         }
     });
@@ -1303,6 +1598,48 @@ mod tests {
             assert!(d.as_millis() as u64 >= base / 2, "{failures}: {d:?}");
             assert!(d.as_millis() as u64 <= base, "{failures}: {d:?}");
         }
+    }
+
+    #[test]
+    fn refusals_of_a_burst_are_one_line_with_their_count() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            log.note("mallory", "too_large", t0),
+            Some(1),
+            "the first at once"
+        );
+        for _ in 0..4_745 {
+            assert_eq!(log.note("mallory", "too_large", t0), None);
+        }
+        assert_eq!(
+            log.note("mallory", "rate", t0),
+            Some(1),
+            "another reason is another line"
+        );
+        assert_eq!(
+            log.note("other", "too_large", t0),
+            Some(1),
+            "another peer too"
+        );
+        assert!(log.flush(t0 + Duration::from_secs(1)).is_empty(), "not yet");
+        let later = t0 + REFUSAL_LOG_EVERY;
+        assert_eq!(
+            log.flush(later),
+            vec![(("mallory".to_owned(), "too_large"), 4_745)],
+            "the rest of the burst, counted"
+        );
+        assert!(log.flush(later + REFUSAL_LOG_EVERY).is_empty(), "told once");
+        assert_eq!(
+            log.note("mallory", "too_large", later + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            log.note("mallory", "too_large", later + REFUSAL_LOG_EVERY),
+            Some(2),
+            "the next interval's line counts what came since"
+        );
+        assert_eq!(log.lines, 5);
     }
 
     #[test]

@@ -11,6 +11,8 @@ use crate::db::Tx;
 #[derive(Debug, Clone)]
 pub struct Queued {
     pub seq: i64,
+    /// Random: tells this message from another given the same number.
+    pub mark: String,
     pub kind: String,
     pub body: serde_json::Value,
 }
@@ -38,13 +40,14 @@ pub async fn enqueue(
         seq += 1;
         let body = fitted(kind, body);
         sqlx::query(
-            "INSERT INTO federation_outbox (peer_id, seq, kind, body, created_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO federation_outbox (peer_id, seq, kind, body, created_at, mark) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(peer)
         .bind(seq)
         .bind(*kind)
         .bind(body.as_ref().to_string())
         .bind(now)
+        .bind(crate::db::new_id().to_string())
         .execute(&mut **tx)
         .await?;
     }
@@ -59,7 +62,7 @@ pub async fn after(
     limit: i64,
 ) -> Result<Vec<Queued>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT seq, kind, body FROM federation_outbox WHERE peer_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        "SELECT seq, mark, kind, body FROM federation_outbox WHERE peer_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
     )
     .bind(peer)
     .bind(after)
@@ -71,6 +74,7 @@ pub async fn after(
             let body: String = r.try_get("body")?;
             Ok(Queued {
                 seq: r.try_get("seq")?,
+                mark: r.try_get("mark")?,
                 kind: r.try_get("kind")?,
                 body: serde_json::from_str(&body).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             })
@@ -78,9 +82,19 @@ pub async fn after(
         .collect()
 }
 
-/// Drops what the peer acknowledged.
+/// Drops what the peer acknowledged, keeping the mark of the last one.
 pub async fn acknowledged(db: &crate::db::Db, peer: &str, upto: i64) -> Result<(), sqlx::Error> {
     let mut tx = db.begin().await?;
+    sqlx::query(
+        "UPDATE peers SET acked_seq = $2, acked_mark = \
+         (SELECT mark FROM federation_outbox WHERE peer_id = $1 AND seq = $2) \
+         WHERE instance_id = $1 AND acked_seq < $2 AND EXISTS \
+         (SELECT 1 FROM federation_outbox WHERE peer_id = $1 AND seq = $2)",
+    )
+    .bind(peer)
+    .bind(upto)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("DELETE FROM federation_outbox WHERE peer_id = $1 AND seq <= $2")
         .bind(peer)
         .bind(upto)
@@ -97,6 +111,139 @@ pub async fn backlog(pool: &sqlx::AnyPool, peer: &str) -> Result<(i64, Option<i6
             .fetch_one(pool)
             .await?;
     Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Where a link resumes sending to `peer`, given the cursor it sent (the
+/// last message it committed from us, in epoch `cursor_epoch`): the cursor
+/// and our epoch. When the numbering is broken — the peer holds numbers we
+/// never gave (we were restored from a backup) or resumes after messages
+/// we trimmed once it acknowledged them (it was) — a new epoch starts at 1
+/// with a fresh snapshot of every use, and it is said loudly.
+pub async fn reconcile(
+    ctx: &crate::context::Context,
+    peer: &super::link::LinkPeer,
+    cursor: i64,
+    cursor_epoch: &str,
+    cursor_mark: &str,
+) -> Result<(i64, String), sqlx::Error> {
+    let mut tx = ctx.db.begin_recording().await?;
+    let row = sqlx::query(
+        "SELECT out_seq, out_epoch, acked_seq, acked_mark FROM peers WHERE instance_id = $1",
+    )
+    .bind(peer.id.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    let (out_seq, epoch): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+    let (acked_seq, acked_mark): (i64, String) = (row.try_get(2)?, row.try_get(3)?);
+    let same_epoch = cursor_epoch == epoch;
+    let theirs = if same_epoch { cursor } else { 0 };
+    let next_kept = sqlx::query("SELECT 1 FROM federation_outbox WHERE peer_id = $1 AND seq = $2")
+        .bind(peer.id.as_str())
+        .bind(theirs + 1)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+    // The mark we know for the number they hold: the last acknowledged,
+    // or one still waiting.
+    let ours = if theirs == acked_seq {
+        Some(acked_mark)
+    } else {
+        sqlx::query("SELECT mark FROM federation_outbox WHERE peer_id = $1 AND seq = $2")
+            .bind(peer.id.as_str())
+            .bind(theirs)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<String, _>(0))
+            .transpose()?
+    };
+    let diverged = same_epoch
+        && theirs > 0
+        && !cursor_mark.is_empty()
+        && ours.is_some_and(|m| !m.is_empty() && m != cursor_mark);
+    let broken = if theirs > out_seq {
+        Some(format!(
+            "{} holds messages up to {theirs} from this instance, which numbered only {out_seq}: \
+             this instance was restored from a backup or lost its state",
+            peer.name
+        ))
+    } else if diverged {
+        Some(format!(
+            "{} holds another message {theirs} than the one this instance numbered so: \
+             this instance was restored from a backup and numbered anew",
+            peer.name
+        ))
+    } else if theirs < out_seq && !next_kept {
+        Some(format!(
+            "{} resumes after message {theirs}, but {} and later were trimmed once it had acknowledged them: \
+             {} was restored from a backup or lost its state",
+            peer.name,
+            theirs + 1,
+            peer.name
+        ))
+    } else {
+        None
+    };
+    let Some(reason) = broken else {
+        return Ok((theirs, epoch));
+    };
+    let epoch = crate::db::new_id().to_string();
+    let now = crate::db::to_micros(ctx.now());
+    // What still waits goes again, renumbered in the new epoch (the peer
+    // may have some of it: every handler takes a repeat), then the fresh
+    // snapshots, so that the peer ends on the current state.
+    let waiting =
+        sqlx::query("SELECT kind, body FROM federation_outbox WHERE peer_id = $1 ORDER BY seq")
+            .bind(peer.id.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut fresh: Vec<(String, serde_json::Value)> = Vec::new();
+    for r in &waiting {
+        let body: String = r.try_get(1)?;
+        let body = serde_json::from_str(&body).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        fresh.push((r.try_get(0)?, body));
+    }
+    sqlx::query("DELETE FROM federation_outbox WHERE peer_id = $1")
+        .bind(peer.id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE peers SET out_seq = 0, out_epoch = $2, resynced_at = $3, resync_reason = $4, acked_seq = 0, acked_mark = '' WHERE instance_id = $1",
+    )
+    .bind(peer.id.as_str())
+    .bind(epoch.as_str())
+    .bind(now)
+    .bind(reason.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let snapshots = super::uses::resync_messages(&mut tx, &peer.id).await?;
+    fresh.extend(snapshots.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let fresh: Vec<(&str, serde_json::Value)> =
+        fresh.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    enqueue(&mut tx, &peer.id, &fresh, now).await?;
+    let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "federation");
+    crate::users::audit(
+        ctx,
+        &mut tx,
+        &actor,
+        "federation.resynced",
+        format!(
+            "The numbering of messages to {} was broken; a new epoch starts with a fresh snapshot of every use ({} messages). {reason}",
+            peer.name,
+            fresh.len()
+        ),
+        serde_json::json!({"peer": peer.id, "epoch": epoch, "direction": "outbound", "cursor": cursor, "out_seq": out_seq, "reason": reason}),
+    )
+    .await
+    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    ctx.commit(tx).await?;
+    ctx.federation.resynced("outbound");
+    tracing::warn!(
+        peer = peer.name,
+        epoch,
+        reason,
+        "federation numbering broken: new epoch, fresh snapshots"
+    );
+    Ok((0, epoch))
 }
 
 /// Room for a body inside an envelope (the rest is headers and signature).

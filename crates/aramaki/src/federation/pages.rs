@@ -51,6 +51,10 @@ struct PeerRow {
     failures: u32,
     next_attempt: Option<String>,
     last_error: Option<String>,
+    /// It told us, signed, that it suspended this instance (since when).
+    suspended_us: Option<String>,
+    /// The numbering with it was last found broken and restarted: (when, why).
+    resynced: Option<(String, String)>,
     /// (change, button label, confirmation).
     changes: Vec<(&'static str, &'static str, String)>,
 }
@@ -197,6 +201,10 @@ fn peer_row(now: jiff::Timestamp, p: PeerInfo) -> PeerRow {
             .next_attempt_at
             .map(|t| crate::db::from_micros(t).to_string()),
         last_error: p.link.last_error,
+        suspended_us: p.suspended_by_peer_at.map(|t| t.to_string()),
+        resynced: p
+            .resynced_at
+            .map(|t| (t.to_string(), p.resync_reason.unwrap_or_default())),
     }
 }
 

@@ -63,6 +63,15 @@ pub struct PeerInfo {
     pub link: super::link::LinkHealth,
     /// Its TLS certificate must carry its pinned key.
     pub tls_pinned: bool,
+    /// When it told us, signed, that it suspended this instance (until a
+    /// link comes up again).
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_by_peer_at: Option<jiff::Timestamp>,
+    /// The last time the numbering of messages with it was found broken
+    /// (a restored backup on either side), and why; it recovered by itself.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub resynced_at: Option<jiff::Timestamp>,
+    pub resync_reason: Option<String>,
 }
 
 /// The body of `POST /api/v1/federation/join`, sent by the joiner's server.
@@ -266,7 +275,7 @@ async fn upsert_peer(
     sqlx::query(
         "INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at, tls_pinned) VALUES ($1, $2, $3, $4, $5, $6, $6, $7) \
          ON CONFLICT (instance_id) DO UPDATE SET name = excluded.name, url = excluded.url, state = excluded.state, updated_at = excluded.updated_at, tls_pinned = excluded.tls_pinned, \
-         out_seq = 0, in_seq = 0",
+         out_seq = 0, in_seq = 0, out_epoch = '', in_epoch = '', in_mark = '', acked_seq = 0, acked_mark = '', resynced_at = NULL, resync_reason = NULL, suspended_by_peer_at = NULL",
     )
     .bind(d.instance_id.as_str())
     .bind(d.name.as_str())
@@ -436,7 +445,7 @@ pub async fn join(ctx: &Context, actor: &Actor, invite: &str) -> Result<PeerInfo
 }
 
 const PEER_COLUMNS: &str =
-    "instance_id, name, url, public_key, state, updated_at, last_seen_at, tls_pinned";
+    "instance_id, name, url, public_key, state, updated_at, last_seen_at, tls_pinned, suspended_by_peer_at, resynced_at, resync_reason";
 
 pub async fn list(ctx: &Context) -> Result<Vec<PeerInfo>, sqlx::Error> {
     let rows = sqlx::query(&format!("SELECT {PEER_COLUMNS} FROM peers ORDER BY name"))
@@ -447,6 +456,49 @@ pub async fn list(ctx: &Context) -> Result<Vec<PeerInfo>, sqlx::Error> {
         out.push(peer_from(ctx, row).await?);
     }
     Ok(out)
+}
+
+/// A page of peers by name (then id), after the peer `after` (an instance
+/// id) of the previous page; `None` if `after` names no peer.
+pub async fn page(
+    ctx: &Context,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Option<Vec<PeerInfo>>, sqlx::Error> {
+    let rows = match after {
+        Some(id) => {
+            let Some(at) = sqlx::query("SELECT name FROM peers WHERE instance_id = $1")
+                .bind(id)
+                .fetch_optional(ctx.db.reader())
+                .await?
+            else {
+                return Ok(None);
+            };
+            let name: String = at.try_get(0)?;
+            sqlx::query(&format!(
+                "SELECT {PEER_COLUMNS} FROM peers WHERE name > $1 OR (name = $1 AND instance_id > $2) \
+                 ORDER BY name, instance_id LIMIT $3"
+            ))
+            .bind(name)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(ctx.db.reader())
+            .await?
+        }
+        None => {
+            sqlx::query(&format!(
+                "SELECT {PEER_COLUMNS} FROM peers ORDER BY name, instance_id LIMIT $1"
+            ))
+            .bind(limit)
+            .fetch_all(ctx.db.reader())
+            .await?
+        }
+    };
+    let mut out = Vec::new();
+    for row in &rows {
+        out.push(peer_from(ctx, row).await?);
+    }
+    Ok(Some(out))
 }
 
 async fn peer_from(ctx: &Context, r: &sqlx::any::AnyRow) -> Result<PeerInfo, sqlx::Error> {
@@ -471,6 +523,11 @@ async fn peer_from(ctx: &Context, r: &sqlx::any::AnyRow) -> Result<PeerInfo, sql
         state: r.try_get("state")?,
         updated_at: from_micros(r.try_get("updated_at")?),
         tls_pinned: r.try_get::<i64, _>("tls_pinned")? != 0,
+        suspended_by_peer_at: r
+            .try_get::<Option<i64>, _>("suspended_by_peer_at")?
+            .map(from_micros),
+        resynced_at: r.try_get::<Option<i64>, _>("resynced_at")?.map(from_micros),
+        resync_reason: r.try_get("resync_reason")?,
     })
 }
 
@@ -530,12 +587,60 @@ pub async fn repin(
 /// A link came up: the peer is seen now, and reachable again if it was not.
 pub async fn link_up(ctx: &Context, peer: &super::link::LinkPeer) {
     touch(ctx, &peer.id).await;
+    let resumed = async {
+        let mut tx = ctx.db.begin().await?;
+        sqlx::query("UPDATE peers SET suspended_by_peer_at = NULL WHERE instance_id = $1")
+            .bind(peer.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    };
+    if let Err(e) = resumed.await {
+        tracing::warn!(error = %e, "cannot record that a peer resumed this instance");
+    }
     if peer.state == PeerState::Unreachable {
         let actor = Actor::instance(&ctx.identity.instance_id, "federation");
         if let Err(e) = set_state(ctx, &actor, &peer.id, PeerState::Active).await {
             tracing::warn!(error = %e, "cannot mark a peer reachable");
         }
     }
+}
+
+/// The peer told us, signed, that it suspended this instance: shown on the
+/// peer and, the first time, on the instance's timeline.
+pub async fn suspended_by_peer(
+    ctx: &Context,
+    peer: &super::link::LinkPeer,
+) -> Result<(), FederationError> {
+    let mut tx = ctx.db.begin_recording().await?;
+    let first = sqlx::query(
+        "UPDATE peers SET suspended_by_peer_at = $2 WHERE instance_id = $1 AND suspended_by_peer_at IS NULL",
+    )
+    .bind(peer.id.as_str())
+    .bind(to_micros(ctx.now()))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if first {
+        let actor = Actor::instance(&peer.id, &peer.name);
+        audit(
+            ctx,
+            &mut tx,
+            &actor,
+            "peer.suspended_us",
+            format!(
+                "{} suspended this instance: nothing flows until it resumes",
+                peer.name
+            ),
+            serde_json::json!({"peer": peer.id}),
+        )
+        .await
+        .map_err(|e| FederationError::Internal(e.to_string()))?;
+        tracing::warn!(peer = peer.name, "the peer suspended this instance");
+    }
+    ctx.commit(tx).await?;
+    Ok(())
 }
 
 /// A link went down: remember when the peer was last seen.

@@ -153,6 +153,44 @@ pub async fn list(ctx: &Context) -> Result<Vec<UseInfo>, sqlx::Error> {
     rows.iter().map(use_from).collect()
 }
 
+/// A page of use relations, newest first (by when they were asked), after
+/// the use `after` (peer, id) of the previous page, optionally in one state.
+/// `None` if `after` names no use.
+pub async fn page(
+    ctx: &Context,
+    state: Option<&str>,
+    after: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Option<Vec<UseInfo>>, sqlx::Error> {
+    let mut filter = String::from("WHERE ($1 = '' OR u.state = $1)");
+    if after.is_some() {
+        filter.push_str(
+            " AND (u.created_at, u.peer_id, u.id) < \
+             (SELECT c.created_at, c.peer_id, c.id FROM uses c WHERE c.peer_id = $3 AND c.id = $4)",
+        );
+        let (peer, id) = after.unwrap_or_default();
+        let known = sqlx::query("SELECT 1 FROM uses WHERE peer_id = $1 AND id = $2")
+            .bind(peer)
+            .bind(id)
+            .fetch_optional(ctx.db.reader())
+            .await?
+            .is_some();
+        if !known {
+            return Ok(None);
+        }
+    }
+    filter.push_str(" ORDER BY u.created_at DESC, u.peer_id DESC, u.id DESC LIMIT $2");
+    let sql = select_uses(&filter);
+    let mut q = sqlx::query(&sql)
+        .bind(state.unwrap_or_default())
+        .bind(limit);
+    if let Some((peer, id)) = after {
+        q = q.bind(peer).bind(id);
+    }
+    let rows = q.fetch_all(ctx.db.reader()).await?;
+    Ok(Some(rows.iter().map(use_from).collect::<Result<_, _>>()?))
+}
+
 /// One use relation by id.
 pub async fn get(ctx: &Context, id: &str) -> Result<UseInfo, FederationError> {
     let row = sqlx::query(&select_uses("WHERE u.id = $1"))
@@ -626,6 +664,39 @@ pub struct Policy {
     pub exposure: Exposure,
 }
 
+/// A page of standing policies, by system then peer, after (system slug,
+/// peer id) of the previous page.
+pub async fn policies_page(
+    ctx: &Context,
+    after: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Vec<Policy>, sqlx::Error> {
+    let (slug, peer) = after.unwrap_or_default();
+    let rows = sqlx::query(
+        "SELECT s.slug, p.instance_id, p.name, u.level, u.subsystems, u.handbook, u.contacts \
+         FROM use_policies u JOIN systems s ON s.id = u.system_id AND s.deleted_at IS NULL \
+         JOIN peers p ON p.instance_id = u.peer_id \
+         WHERE $1 = 0 OR s.slug > $2 OR (s.slug = $2 AND p.instance_id > $3) \
+         ORDER BY s.slug, p.instance_id LIMIT $4",
+    )
+    .bind(i64::from(after.is_some()))
+    .bind(slug)
+    .bind(peer)
+    .bind(limit)
+    .fetch_all(ctx.db.reader())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Policy {
+                system: r.try_get("slug")?,
+                peer: r.try_get("instance_id")?,
+                peer_name: r.try_get("name")?,
+                exposure: Exposure::of_row(r)?,
+            })
+        })
+        .collect()
+}
+
 /// Every standing policy, by system then peer.
 pub async fn policies(ctx: &Context) -> Result<Vec<Policy>, sqlx::Error> {
     let rows = sqlx::query(
@@ -767,6 +838,42 @@ async fn snapshot(
         }
     }
     Ok(json!({"use": use_id, "root": system_id, "systems": out, "edges": edges, "events": events}))
+}
+
+/// What a peer gets when a new epoch starts (its copy of our messages may
+/// be gone or from another time): every use it has of ours accepted again
+/// with a fresh snapshot, and every request of ours still open asked again.
+/// Each handler takes a repeat as a no-op or a refresh.
+pub async fn resync_messages(
+    tx: &mut Tx,
+    peer: &str,
+) -> Result<Vec<(&'static str, serde_json::Value)>, sqlx::Error> {
+    let rows = sqlx::query(&select_uses(
+        "WHERE u.peer_id = $1 AND ((u.role = 'provider' AND u.state = 'accepted') OR (u.role = 'consumer' AND u.state = 'requested')) \
+         ORDER BY u.created_at, u.id",
+    ))
+    .bind(peer)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out = Vec::new();
+    for row in &rows {
+        let u = use_from(row)?;
+        let system_id: Option<String> = row.try_get("system_id")?;
+        if u.role == "consumer" {
+            out.push((
+                "use.request",
+                json!({"use": u.id, "system": u.system, "level": u.exposure.level.as_str()}),
+            ));
+            continue;
+        }
+        let Some(system_id) = system_id else { continue };
+        out.push(("use.accepted", json!({"use": u.id, "exposure": u.exposure})));
+        out.push((
+            "system.snapshot",
+            snapshot(tx, &u.id, &system_id, u.exposure).await?,
+        ));
+    }
+    Ok(out)
 }
 
 /// An event as a use may see it. Changes to a system carry its fields in
@@ -1095,6 +1202,20 @@ fn field<'a>(data: &'a serde_json::Value, name: &str) -> Result<&'a str, Refusal
         .ok_or_else(|| Refusal::Refused(format!("the message has no '{name}'")))
 }
 
+/// What applying a message costs, in rows it may write: counted against
+/// `federation.max_work_per_second`, since frames alone say little (a
+/// snapshot writes hundreds of rows, a status one).
+pub fn work_of(kind: &str, data: &serde_json::Value) -> u64 {
+    let len = |k: &str| data[k].as_array().map_or(0, |a| a.len() as u64);
+    1 + match kind {
+        "use.request" => 3,
+        "system.snapshot" => 2 + 3 * len("systems") + len("edges") + len("events"),
+        "activity" => 2,
+        "status" => 1,
+        _ => 2,
+    }
+}
+
 /// Applies one message from `peer` in the caller's transaction.
 pub async fn dispatch(
     ctx: &Context,
@@ -1131,6 +1252,21 @@ async fn on_request(
     }
     let actor = Actor::instance(&peer.id, &peer.name);
     let now = to_micros(ctx.now());
+    if let Some(reason) = over_request_quota(ctx, tx, peer, now).await? {
+        // Refused, signed, with nothing stored but the answer.
+        outbox::enqueue(
+            tx,
+            &peer.id,
+            &[(
+                "use.rejected",
+                json!({"use": id, "reason": reason, "quota": true}),
+            )],
+            now,
+        )
+        .await?;
+        ctx.federation.refuse(&peer.name, "quota", &reason);
+        return Ok(());
+    }
     let system = systems_store::by_slug(tx, slug)
         .await?
         .filter(|s| s.instance == ctx.identity.instance_id);
@@ -1219,6 +1355,38 @@ async fn on_request(
         .await?;
     }
     Ok(())
+}
+
+/// Why one more use request of `peer` would be too many, if it would.
+async fn over_request_quota(
+    ctx: &Context,
+    tx: &mut Tx,
+    peer: &LinkPeer,
+    now: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    let q = &ctx.config.federation;
+    let row = sqlx::query(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN created_at > $2 THEN 1 ELSE 0 END), 0) \
+         FROM uses WHERE peer_id = $1 AND role = 'provider'",
+    )
+    .bind(peer.id.as_str())
+    .bind(now - 3_600_000_000)
+    .fetch_one(&mut **tx)
+    .await?;
+    let (kept, recent): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok(if recent >= i64::from(q.max_use_requests_per_hour) {
+        Some(format!(
+            "too many use requests from {}: {recent} in the last hour, at most {} (federation.max_use_requests_per_hour)",
+            peer.name, q.max_use_requests_per_hour
+        ))
+    } else if kept >= i64::from(q.max_uses_per_peer) {
+        Some(format!(
+            "too many use requests from {}: {kept} kept, at most {} (federation.max_uses_per_peer)",
+            peer.name, q.max_uses_per_peer
+        ))
+    } else {
+        None
+    })
 }
 
 async fn consumer_use(
@@ -1375,6 +1543,7 @@ async fn on_snapshot(
             "the snapshot lacks its root system".into(),
         ));
     }
+    answers_the_use(tx, peer, &u, &root, &systems, &data["edges"]).await?;
     let now = ctx.now();
     let mut local: HashMap<String, (String, String)> = HashMap::new();
     let actor = Actor::instance(&peer.id, &peer.name);
@@ -1479,6 +1648,105 @@ async fn on_snapshot(
     Ok(())
 }
 
+/// A snapshot describes the system its use is about and what lies below
+/// it, nothing else: the root is the system mirrored so far (or, for the
+/// first snapshot, the one asked for by its slug), every other system is
+/// reached from the root by the snapshot's own edges (and only if the use
+/// shares subsystems), and no id is one of ours or another peer's.
+async fn answers_the_use(
+    tx: &mut Tx,
+    peer: &LinkPeer,
+    u: &UseInfo,
+    root: &str,
+    systems: &[SnapshotSystem],
+    edges: &serde_json::Value,
+) -> Result<(), Refusal> {
+    let refuse = |why: String| {
+        Err(Refusal::Refused(format!(
+            "snapshot for use {}: {why}",
+            u.id
+        )))
+    };
+    let mirrored_root = sqlx::query(
+        "SELECT r.remote_id FROM uses u JOIN remote_systems r ON r.system_id = u.system_id \
+         WHERE u.peer_id = $1 AND u.id = $2",
+    )
+    .bind(peer.id.as_str())
+    .bind(u.id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    match mirrored_root {
+        Some(row) => {
+            let known: String = row.try_get(0)?;
+            if known != root {
+                return refuse(format!(
+                    "its root {root} is not {known}, the system this use mirrors"
+                ));
+            }
+        }
+        None => {
+            let asked = systems
+                .iter()
+                .find(|s| s.system.id.to_string() == root)
+                .map(|s| s.system.slug.to_string())
+                .unwrap_or_default();
+            if asked != u.system {
+                return refuse(format!(
+                    "its root is '{asked}', but the use asked for '{}'",
+                    u.system
+                ));
+            }
+        }
+    }
+    if !u.exposure.subsystems && systems.len() > 1 {
+        return refuse("the use does not share subsystems, yet the snapshot has several".into());
+    }
+    let ids: HashSet<String> = systems.iter().map(|s| s.system.id.to_string()).collect();
+    if ids.len() != systems.len() {
+        return refuse("a system appears twice".into());
+    }
+    let mut below: HashMap<&str, Vec<&str>> = HashMap::new();
+    for edge in edges.as_array().map(Vec::as_slice).unwrap_or_default() {
+        if let (Some(p), Some(c)) = (edge[0].as_str(), edge[1].as_str()) {
+            below.entry(p).or_default().push(c);
+        }
+    }
+    let mut reached: HashSet<&str> = HashSet::from([root]);
+    let mut todo = vec![root];
+    while let Some(next) = todo.pop() {
+        for kid in below.get(next).map(Vec::as_slice).unwrap_or_default() {
+            if ids.contains(*kid) && reached.insert(kid) {
+                todo.push(kid);
+            }
+        }
+    }
+    for s in systems {
+        let id = s.system.id.to_string();
+        if !reached.contains(id.as_str()) {
+            return refuse(format!("{} ({id}) is not below its root", s.system.slug));
+        }
+        let ours = sqlx::query("SELECT 1 FROM systems WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some();
+        let elsewhere =
+            sqlx::query("SELECT 1 FROM remote_systems WHERE remote_id = $1 AND peer_id <> $2")
+                .bind(id.as_str())
+                .bind(peer.id.as_str())
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_some();
+        if ours || elsewhere {
+            return refuse(format!(
+                "{} carries the id {id} of a system that is not {}'s",
+                s.system.slug, peer.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Creates or refreshes the mirror of a remote system; returns its id and slug here.
 async fn upsert_mirror(
     ctx: &Context,
@@ -1515,6 +1783,18 @@ async fn upsert_mirror(
             systems_store::update(tx, &m).await?;
             return Ok((id, m.slug.to_string()));
         }
+    }
+    let mirrors: i64 = sqlx::query("SELECT COUNT(*) FROM remote_systems WHERE peer_id = $1")
+        .bind(peer.id.as_str())
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+    let most = ctx.config.federation.max_mirrors_per_peer;
+    if mirrors >= i64::from(most) {
+        return Err(Refusal::Refused(format!(
+            "quota: {} has {mirrors} systems mirrored here, at most {most} (federation.max_mirrors_per_peer)",
+            peer.name
+        )));
     }
     let slug = free_slug(tx, &remote.slug, &peer.name).await?;
     let mirror = System {
@@ -1589,10 +1869,23 @@ async fn insert_remote_event(
     if e.origin != peer.id {
         return Err(not_primary(peer, &format!("the event {}", e.id)));
     }
+    ctx.db.lock_timeline(tx).await?;
     if !timeline_store::existing_ids(tx, &[e.id]).await?.is_empty() {
+        // Known already. On a mirror of this peer that went (a revocation,
+        // an ended use) it moves to the mirror the peer's system has now,
+        // so that peering again brings the history back; anywhere else it
+        // is a redelivery.
+        sqlx::query(
+            "UPDATE events SET system_id = $2 WHERE id = $1 AND origin = $3 AND system_id <> $2 AND system_id IN \
+             (SELECT id FROM systems WHERE instance_id = $3 AND deleted_at IS NOT NULL)",
+        )
+        .bind(e.id.to_string())
+        .bind(system_id)
+        .bind(peer.id.as_str())
+        .execute(&mut **tx)
+        .await?;
         return Ok(());
     }
-    ctx.db.lock_timeline(tx).await?;
     e.system_id = system_id.to_owned();
     e.system = slug.to_owned();
     e.recorded_at = ctx.now();

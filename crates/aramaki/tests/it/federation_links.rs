@@ -12,7 +12,7 @@ use crate::agent_e2e::eventually;
 use crate::support::TestApp;
 
 /// The in-memory network has no TLS: any pin will do.
-const ANY_PIN: TlsPin = TlsPin {
+pub(crate) const ANY_PIN: TlsPin = TlsPin {
     key: [0; 32],
     strict: false,
 };
@@ -26,7 +26,7 @@ pub(crate) async fn instance(name: &str, net: &Arc<MemoryNet>) -> TestApp {
 }
 
 /// `joiner` joins `inviter`, who approves.
-async fn peer(inviter: &TestApp, joiner: &TestApp) {
+pub(crate) async fn peer(inviter: &TestApp, joiner: &TestApp) {
     let (status, issued) = inviter.post("/api/v1/peers/invites", json!({})).await;
     assert_eq!(status, StatusCode::CREATED, "{issued}");
     let (status, v) = joiner
@@ -106,7 +106,13 @@ fn kinds(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
-async fn record(app: &TestApp, system: &str, kind: &str, title: &str, severity: &str) -> Value {
+pub(crate) async fn record(
+    app: &TestApp,
+    system: &str,
+    kind: &str,
+    title: &str,
+    severity: &str,
+) -> Value {
     let (status, v) = app
         .post(
             "/api/v1/events",
@@ -425,7 +431,7 @@ async fn using_a_remote_system_propagates_exactly_its_activity() {
     assert_eq!(events_from(&customer, &hosting_id).await, before);
 }
 
-async fn sqlx_titles(app: &TestApp, origin: &str) -> Vec<String> {
+pub(crate) async fn sqlx_titles(app: &TestApp, origin: &str) -> Vec<String> {
     use sqlx::Row;
     sqlx::query("SELECT title FROM events WHERE origin = $1")
         .bind(origin)
@@ -1191,7 +1197,14 @@ mod wire {
         .await;
         assert!(closed.is_ok(), "the link closed");
         let forged = seal(&impostor, &to, "link.hello", hello, now(&customer), MINUTE);
-        refused_hello(&net, &customer, &forged, "peer_blocked").await;
+        let blocked = refusals(&customer, "peer_blocked");
+        let mut conn = dial(&net, &customer).await;
+        send(&conn, &forged).await;
+        // Told so, signed (at most every 10 s), then closed.
+        let told = next(&mut conn, &customer, &mallory_id, "link.suspended").await;
+        assert_eq!(told.issuer, to);
+        assert!(conn.rx.recv().await.is_none(), "no welcome");
+        assert_eq!(refusals(&customer, "peer_blocked"), blocked + 1);
         let metrics = customer
             .http
             .get(customer.url("/metrics"))

@@ -16,6 +16,7 @@ mod browser;
 mod demo;
 mod federation;
 mod federation_e2e;
+mod federation_faults;
 mod federation_links;
 mod federation_pages;
 mod federation_tls;
