@@ -188,6 +188,28 @@ pub struct WebConfig {
     pub session_max_hours: u32,
     /// Mark cookies Secure; set it when users reach Aramaki over HTTPS.
     pub secure_cookies: bool,
+    /// Seconds a client has to send a request's head (line and headers).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request's body, once its head arrived.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_secs: u64,
+    /// HTTP connections served at once (per listener); at the limit an idle
+    /// one is closed to make room, or the new one is refused.
+    #[serde(default = "default_web_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_read_timeout() -> u64 {
+    10
+}
+
+fn default_body_read_timeout() -> u64 {
+    30
+}
+
+fn default_web_max_connections() -> usize {
+    1024
 }
 
 impl Default for WebConfig {
@@ -196,6 +218,9 @@ impl Default for WebConfig {
             session_idle_minutes: 12 * 60,
             session_max_hours: 7 * 24,
             secure_cookies: false,
+            header_read_timeout_secs: default_header_read_timeout(),
+            body_read_timeout_secs: default_body_read_timeout(),
+            max_connections: default_web_max_connections(),
         }
     }
 }
@@ -304,6 +329,16 @@ impl Config {
         if self.web.session_idle_minutes == 0 || self.web.session_max_hours == 0 {
             return Err(ConfigError::Invalid(format!(
                 "invalid value for key `web.session_idle_minutes` or `web.session_max_hours` in {}: expected at least 1",
+                file.display()
+            )));
+        }
+        let w = &self.web;
+        if w.header_read_timeout_secs == 0
+            || w.body_read_timeout_secs == 0
+            || w.max_connections == 0
+        {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for key `web.header_read_timeout_secs`, `web.body_read_timeout_secs` or `web.max_connections` in {}: expected at least 1",
                 file.display()
             )));
         }
@@ -460,6 +495,12 @@ session_idle_minutes = 720
 session_max_hours = 168
 # Mark cookies Secure; set it when users reach Aramaki over HTTPS.
 secure_cookies = false
+# Seconds a client has to send a request's head, and then its body.
+header_read_timeout_secs = 10
+body_read_timeout_secs = 30
+# Connections served at once; at the limit an idle one is closed to make
+# room (or, if none is idle, the new one is refused).
+max_connections = 1024
 
 [log]
 # "human" or "json".

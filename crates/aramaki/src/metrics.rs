@@ -20,6 +20,12 @@ pub struct Metrics {
     events_recorded: AtomicU64,
     results_ingested: AtomicU64,
     results_duplicate: AtomicU64,
+    /// Connections: open now, closed by the limit, and timeouts.
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_evicted: AtomicU64,
+    header_timeouts: AtomicU64,
+    body_timeouts: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +64,34 @@ impl Metrics {
         }
         h.sum += secs;
         h.count += 1;
+    }
+
+    /// The number of HTTP connections open now.
+    pub fn connections_open(&self, n: usize) {
+        self.connections_open
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// A new connection turned away (`evicted` false) or an idle one closed
+    /// to make room (`evicted` true) at `web.max_connections`.
+    pub fn connection_refused(&self, evicted: bool) {
+        let counter = if evicted {
+            &self.connections_evicted
+        } else {
+            &self.connections_refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection whose request head (`body` false) or body (`body` true)
+    /// did not arrive in time.
+    pub fn timeout(&self, body: bool) {
+        let counter = if body {
+            &self.body_timeouts
+        } else {
+            &self.header_timeouts
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn events_recorded(&self, n: u64) {
@@ -173,6 +207,41 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE aramaki_db_pool_idle_connections gauge");
         let _ = writeln!(out, "aramaki_db_pool_idle_connections {}", pool.idle);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_http_connections_open HTTP connections open now."
+        );
+        let _ = writeln!(out, "# TYPE aramaki_http_connections_open gauge");
+        let _ = writeln!(
+            out,
+            "aramaki_http_connections_open {}",
+            load(&self.connections_open)
+        );
+        let _ = writeln!(out, "# HELP aramaki_http_connections_refused_total Connections closed at web.max_connections: new ones turned away, idle ones closed to make room.");
+        let _ = writeln!(out, "# TYPE aramaki_http_connections_refused_total counter");
+        let _ = writeln!(
+            out,
+            "aramaki_http_connections_refused_total{{which=\"new\"}} {}",
+            load(&self.connections_refused)
+        );
+        let _ = writeln!(
+            out,
+            "aramaki_http_connections_refused_total{{which=\"idle\"}} {}",
+            load(&self.connections_evicted)
+        );
+        let _ = writeln!(out, "# HELP aramaki_http_timeouts_total Connections cut because the request head or body did not arrive in time.");
+        let _ = writeln!(out, "# TYPE aramaki_http_timeouts_total counter");
+        let _ = writeln!(
+            out,
+            "aramaki_http_timeouts_total{{phase=\"header\"}} {}",
+            load(&self.header_timeouts)
+        );
+        let _ = writeln!(
+            out,
+            "aramaki_http_timeouts_total{{phase=\"body\"}} {}",
+            load(&self.body_timeouts)
+        );
         out
     }
 }

@@ -142,10 +142,21 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_problem(rejection)),
-        }
+        // Parsed to a value first, then read strictly: an object at the top,
+        // no NUL anywhere, no array in place of a struct (crate::input).
+        let value = match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(v)) => v,
+            Err(rejection) => return Err(json_problem(rejection)),
+        };
+        crate::input::from_value(value).map(ApiJson).map_err(|e| {
+            let field = e.field().to_owned();
+            let problem = Problem::unprocessable(format!("invalid request body: {e}"));
+            if field.is_empty() {
+                problem
+            } else {
+                problem.with("field", field.into())
+            }
+        })
     }
 }
 
@@ -164,6 +175,7 @@ fn json_problem(rejection: JsonRejection) -> Problem {
             e.body_text()
                 .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
         )),
+        JsonRejection::BytesRejection(e) if timed_out(&e) => body_timeout(),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -199,6 +211,184 @@ where
         }
     }
 }
+
+/// Refuses U+0000 in a path parameter, a query parameter or a form field
+/// before any handler sees it (JSON bodies are checked by [`ApiJson`]):
+/// PostgreSQL cannot store it and SQLite would, so both refuse it here.
+async fn refuse_nul(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    if req.uri().path().contains("%00") {
+        let name = path_parameter_with_nul(&req);
+        return nul_refused(api, StatusCode::BAD_REQUEST, "path parameter", &name);
+    }
+    if let Some(name) = req.uri().query().and_then(crate::input::encoded_nul) {
+        return nul_refused(api, StatusCode::BAD_REQUEST, "query parameter", &name);
+    }
+    let form = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, ctx.config.api.body_limit).await {
+        Ok(bytes) => bytes,
+        Err(e) => return body_problem(&e).into_response(),
+    };
+    if let Some(name) = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(crate::input::encoded_nul)
+    {
+        return nul_refused(api, StatusCode::UNPROCESSABLE_ENTITY, "form field", &name);
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// The name of the route's `{parameter}` whose segment holds `%00`.
+fn path_parameter_with_nul(req: &Request) -> String {
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default();
+    let at = req
+        .uri()
+        .path()
+        .split('/')
+        .position(|segment| segment.contains("%00"));
+    at.and_then(|i| template.split('/').nth(i))
+        .and_then(|s| s.strip_prefix('{'))
+        .map(|s| s.trim_start_matches('*').trim_end_matches('}').to_owned())
+        .unwrap_or_else(|| "path".to_owned())
+}
+
+fn nul_refused(api: bool, status: StatusCode, what: &str, name: &str) -> Response {
+    let detail = format!("{what} `{name}` contains a NUL character (U+0000), which is not allowed");
+    if api {
+        Problem::new(status, "invalid", detail)
+            .with("field", name.into())
+            .into_response()
+    } else {
+        let escaped = detail
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        (
+            status,
+            axum::response::Html(format!(
+                "<!doctype html><title>Bad request</title><p>{escaped}</p>"
+            )),
+        )
+            .into_response()
+    }
+}
+
+/// A request body that could not be read: too large, too slow, or cut off.
+fn body_problem(e: &axum::Error) -> Problem {
+    if timed_out(e) {
+        return body_timeout();
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.to_string().contains("length limit exceeded") {
+            return Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is larger than the configured limit (api.body_limit)",
+            );
+        }
+        source = err.source();
+    }
+    Problem::bad_request("the request body could not be read")
+}
+
+/// Whether reading a body failed because of `web.body_read_timeout_secs`.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<BodyTimeout>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn body_timeout() -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "timeout",
+        "the request body did not arrive in time (web.body_read_timeout_secs)",
+    )
+}
+
+/// Gives a request's body `web.body_read_timeout_secs` to arrive, from the
+/// moment its head did; a slower body fails to read ([`BodyTimeout`]).
+async fn body_deadline(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let limit = std::time::Duration::from_secs(ctx.config.web.body_read_timeout_secs);
+    let (parts, body) = req.into_parts();
+    let body = Deadline {
+        body,
+        deadline: Box::pin(tokio::time::sleep(limit)),
+        ctx: ctx.clone(),
+        expired: false,
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::new(body)))
+        .await
+}
+
+struct Deadline {
+    body: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    ctx: AppState,
+    expired: bool,
+}
+
+impl http_body::Body for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if self.expired {
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimeout))));
+        }
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match std::future::Future::poll(self.deadline.as_mut(), cx) {
+            Poll::Ready(()) => {
+                self.expired = true;
+                self.ctx.metrics.timeout(true);
+                Poll::Ready(Some(Err(axum::Error::new(BodyTimeout))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.expired && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The request body took longer than `web.body_read_timeout_secs`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within the body read timeout")]
+pub struct BodyTimeout;
 
 /// The caller, if the request carries a valid bearer token.
 async fn principal(headers: &HeaderMap, ctx: &Context) -> Result<Option<Principal>, Problem> {
@@ -259,6 +449,25 @@ impl FromRequestParts<AppState> for InstanceAdmin {
             Err(forbidden("this needs the instance admin".into()))
         }
     }
+}
+
+/// The Content-Security-Policy of every response: scripts, styles and
+/// images only from this site (no inline script or style anywhere), no
+/// framing, forms post only here.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+
+/// Security headers on every page and API response.
+async fn security_headers(req: Request, next: Next) -> Response {
+    use axum::http::header::{
+        CONTENT_SECURITY_POLICY as CSP, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    };
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    headers.insert(CSP, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    response
 }
 
 /// Records count and latency of every request by its route template.
@@ -341,8 +550,17 @@ pub fn app(ctx: AppState) -> Router {
                 "this resource does not support that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            refuse_nul,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            body_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), track))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(security_headers))
         .with_state(ctx)
 }
 

@@ -19,6 +19,7 @@ mod federation_e2e;
 mod federation_links;
 mod federation_pages;
 mod federation_tls;
+mod http_hardening;
 mod monitoring;
 mod monitoring_pages;
 mod pages;
