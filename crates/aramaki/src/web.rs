@@ -509,6 +509,70 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Errors are `application/problem+json`, and some come from the plumbing
+/// rather than the handler: a missing or bad token (401), a missing role
+/// (403), a malformed, oversized, mistyped or invalid body (400, 413, 415,
+/// 422, 408), a bad path or query parameter (400). The document says so for
+/// every operation they can happen on.
+fn describe_problems(doc: &mut serde_json::Value) {
+    let problem = |why: &str| serde_json::json!({"description": why, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemBody"}}}});
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+        for op in item.values_mut().filter_map(|o| o.as_object_mut()) {
+            let secured = op
+                .get("security")
+                .and_then(|s| s.as_array())
+                .is_some_and(|s| !s.is_empty());
+            let role = op
+                .get("x-aramaki-role")
+                .and_then(|r| r.as_str())
+                .unwrap_or("public")
+                .to_owned();
+            let body = op.contains_key("requestBody");
+            let params = op
+                .get("parameters")
+                .and_then(|p| p.as_array())
+                .is_some_and(|p| p.iter().any(|p| p["in"] == "query" || p["in"] == "path"));
+            let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+                continue;
+            };
+            for (status, response) in responses.iter_mut() {
+                if !(status.starts_with('4') || status.starts_with('5')) {
+                    continue;
+                }
+                if let Some(content) = response.get_mut("content").and_then(|c| c.as_object_mut()) {
+                    if let Some(json) = content.remove("application/json") {
+                        content.insert("application/problem+json".into(), json);
+                    }
+                }
+            }
+            let mut add = |status: &str, why: &str| {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| problem(why));
+            };
+            if secured {
+                add("401", "No valid API token");
+                if !matches!(role.as_str(), "user" | "public") {
+                    add("403", "The caller does not hold the role this needs");
+                }
+            }
+            if body {
+                add("400", "Malformed JSON");
+                add("408", "The body did not arrive in time");
+                add("413", "The body is larger than api.body_limit");
+                add("415", "The body is not application/json");
+                add("422", "The body is not valid for this operation");
+            }
+            if params {
+                add("400", "An invalid path or query parameter");
+            }
+        }
+    }
+}
+
 /// Builds the whole application router and its OpenAPI document.
 pub fn app(ctx: AppState) -> Router {
     let api = OpenApiRouter::new()
@@ -524,6 +588,8 @@ pub fn app(ctx: AppState) -> Router {
         .nest("/api/v1", api)
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let mut doc = serde_json::to_value(&doc).unwrap_or_default();
+    describe_problems(&mut doc);
     let doc = Arc::new(doc);
     let body_limit = ctx.config.api.body_limit;
     Router::new()

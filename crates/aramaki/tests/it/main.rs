@@ -22,6 +22,7 @@ mod federation_tls;
 mod http_hardening;
 mod monitoring;
 mod monitoring_pages;
+mod openapi;
 mod pages;
 mod properties;
 mod systems;
