@@ -130,7 +130,9 @@ fn serve_peers(
 /// at most `web.max_connections` are open at once — at the limit the
 /// oldest connection with no request in flight is closed to make room,
 /// and if every one is busy the new one is refused. A connection that
-/// upgrades (a WebSocket) leaves the count: it is a session, not a request.
+/// upgrades (an agent's or a peer's WebSocket) stays counted, and busy,
+/// until it closes: an anonymous client cannot open sockets without bound
+/// by asking for upgrades.
 pub async fn serve<L>(
     ctx: Arc<Context>,
     mut listener: L,
@@ -159,6 +161,13 @@ where
             inner: hyper_util::service::TowerToHyperService::new(router.clone()),
             slot: slot.clone(),
         };
+        // The slot is released when the socket closes: after the last
+        // response, or, for a WebSocket, when the session ends.
+        let io = Counted {
+            io,
+            slot: slot.clone(),
+            ctx: ctx.clone(),
+        };
         let (ctx, mut stop) = (ctx.clone(), stop.clone());
         tasks.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -184,7 +193,6 @@ where
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             }
-            slot.release(&ctx);
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -212,6 +220,8 @@ struct Slot {
     slots: std::sync::Weak<Slots>,
     /// Requests in flight on this connection (until their response ends).
     busy: AtomicUsize,
+    /// Upgraded to a WebSocket: in use until it closes.
+    upgraded: std::sync::atomic::AtomicBool,
     evict: tokio::sync::Notify,
 }
 
@@ -230,7 +240,7 @@ impl Slots {
         if open.len() >= self.limit {
             let idle = open
                 .values()
-                .find(|s| s.busy.load(Ordering::SeqCst) == 0)
+                .find(|s| s.busy.load(Ordering::SeqCst) == 0 && !s.upgraded.load(Ordering::SeqCst))
                 .map(|s| s.id)?;
             if let Some(old) = open.remove(&idle) {
                 old.evict.notify_one();
@@ -242,6 +252,7 @@ impl Slots {
             id,
             slots: Arc::downgrade(self),
             busy: AtomicUsize::new(0),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
             evict: tokio::sync::Notify::new(),
         });
         open.insert(id, slot.clone());
@@ -301,9 +312,13 @@ where
 
     fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         let busy = Busy::new(self.slot.clone());
+        let slot = self.slot.clone();
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
+            if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+                slot.upgraded.store(true, Ordering::SeqCst);
+            }
             Ok(response.map(|body| axum::body::Body::new(BusyBody { body, _busy: busy })))
         })
     }
@@ -332,5 +347,64 @@ impl http_body::Body for BusyBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A connection's socket, which gives its slot back when it is closed.
+struct Counted<I> {
+    io: I,
+    slot: Arc<Slot>,
+    ctx: Arc<Context>,
+}
+
+impl<I> Drop for Counted<I> {
+    fn drop(&mut self) {
+        self.slot.release(&self.ctx);
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }

@@ -194,8 +194,9 @@ pub struct WebConfig {
     /// Seconds a client has to send a request's body, once its head arrived.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout_secs: u64,
-    /// HTTP connections served at once (per listener); at the limit an idle
-    /// one is closed to make room, or the new one is refused.
+    /// HTTP connections served at once (per listener), agents' and peers'
+    /// WebSockets included; at the limit an idle one is closed to make
+    /// room, or the new one is refused.
     #[serde(default = "default_web_max_connections")]
     pub max_connections: usize,
 }
@@ -498,8 +499,8 @@ secure_cookies = false
 # Seconds a client has to send a request's head, and then its body.
 header_read_timeout_secs = 10
 body_read_timeout_secs = 30
-# Connections served at once; at the limit an idle one is closed to make
-# room (or, if none is idle, the new one is refused).
+# Connections served at once, agents' WebSockets included; at the limit an
+# idle one is closed to make room (or, if none is idle, the new one is refused).
 max_connections = 1024
 
 [log]

@@ -183,6 +183,12 @@ impl<'de> de::Deserializer<'de> for Strict<'_> {
             failed,
         } = self;
         match value {
+            // An internally tagged enum (`{"probe": "tcp", ...}`) asks for
+            // any value and would also take a sequence, tag first; only its
+            // visitor's description tells it from a list.
+            Value::Array(_) if expects_an_object(&visitor) => {
+                Err(de::Error::invalid_type(Unexpected::Seq, &"a JSON object"))
+            }
             Value::Array(items) => visitor.visit_seq(Seq {
                 items: items.into_iter().enumerate(),
                 path,
@@ -265,6 +271,19 @@ impl<'de> de::Deserializer<'de> for Strict<'_> {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
         bytes byte_buf unit unit_struct seq tuple tuple_struct map identifier
     }
+}
+
+/// Whether a visitor that asked for any value describes itself as wanting
+/// a struct or an internally tagged enum (serde's derive says so).
+fn expects_an_object<'de, V: Visitor<'de>>(visitor: &V) -> bool {
+    struct Expecting<'a, V>(&'a V);
+    impl<'de, V: Visitor<'de>> std::fmt::Display for Expecting<'_, V> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.expecting(f)
+        }
+    }
+    let wants = Expecting(visitor).to_string();
+    wants.starts_with("internally tagged enum") || wants.starts_with("struct ")
 }
 
 fn unexpected(value: &Value) -> Unexpected<'_> {
@@ -457,6 +476,34 @@ mod tests {
         );
         let e = from_value::<Body>(json!({"slug": "a", "links": [["t", "u"]]})).unwrap_err();
         assert_eq!(e.field(), "links[0]");
+        assert!(e.to_string().contains("expected a JSON object"), "{e}");
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(tag = "probe", rename_all = "snake_case", deny_unknown_fields)]
+    enum Probe {
+        Tcp { host: String, port: u16 },
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Check {
+        probe: Probe,
+    }
+
+    #[test]
+    fn internally_tagged_enums_are_objects_too() {
+        let c: Check =
+            from_value(json!({"probe": {"probe": "tcp", "host": "h", "port": 22}})).unwrap();
+        assert_eq!(
+            c.probe,
+            Probe::Tcp {
+                host: "h".into(),
+                port: 22
+            }
+        );
+        let e = from_value::<Check>(json!({"probe": ["tcp", "h", 22]})).unwrap_err();
+        assert_eq!(e.field(), "probe");
         assert!(e.to_string().contains("expected a JSON object"), "{e}");
     }
 

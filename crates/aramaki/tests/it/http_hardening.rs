@@ -236,6 +236,13 @@ both!(json_arrays_are_not_objects, |app| async move {
             r#"{"slug":"a","title":"A","category":"host","contacts":[["Ada","ada@example.org"]]}"#,
             "contacts[0]",
         ),
+        // An internally tagged enum given as a list, tag first.
+        (
+            Method::POST,
+            "/api/v1/checks",
+            r#"{"name":"edge","probe":["tcp","127.0.0.1",22],"subscriptions":["linux"],"interval":10}"#,
+            "probe",
+        ),
     ] {
         let (status, p) = raw_json(&app, method.clone(), path, body).await;
         assert_eq!(
@@ -588,4 +595,59 @@ async fn health_answers_when_slow_clients_fill_the_connection_limit() {
         refused_before + 1
     );
     drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_sessions_count_against_the_limit_until_they_close() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, |c| {
+        c.web.max_connections = 1;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    // An anonymous upgrade (an agent that has not said hello yet) is open.
+    let ws = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}{}",
+        aramaki_protocol::agent::CONNECT_PATH
+    ))
+    .await
+    .unwrap()
+    .0;
+    crate::agent_e2e::eventually("the WebSocket to be counted", || async {
+        (metric(&app, "aramaki_http_connections_open") == 1).then_some(())
+    })
+    .await;
+    // It is neither closed for a newcomer nor forgotten: the newcomer is refused.
+    let mut other = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = other
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = closed_within(&mut other, 10, "a connection over the limit").await;
+    assert!(answer.is_empty(), "{answer}");
+    assert_eq!(
+        metric(
+            &app,
+            "aramaki_http_connections_refused_total{which=\"new\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            &app,
+            "aramaki_http_connections_refused_total{which=\"idle\"}"
+        ),
+        0
+    );
+    // Once the session closes, its place is free again.
+    drop(ws);
+    crate::agent_e2e::eventually("the closed WebSocket to give its place back", || async {
+        (metric(&app, "aramaki_http_connections_open") == 0).then_some(())
+    })
+    .await;
+    let health = reqwest::Client::new()
+        .get(app.url("/api/v1/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
 }
