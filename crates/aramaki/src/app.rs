@@ -245,6 +245,7 @@ impl Slots {
             if let Some(old) = open.remove(&idle) {
                 old.evict.notify_one();
                 ctx.metrics.connection_refused(true);
+                ctx.metrics.connection_closed();
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +257,7 @@ impl Slots {
             evict: tokio::sync::Notify::new(),
         });
         open.insert(id, slot.clone());
-        ctx.metrics.connections_open(open.len());
+        ctx.metrics.connection_opened();
         Some(slot)
     }
 }
@@ -265,8 +266,9 @@ impl Slot {
     fn release(&self, ctx: &Context) {
         if let Some(slots) = self.slots.upgrade() {
             if let Ok(mut open) = slots.open.lock() {
-                open.remove(&self.id);
-                ctx.metrics.connections_open(open.len());
+                if open.remove(&self.id).is_some() {
+                    ctx.metrics.connection_closed();
+                }
             }
         }
     }

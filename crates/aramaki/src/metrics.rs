@@ -66,10 +66,18 @@ impl Metrics {
         h.count += 1;
     }
 
-    /// The number of HTTP connections open now.
-    pub fn connections_open(&self, n: usize) {
-        self.connections_open
-            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    /// An HTTP connection was accepted (on any listener).
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An HTTP connection was closed.
+    pub fn connection_closed(&self) {
+        let _ = self
+            .connections_open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// A new connection turned away (`evicted` false) or an idle one closed
@@ -276,5 +284,29 @@ mod tests {
         assert!(text.contains("aramaki_agent_records_committed_total 7"));
         assert!(text.contains("aramaki_agent_records_duplicate_total 2"));
         assert!(text.contains("aramaki_agents_connected 3"));
+    }
+
+    #[test]
+    fn counts_connections_refusals_and_timeouts() {
+        let m = Metrics::default();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_closed();
+        m.connection_closed();
+        m.connection_opened();
+        m.connection_refused(false);
+        m.connection_refused(true);
+        m.connection_refused(true);
+        m.timeout(false);
+        m.timeout(true);
+        m.timeout(true);
+        m.timeout(true);
+        let text = m.render(PoolStats { size: 0, idle: 0 });
+        assert!(text.contains("aramaki_http_connections_open 1\n"), "{text}");
+        assert!(text.contains("aramaki_http_connections_refused_total{which=\"new\"} 1"));
+        assert!(text.contains("aramaki_http_connections_refused_total{which=\"idle\"} 2"));
+        assert!(text.contains("aramaki_http_timeouts_total{phase=\"header\"} 1"));
+        assert!(text.contains("aramaki_http_timeouts_total{phase=\"body\"} 3"));
     }
 }

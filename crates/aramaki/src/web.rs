@@ -454,7 +454,7 @@ impl FromRequestParts<AppState> for InstanceAdmin {
 /// The Content-Security-Policy of every response: scripts, styles and
 /// images only from this site (no inline script or style anywhere), no
 /// framing, forms post only here.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 
 /// Security headers on every page and API response.
 async fn security_headers(req: Request, next: Next) -> Response {
