@@ -228,7 +228,12 @@ async fn refuse_nul(State(ctx): State<AppState>, req: Request, next: Next) -> Re
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        .is_some_and(|v| {
+            // Media types are case-insensitive, and so is axum's Form.
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        });
     if !form {
         return next.run(req).await;
     }

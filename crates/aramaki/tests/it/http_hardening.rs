@@ -163,6 +163,16 @@ both!(
             html.contains("form field `title`") && html.contains("NUL"),
             "{html}"
         );
+        // The media type's spelling does not matter to axum's Form, nor here.
+        let resp = crate::pages::browser()
+            .post(app.url("/systems/shop/notes"))
+            .header(COOKIE, &cookie)
+            .header("content-type", "Application/X-WWW-Form-URLEncoded")
+            .body(format!("csrf={csrf}&title=a%00b&body=fine"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(app.counts().await, before, "nothing with a NUL was written");
         // The same form without the NUL is accepted: the check did not eat the body.
         let resp = crate::pages::browser()

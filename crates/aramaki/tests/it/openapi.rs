@@ -220,6 +220,15 @@ both!(
                     "{label}: path parameters declared {declared:?}, route has {template:?}"
                 ));
             }
+            for (status, response) in op["responses"].as_object().into_iter().flatten() {
+                let types: Vec<&String> = response["content"]
+                    .as_object()
+                    .map(|c| c.keys().collect())
+                    .unwrap_or_default();
+                if status.starts_with(['4', '5']) && types != ["application/problem+json"] {
+                    problems.push(format!("{label}: error {status} documented as {types:?}"));
+                }
+            }
             for p in &params {
                 let within = p["in"].as_str().unwrap_or_default();
                 if !["path", "query", "header"].contains(&within) {
