@@ -334,14 +334,20 @@ impl Config {
             )));
         }
         let w = &self.web;
-        if w.header_read_timeout_secs == 0
-            || w.body_read_timeout_secs == 0
-            || w.max_connections == 0
-        {
-            return Err(ConfigError::Invalid(format!(
-                "invalid value for key `web.header_read_timeout_secs`, `web.body_read_timeout_secs` or `web.max_connections` in {}: expected at least 1",
-                file.display()
-            )));
+        for (key, value) in [
+            ("header_read_timeout_secs", w.header_read_timeout_secs),
+            ("body_read_timeout_secs", w.body_read_timeout_secs),
+            (
+                "max_connections",
+                u64::try_from(w.max_connections).unwrap_or(u64::MAX),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid value for key `web.{key}` in {}: expected at least 1",
+                    file.display()
+                )));
+            }
         }
         let m = &self.monitoring;
         if m.keepalive_warning == 0 || m.keepalive_critical <= m.keepalive_warning {
@@ -598,6 +604,35 @@ mod tests {
             let err = Config::load(&path, &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn web_timeouts_and_connection_limit_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(
+            &path,
+            "[web]\nsession_idle_minutes = 60\nsession_max_hours = 24\nsecure_cookies = false\n",
+        )
+        .unwrap();
+        let config = Config::load(&path, &[]).unwrap();
+        assert_eq!(
+            config.web.header_read_timeout_secs, 10,
+            "older files keep working"
+        );
+        assert_eq!(config.web.max_connections, 1024);
+        for key in [
+            "header_read_timeout_secs",
+            "body_read_timeout_secs",
+            "max_connections",
+        ] {
+            std::fs::write(&path, format!("[web]\nsession_idle_minutes = 60\nsession_max_hours = 24\nsecure_cookies = false\n{key} = 0\n")).unwrap();
+            let err = Config::load(&path, &[]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`web.{key}`")), "{key}: {err}");
+            assert_eq!(err.matches("`web.").count(), 1, "names only {key}: {err}");
+        }
+        let env = vec![("ARAMAKI_WEB__MAX_CONNECTIONS".to_owned(), "64".to_owned())];
+        assert_eq!(Config::load(&path, &env).unwrap().web.max_connections, 64);
     }
 
     #[test]

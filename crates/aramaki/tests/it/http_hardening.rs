@@ -661,3 +661,24 @@ async fn websocket_sessions_count_against_the_limit_until_they_close() {
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_form_is_still_too_large() {
+    let app = TestApp::start(crate::support::Backend::Sqlite).await;
+    app.system("shop", "project", json!({})).await;
+    let (cookie, csrf) = session(&app, "olga", Role::Admin, "/systems/shop").await;
+    let before = app.counts().await;
+    let resp = crate::pages::browser()
+        .post(app.url("/systems/shop/notes"))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("title", "big"),
+            ("body", &"x".repeat(1024 * 1024 + 10)),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(app.counts().await, before);
+}
