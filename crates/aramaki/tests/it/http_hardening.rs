@@ -474,6 +474,42 @@ async fn a_slow_request_head_is_cut_after_the_header_timeout() {
         (metric(&app, "aramaki_http_timeouts_total{phase=\"header\"}") == 1).then_some(())
     })
     .await;
+    // A client that trickles its head a byte at a time is cut as well: the
+    // timeout is for the whole head, not for each read.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let (mut reader, mut writer) = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap()
+        .into_split();
+    let trickle = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let head = b"GET /api/v1/health HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut pace = tokio::time::interval(std::time::Duration::from_millis(100));
+        for byte in head {
+            pace.tick().await;
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        reader.read_to_end(&mut out).await
+    })
+    .await;
+    assert!(read.is_ok(), "the trickling client was not cut within 10 s");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "cut after the header timeout, before the head was complete ({:?})",
+        started.elapsed()
+    );
+    assert!(
+        !String::from_utf8_lossy(&out).contains("200 OK"),
+        "the trickled request was never served"
+    );
+    trickle.abort();
     // A prompt client on the same server is served as usual.
     let (status, _) = app.call(Method::GET, "/api/v1/health", None).await;
     assert_eq!(status, StatusCode::OK);
