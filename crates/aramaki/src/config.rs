@@ -196,7 +196,8 @@ pub struct WebConfig {
     pub body_read_timeout_secs: u64,
     /// HTTP connections served at once (per listener), agents' and peers'
     /// WebSockets included; at the limit an idle one is closed to make
-    /// room, or the new one is refused.
+    /// room, or the new one is refused. Keep it well below the process's
+    /// file descriptor limit, so that the limit, not `accept`, says no.
     #[serde(default = "default_web_max_connections")]
     pub max_connections: usize,
 }
@@ -210,7 +211,7 @@ fn default_body_read_timeout() -> u64 {
 }
 
 fn default_web_max_connections() -> usize {
-    1024
+    512
 }
 
 impl Default for WebConfig {
@@ -507,7 +508,8 @@ header_read_timeout_secs = 10
 body_read_timeout_secs = 30
 # Connections served at once, agents' WebSockets included; at the limit an
 # idle one is closed to make room (or, if none is idle, the new one is refused).
-max_connections = 1024
+# Keep it well below the process's file descriptor limit (ulimit -n).
+max_connections = 512
 
 [log]
 # "human" or "json".
@@ -620,7 +622,7 @@ mod tests {
             config.web.header_read_timeout_secs, 10,
             "older files keep working"
         );
-        assert_eq!(config.web.max_connections, 1024);
+        assert_eq!(config.web.max_connections, 512);
         for key in [
             "header_read_timeout_secs",
             "body_read_timeout_secs",
