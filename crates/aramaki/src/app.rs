@@ -82,10 +82,19 @@ impl App {
             ctx.timeline.close();
         });
         let router = crate::web::app(self.ctx.clone());
+        // One budget of connections for both listeners: they share the
+        // process's file descriptors.
+        let slots = Arc::new(Slots::new(connection_limit(&self.ctx)));
         if let Some(tcp) = self.peers {
-            serve_peers(self.ctx.clone(), tcp, router.clone(), stop.clone())?;
+            serve_peers(
+                self.ctx.clone(),
+                tcp,
+                router.clone(),
+                slots.clone(),
+                stop.clone(),
+            )?;
         }
-        serve(self.ctx.clone(), self.listener, router, stop).await
+        serve(self.ctx.clone(), self.listener, router, slots, stop).await
     }
 
     /// Runs in the background; returns the address and a stop handle.
@@ -109,6 +118,7 @@ fn serve_peers(
     ctx: Arc<Context>,
     tcp: TcpListener,
     router: axum::Router,
+    slots: Arc<Slots>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listen = tcp.local_addr()?.to_string();
@@ -117,7 +127,7 @@ fn serve_peers(
     tracing::info!(%listen, "federation listener (TLS with the instance key)");
     let listener = crate::federation::tls::Listener::new(tcp, config);
     tokio::spawn(async move {
-        if let Err(e) = serve(ctx, listener, router, stop).await {
+        if let Err(e) = serve(ctx, listener, router, slots, stop).await {
             tracing::error!(error = %e, "the federation listener stopped");
         }
     });
@@ -133,17 +143,17 @@ fn serve_peers(
 /// upgrades (an agent's or a peer's WebSocket) stays counted, and busy,
 /// until it closes: an anonymous client cannot open sockets without bound
 /// by asking for upgrades.
-pub async fn serve<L>(
+async fn serve<L>(
     ctx: Arc<Context>,
     mut listener: L,
     router: axum::Router,
+    slots: Arc<Slots>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
 {
     let header_timeout = Duration::from_secs(ctx.config.web.header_read_timeout_secs);
-    let slots = Arc::new(Slots::new(ctx.config.web.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (io, _) = tokio::select! {
@@ -208,7 +218,45 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The open connections of one listener, oldest first.
+/// `web.max_connections`, lowered if the process may not open that many
+/// files besides the database's and its own: the limit must refuse a
+/// connection before `accept` runs out of descriptors.
+fn connection_limit(ctx: &Context) -> usize {
+    let configured = ctx.config.web.max_connections;
+    let reserved = 64 + usize::try_from(ctx.config.database.max_connections).unwrap_or(64) * 2;
+    let Some(files) = open_files_limit() else {
+        return configured;
+    };
+    let room = files.saturating_sub(reserved).max(1);
+    if room < configured {
+        tracing::warn!(
+            configured,
+            used = room,
+            open_files = files,
+            "web.max_connections is more than the open-file limit allows; using less"
+        );
+        room
+    } else {
+        configured
+    }
+}
+
+/// The soft limit on open files (Linux: /proc/self/limits), if finite.
+fn open_files_limit() -> Option<usize> {
+    open_files_in(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+fn open_files_in(limits: &str) -> Option<usize> {
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The open connections of the process's listeners, oldest first.
 struct Slots {
     limit: usize,
     next: AtomicU64,
@@ -408,5 +456,20 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_files_in;
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax processes             63371                63371                processes\nMax open files            1024                 524288               files\n";
+        assert_eq!(open_files_in(limits), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(open_files_in(unlimited), None);
+        assert_eq!(open_files_in(""), None);
     }
 }

@@ -194,7 +194,7 @@ pub struct WebConfig {
     /// Seconds a client has to send a request's body, once its head arrived.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout_secs: u64,
-    /// HTTP connections served at once (per listener), agents' and peers'
+    /// HTTP connections served at once (both listeners), agents' and peers'
     /// WebSockets included; at the limit an idle one is closed to make
     /// room, or the new one is refused. Keep it well below the process's
     /// file descriptor limit, so that the limit, not `accept`, says no.
