@@ -201,6 +201,30 @@ pub struct WebConfig {
     pub session_max_hours: u32,
     /// Mark cookies Secure; set it when users reach Aramaki over HTTPS.
     pub secure_cookies: bool,
+    /// Seconds a client has to send a request's head (line and headers).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request's body, once its head arrived.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_secs: u64,
+    /// HTTP connections served at once (both listeners), agents' and peers'
+    /// WebSockets included; at the limit an idle one is closed to make
+    /// room, or the new one is refused. Keep it well below the process's
+    /// file descriptor limit, so that the limit, not `accept`, says no.
+    #[serde(default = "default_web_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_read_timeout() -> u64 {
+    10
+}
+
+fn default_body_read_timeout() -> u64 {
+    30
+}
+
+fn default_web_max_connections() -> usize {
+    512
 }
 
 impl Default for WebConfig {
@@ -209,6 +233,9 @@ impl Default for WebConfig {
             session_idle_minutes: 12 * 60,
             session_max_hours: 7 * 24,
             secure_cookies: false,
+            header_read_timeout_secs: default_header_read_timeout(),
+            body_read_timeout_secs: default_body_read_timeout(),
+            max_connections: default_web_max_connections(),
         }
     }
 }
@@ -319,6 +346,22 @@ impl Config {
                 "invalid value for key `web.session_idle_minutes` or `web.session_max_hours` in {}: expected at least 1",
                 file.display()
             )));
+        }
+        let w = &self.web;
+        for (key, value) in [
+            ("header_read_timeout_secs", w.header_read_timeout_secs),
+            ("body_read_timeout_secs", w.body_read_timeout_secs),
+            (
+                "max_connections",
+                u64::try_from(w.max_connections).unwrap_or(u64::MAX),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid value for key `web.{key}` in {}: expected at least 1",
+                    file.display()
+                )));
+            }
         }
         let m = &self.monitoring;
         if m.keepalive_warning == 0 || m.keepalive_critical <= m.keepalive_warning {
@@ -473,6 +516,13 @@ session_idle_minutes = 720
 session_max_hours = 168
 # Mark cookies Secure; set it when users reach Aramaki over HTTPS.
 secure_cookies = false
+# Seconds a client has to send a request's head, and then its body.
+header_read_timeout_secs = 10
+body_read_timeout_secs = 30
+# Connections served at once, agents' WebSockets included; at the limit an
+# idle one is closed to make room (or, if none is idle, the new one is refused).
+# Keep it well below the process's file descriptor limit (ulimit -n).
+max_connections = 512
 
 [log]
 # "human" or "json".
@@ -575,6 +625,35 @@ mod tests {
             let err = Config::load(&path, &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn web_timeouts_and_connection_limit_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(
+            &path,
+            "[web]\nsession_idle_minutes = 60\nsession_max_hours = 24\nsecure_cookies = false\n",
+        )
+        .unwrap();
+        let config = Config::load(&path, &[]).unwrap();
+        assert_eq!(
+            config.web.header_read_timeout_secs, 10,
+            "older files keep working"
+        );
+        assert_eq!(config.web.max_connections, 512);
+        for key in [
+            "header_read_timeout_secs",
+            "body_read_timeout_secs",
+            "max_connections",
+        ] {
+            std::fs::write(&path, format!("[web]\nsession_idle_minutes = 60\nsession_max_hours = 24\nsecure_cookies = false\n{key} = 0\n")).unwrap();
+            let err = Config::load(&path, &[]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`web.{key}`")), "{key}: {err}");
+            assert_eq!(err.matches("`web.").count(), 1, "names only {key}: {err}");
+        }
+        let env = vec![("ARAMAKI_WEB__MAX_CONNECTIONS".to_owned(), "64".to_owned())];
+        assert_eq!(Config::load(&path, &env).unwrap().web.max_connections, 64);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod context;
 pub mod db;
 pub mod demo;
 pub mod federation;
+pub mod input;
 pub mod metrics;
 pub mod monitoring;
 pub mod setup;

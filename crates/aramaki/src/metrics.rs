@@ -20,6 +20,12 @@ pub struct Metrics {
     events_recorded: AtomicU64,
     results_ingested: AtomicU64,
     results_duplicate: AtomicU64,
+    /// Connections: open now, closed by the limit, and timeouts.
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_evicted: AtomicU64,
+    header_timeouts: AtomicU64,
+    body_timeouts: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +64,42 @@ impl Metrics {
         }
         h.sum += secs;
         h.count += 1;
+    }
+
+    /// An HTTP connection was accepted (on any listener).
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An HTTP connection was closed.
+    pub fn connection_closed(&self) {
+        let _ = self
+            .connections_open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    /// A new connection turned away (`evicted` false) or an idle one closed
+    /// to make room (`evicted` true) at `web.max_connections`.
+    pub fn connection_refused(&self, evicted: bool) {
+        let counter = if evicted {
+            &self.connections_evicted
+        } else {
+            &self.connections_refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection whose request head (`body` false) or body (`body` true)
+    /// did not arrive in time.
+    pub fn timeout(&self, body: bool) {
+        let counter = if body {
+            &self.body_timeouts
+        } else {
+            &self.header_timeouts
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn events_recorded(&self, n: u64) {
@@ -173,6 +215,41 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE aramaki_db_pool_idle_connections gauge");
         let _ = writeln!(out, "aramaki_db_pool_idle_connections {}", pool.idle);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP aramaki_http_connections_open HTTP connections open now."
+        );
+        let _ = writeln!(out, "# TYPE aramaki_http_connections_open gauge");
+        let _ = writeln!(
+            out,
+            "aramaki_http_connections_open {}",
+            load(&self.connections_open)
+        );
+        let _ = writeln!(out, "# HELP aramaki_http_connections_refused_total Connections closed at web.max_connections: new ones turned away, idle ones closed to make room.");
+        let _ = writeln!(out, "# TYPE aramaki_http_connections_refused_total counter");
+        let _ = writeln!(
+            out,
+            "aramaki_http_connections_refused_total{{which=\"new\"}} {}",
+            load(&self.connections_refused)
+        );
+        let _ = writeln!(
+            out,
+            "aramaki_http_connections_refused_total{{which=\"idle\"}} {}",
+            load(&self.connections_evicted)
+        );
+        let _ = writeln!(out, "# HELP aramaki_http_timeouts_total Connections cut because the request head or body did not arrive in time.");
+        let _ = writeln!(out, "# TYPE aramaki_http_timeouts_total counter");
+        let _ = writeln!(
+            out,
+            "aramaki_http_timeouts_total{{phase=\"header\"}} {}",
+            load(&self.header_timeouts)
+        );
+        let _ = writeln!(
+            out,
+            "aramaki_http_timeouts_total{{phase=\"body\"}} {}",
+            load(&self.body_timeouts)
+        );
         out
     }
 }
@@ -207,5 +284,29 @@ mod tests {
         assert!(text.contains("aramaki_agent_records_committed_total 7"));
         assert!(text.contains("aramaki_agent_records_duplicate_total 2"));
         assert!(text.contains("aramaki_agents_connected 3"));
+    }
+
+    #[test]
+    fn counts_connections_refusals_and_timeouts() {
+        let m = Metrics::default();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_closed();
+        m.connection_closed();
+        m.connection_opened();
+        m.connection_refused(false);
+        m.connection_refused(true);
+        m.connection_refused(true);
+        m.timeout(false);
+        m.timeout(true);
+        m.timeout(true);
+        m.timeout(true);
+        let text = m.render(PoolStats { size: 0, idle: 0 });
+        assert!(text.contains("aramaki_http_connections_open 1\n"), "{text}");
+        assert!(text.contains("aramaki_http_connections_refused_total{which=\"new\"} 1"));
+        assert!(text.contains("aramaki_http_connections_refused_total{which=\"idle\"} 2"));
+        assert!(text.contains("aramaki_http_timeouts_total{phase=\"header\"} 1"));
+        assert!(text.contains("aramaki_http_timeouts_total{phase=\"body\"} 3"));
     }
 }

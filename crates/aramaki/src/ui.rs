@@ -114,6 +114,9 @@ pub fn page_error(e: &dyn std::fmt::Display) -> Response {
 }
 
 const CSS: &str = include_str!("../assets/aramaki.css");
+/// The few behaviours that would otherwise be inline script (forbidden by
+/// the Content-Security-Policy), as one file.
+const JS: &str = include_str!("../assets/aramaki.js");
 /// Vendored with `scripts/vendor-htmx`; the version is in the file name.
 pub const HTMX_PATH: &str = "/assets/htmx.min.2.0.11.js";
 const HTMX: &str = include_str!("../vendor/htmx/htmx.min.2.0.11.js");
@@ -144,6 +147,18 @@ pub fn assets() -> Router<AppState> {
                         (CACHE_CONTROL, "public, max-age=3600"),
                     ],
                     CSS,
+                )
+            }),
+        )
+        .route(
+            "/assets/aramaki.js",
+            get(|| async {
+                (
+                    [
+                        (CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                        (CACHE_CONTROL, "public, max-age=3600"),
+                    ],
+                    JS,
                 )
             }),
         )
@@ -208,19 +223,28 @@ mod tests {
 }
 
 /// Renders Markdown to HTML that is safe to embed: raw HTML in the source is
-/// shown as text, and links or images may only point to http(s), mailto or
-/// this site. (A handbook is written by people with edit rights, read by
-/// everyone; it must not be able to run script.)
+/// shown as text, links may only point to http(s), mailto or this site, and
+/// only images from this site are shown — an image from elsewhere becomes a
+/// link to it, so reading a handbook tells no other site who read it (and the
+/// Content-Security-Policy would block it anyway). (A handbook is written by
+/// people with edit rights, read by everyone; it must not be able to run
+/// script or track its readers.)
 pub fn markdown(source: &str) -> String {
-    use pulldown_cmark::{CowStr, Event, Options, Parser, Tag};
+    use pulldown_cmark::{CowStr, Event, Options, Parser, Tag, TagEnd};
+    let local = |lower: &str| {
+        // Browsers read `/\x` and `/<tab>/x` as `//x`: another host.
+        let odd = lower.contains('\\') || lower.chars().any(|c| c.is_ascii_control());
+        !odd && ((lower.starts_with('/') && !lower.starts_with("//")) || lower.starts_with('#'))
+    };
     let safe = |url: &CowStr| {
         let lower = url.trim().to_ascii_lowercase();
         lower.starts_with("http://")
             || lower.starts_with("https://")
             || lower.starts_with("mailto:")
-            || (lower.starts_with('/') && !lower.starts_with("//"))
-            || lower.starts_with('#')
+            || local(&lower)
     };
+    // For each open image: whether it was turned into a link.
+    let mut images: Vec<bool> = Vec::new();
     let events = Parser::new_ext(
         source,
         Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH,
@@ -243,12 +267,37 @@ pub fn markdown(source: &str) -> String {
             dest_url,
             title,
             id,
-        }) if !safe(&dest_url) => Event::Start(Tag::Image {
-            link_type,
-            dest_url: CowStr::from("#"),
-            title,
-            id,
-        }),
+        }) => {
+            let here = local(dest_url.trim().to_ascii_lowercase().as_str());
+            images.push(!here);
+            if here {
+                Event::Start(Tag::Image {
+                    link_type,
+                    dest_url,
+                    title,
+                    id,
+                })
+            } else {
+                let dest_url = if safe(&dest_url) {
+                    dest_url
+                } else {
+                    CowStr::from("#")
+                };
+                Event::Start(Tag::Link {
+                    link_type,
+                    dest_url,
+                    title,
+                    id,
+                })
+            }
+        }
+        Event::End(TagEnd::Image) => {
+            if images.pop().unwrap_or(false) {
+                Event::End(TagEnd::Link)
+            } else {
+                Event::End(TagEnd::Image)
+            }
+        }
         other => other,
     });
     let mut html = String::new();
@@ -278,5 +327,27 @@ mod markdown_tests {
         assert!(!html.to_lowercase().contains("javascript:"), "{html}");
         assert!(html.contains("href=\"https://x.example\""));
         assert!(html.contains("href=\"/systems/shop\""));
+    }
+
+    #[test]
+    fn images_from_elsewhere_become_links() {
+        let html = markdown(
+            "![pixel](https://tracker.example/p.gif) ![diagram](/assets/diagram.png) ![x](//evil.example/p.gif) ![y](javascript:alert(1))",
+        );
+        assert!(
+            !html.contains("<img src=\"https://tracker.example"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<a href=\"https://tracker.example/p.gif\">pixel</a>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<img src=\"/assets/diagram.png\" alt=\"diagram\""),
+            "{html}"
+        );
+        assert!(!html.contains("<img src=\"//evil"), "{html}");
+        assert_eq!(html.matches("<img").count(), 1, "{html}");
+        assert!(!html.to_lowercase().contains("javascript:"), "{html}");
     }
 }

@@ -142,10 +142,21 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_problem(rejection)),
-        }
+        // Parsed to a value first, then read strictly: an object at the top,
+        // no NUL anywhere, no array in place of a struct (crate::input).
+        let value = match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(v)) => v,
+            Err(rejection) => return Err(json_problem(rejection)),
+        };
+        crate::input::from_value(value).map(ApiJson).map_err(|e| {
+            let field = e.field().to_owned();
+            let problem = Problem::unprocessable(format!("invalid request body: {e}"));
+            if field.is_empty() {
+                problem
+            } else {
+                problem.with("field", field.into())
+            }
+        })
     }
 }
 
@@ -164,6 +175,7 @@ fn json_problem(rejection: JsonRejection) -> Problem {
             e.body_text()
                 .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
         )),
+        JsonRejection::BytesRejection(e) if timed_out(&e) => body_timeout(),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -199,6 +211,189 @@ where
         }
     }
 }
+
+/// Refuses U+0000 in a path parameter, a query parameter or a form field
+/// before any handler sees it (JSON bodies are checked by [`ApiJson`]):
+/// PostgreSQL cannot store it and SQLite would, so both refuse it here.
+async fn refuse_nul(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    if req.uri().path().contains("%00") {
+        let name = path_parameter_with_nul(&req);
+        return nul_refused(api, StatusCode::BAD_REQUEST, "path parameter", &name);
+    }
+    if let Some(name) = req.uri().query().and_then(crate::input::encoded_nul) {
+        return nul_refused(api, StatusCode::BAD_REQUEST, "query parameter", &name);
+    }
+    let form = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            // Media types are case-insensitive, and so is axum's Form.
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        });
+    if !form {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, ctx.config.api.body_limit).await {
+        Ok(bytes) => bytes,
+        Err(e) => return body_problem(&e).into_response(),
+    };
+    if let Some(name) = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(crate::input::encoded_nul)
+    {
+        return nul_refused(api, StatusCode::UNPROCESSABLE_ENTITY, "form field", &name);
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// The name of the route's `{parameter}` whose segment holds `%00`.
+fn path_parameter_with_nul(req: &Request) -> String {
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default();
+    let at = req
+        .uri()
+        .path()
+        .split('/')
+        .position(|segment| segment.contains("%00"));
+    at.and_then(|i| template.split('/').nth(i))
+        .and_then(|s| s.strip_prefix('{'))
+        .map(|s| s.trim_start_matches('*').trim_end_matches('}').to_owned())
+        .unwrap_or_else(|| "path".to_owned())
+}
+
+fn nul_refused(api: bool, status: StatusCode, what: &str, name: &str) -> Response {
+    let detail = format!("{what} `{name}` contains a NUL character (U+0000), which is not allowed");
+    if api {
+        Problem::new(status, "invalid", detail)
+            .with("field", name.into())
+            .into_response()
+    } else {
+        let escaped = detail
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        (
+            status,
+            axum::response::Html(format!(
+                "<!doctype html><title>Bad request</title><p>{escaped}</p>"
+            )),
+        )
+            .into_response()
+    }
+}
+
+/// A request body that could not be read: too large, too slow, or cut off.
+fn body_problem(e: &axum::Error) -> Problem {
+    if timed_out(e) {
+        return body_timeout();
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.to_string().contains("length limit exceeded") {
+            return Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is larger than the configured limit (api.body_limit)",
+            );
+        }
+        source = err.source();
+    }
+    Problem::bad_request("the request body could not be read")
+}
+
+/// Whether reading a body failed because of `web.body_read_timeout_secs`.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<BodyTimeout>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn body_timeout() -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "timeout",
+        "the request body did not arrive in time (web.body_read_timeout_secs)",
+    )
+}
+
+/// Gives a request's body `web.body_read_timeout_secs` to arrive, from the
+/// moment its head did; a slower body fails to read ([`BodyTimeout`]).
+async fn body_deadline(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let limit = std::time::Duration::from_secs(ctx.config.web.body_read_timeout_secs);
+    let (parts, body) = req.into_parts();
+    let body = Deadline {
+        body,
+        deadline: Box::pin(tokio::time::sleep(limit)),
+        ctx: ctx.clone(),
+        expired: false,
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::new(body)))
+        .await
+}
+
+struct Deadline {
+    body: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    ctx: AppState,
+    expired: bool,
+}
+
+impl http_body::Body for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if self.expired {
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimeout))));
+        }
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match std::future::Future::poll(self.deadline.as_mut(), cx) {
+            Poll::Ready(()) => {
+                self.expired = true;
+                self.ctx.metrics.timeout(true);
+                Poll::Ready(Some(Err(axum::Error::new(BodyTimeout))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.expired && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The request body took longer than `web.body_read_timeout_secs`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within the body read timeout")]
+pub struct BodyTimeout;
 
 /// The caller, if the request carries a valid bearer token.
 async fn principal(headers: &HeaderMap, ctx: &Context) -> Result<Option<Principal>, Problem> {
@@ -261,6 +456,25 @@ impl FromRequestParts<AppState> for InstanceAdmin {
     }
 }
 
+/// The Content-Security-Policy of every response: scripts, styles and
+/// images only from this site (no inline script or style anywhere), no
+/// framing, forms post only here.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+
+/// Security headers on every page and API response.
+async fn security_headers(req: Request, next: Next) -> Response {
+    use axum::http::header::{
+        CONTENT_SECURITY_POLICY as CSP, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    };
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    headers.insert(CSP, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    response
+}
+
 /// Records count and latency of every request by its route template.
 async fn track(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -300,6 +514,70 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Errors are `application/problem+json`, and some come from the plumbing
+/// rather than the handler: a missing or bad token (401), a missing role
+/// (403), a malformed, oversized, mistyped or invalid body (400, 413, 415,
+/// 422, 408), a bad path or query parameter (400). The document says so for
+/// every operation they can happen on.
+fn describe_problems(doc: &mut serde_json::Value) {
+    let problem = |why: &str| serde_json::json!({"description": why, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemBody"}}}});
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+        for op in item.values_mut().filter_map(|o| o.as_object_mut()) {
+            let secured = op
+                .get("security")
+                .and_then(|s| s.as_array())
+                .is_some_and(|s| !s.is_empty());
+            let role = op
+                .get("x-aramaki-role")
+                .and_then(|r| r.as_str())
+                .unwrap_or("public")
+                .to_owned();
+            let body = op.contains_key("requestBody");
+            let params = op
+                .get("parameters")
+                .and_then(|p| p.as_array())
+                .is_some_and(|p| p.iter().any(|p| p["in"] == "query" || p["in"] == "path"));
+            let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+                continue;
+            };
+            for (status, response) in responses.iter_mut() {
+                if !(status.starts_with('4') || status.starts_with('5')) {
+                    continue;
+                }
+                if let Some(content) = response.get_mut("content").and_then(|c| c.as_object_mut()) {
+                    if let Some(json) = content.remove("application/json") {
+                        content.insert("application/problem+json".into(), json);
+                    }
+                }
+            }
+            let mut add = |status: &str, why: &str| {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| problem(why));
+            };
+            if secured {
+                add("401", "No valid API token");
+                if !matches!(role.as_str(), "user" | "public") {
+                    add("403", "The caller does not hold the role this needs");
+                }
+            }
+            if body {
+                add("400", "Malformed JSON");
+                add("408", "The body did not arrive in time");
+                add("413", "The body is larger than api.body_limit");
+                add("415", "The body is not application/json");
+                add("422", "The body is not valid for this operation");
+            }
+            if params {
+                add("400", "An invalid path or query parameter");
+            }
+        }
+    }
+}
+
 /// Builds the whole application router and its OpenAPI document.
 pub fn app(ctx: AppState) -> Router {
     let api = OpenApiRouter::new()
@@ -315,6 +593,8 @@ pub fn app(ctx: AppState) -> Router {
         .nest("/api/v1", api)
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let mut doc = serde_json::to_value(&doc).unwrap_or_default();
+    describe_problems(&mut doc);
     let doc = Arc::new(doc);
     let body_limit = ctx.config.api.body_limit;
     Router::new()
@@ -341,8 +621,17 @@ pub fn app(ctx: AppState) -> Router {
                 "this resource does not support that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            refuse_nul,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            body_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), track))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(security_headers))
         .with_state(ctx)
 }
 

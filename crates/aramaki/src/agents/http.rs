@@ -121,6 +121,7 @@ async fn reenroll_agent(
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(as = EnrollmentTokenList)]
 pub struct TokenList {
     pub items: Vec<TokenInfo>,
 }
@@ -142,6 +143,7 @@ async fn list_tokens(
 /// The body of `POST /api/v1/agents/tokens`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewEnrollmentToken)]
 pub struct NewToken {
     /// The system enrolled agents are bound to.
     pub system: String,

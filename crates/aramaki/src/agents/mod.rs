@@ -89,6 +89,7 @@ pub struct Agent {
 
 /// An enrollment token as listed (never its secret).
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = EnrollmentTokenInfo)]
 pub struct TokenInfo {
     /// The visible prefix.
     pub id: String,

@@ -150,6 +150,7 @@ pub struct ObservationList {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ObservationQuery {
     /// Only results in this state: ok, warning, critical, unknown.
     pub state: Option<String>,
@@ -204,6 +205,7 @@ async fn system_observations(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Only results with exactly these labels, as `k=v,k2=v2`.
     pub labels: Option<String>,

@@ -187,7 +187,7 @@ async fn create_system(
 }
 
 /// Read a system. Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}", tag = "systems",
+#[utoipa::path(get, path = "/systems/{slug}", tag = "systems", params(("slug" = String, Path, description = "the system's slug")),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = System), (status = 404, body = crate::web::ProblemBody)))]
 async fn get_system(
@@ -201,7 +201,7 @@ async fn get_system(
 }
 
 /// Change a system: only the fields given change. Role: admin.
-#[utoipa::path(patch, path = "/systems/{slug}", tag = "systems", request_body = SystemPatch,
+#[utoipa::path(patch, path = "/systems/{slug}", tag = "systems", request_body = SystemPatch, params(("slug" = String, Path, description = "the system's slug")),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
     responses((status = 200, body = System), (status = 404, body = crate::web::ProblemBody),
               (status = 409, body = crate::web::ProblemBody), (status = 422, body = crate::web::ProblemBody)))]
@@ -228,7 +228,7 @@ pub struct DeleteQuery {
 }
 
 /// Delete a system; refused while included somewhere unless `force`. Role: admin.
-#[utoipa::path(delete, path = "/systems/{slug}", tag = "systems", params(DeleteQuery),
+#[utoipa::path(delete, path = "/systems/{slug}", tag = "systems", params(("slug" = String, Path, description = "the system's slug"), DeleteQuery),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
     responses((status = 204), (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
 async fn delete_system(
@@ -244,7 +244,7 @@ async fn delete_system(
 }
 
 /// Direct subsystems: included ones and selector matches. Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}/subsystems", tag = "systems",
+#[utoipa::path(get, path = "/systems/{slug}/subsystems", tag = "systems", params(("slug" = String, Path, description = "the system's slug")),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = MemberList), (status = 404, body = crate::web::ProblemBody)))]
 async fn list_subsystems(
@@ -259,7 +259,7 @@ async fn list_subsystems(
 }
 
 /// The systems that include this one. Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}/includers", tag = "systems",
+#[utoipa::path(get, path = "/systems/{slug}/includers", tag = "systems", params(("slug" = String, Path, description = "the system's slug")),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = MemberList), (status = 404, body = crate::web::ProblemBody)))]
 async fn list_includers(
@@ -293,7 +293,7 @@ pub struct IncludeResult {
 }
 
 /// Include a subsystem; a cycle is refused with its path. Role: admin on both.
-#[utoipa::path(post, path = "/systems/{slug}/subsystems", tag = "systems", request_body = IncludeRequest,
+#[utoipa::path(post, path = "/systems/{slug}/subsystems", tag = "systems", request_body = IncludeRequest, params(("slug" = String, Path, description = "the system's slug")),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
     responses((status = 201, body = IncludeResult), (status = 200, body = IncludeResult),
               (status = 404, body = crate::web::ProblemBody), (status = 409, body = crate::web::ProblemBody)))]
@@ -325,6 +325,7 @@ async fn include_subsystem(
 
 /// Exclude a subsystem. Role: admin.
 #[utoipa::path(delete, path = "/systems/{slug}/subsystems/{child}", tag = "systems",
+    params(("slug" = String, Path, description = "the system's slug"), ("child" = String, Path, description = "the included system's slug")),
     extensions(("x-aramaki-role" = json!("admin"))), security(("token" = [])),
     responses((status = 204), (status = 404, body = crate::web::ProblemBody)))]
 async fn exclude_subsystem(
@@ -340,7 +341,7 @@ async fn exclude_subsystem(
 }
 
 /// The system's own state and, recursively, each layer below it. Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}/status", tag = "systems",
+#[utoipa::path(get, path = "/systems/{slug}/status", tag = "systems", params(("slug" = String, Path, description = "the system's slug")),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = Status), (status = 404, body = crate::web::ProblemBody)))]
 async fn get_status(

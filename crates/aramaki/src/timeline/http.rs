@@ -129,7 +129,7 @@ impl TimelineQuery {
 
 /// A system's timeline: its own events and those of everything below it,
 /// each once, newest first. Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}/timeline", tag = "timeline", params(TimelineQuery),
+#[utoipa::path(get, path = "/systems/{slug}/timeline", tag = "timeline", params(("slug" = String, Path, description = "the system's slug"), TimelineQuery),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = EventPage), (status = 400, body = crate::web::ProblemBody),
               (status = 404, body = crate::web::ProblemBody)))]
@@ -168,7 +168,8 @@ async fn get_timeline(
 /// timeline`, `id:` the event's sequence). Send `Last-Event-ID` to resume
 /// after a reconnect without losing events. Takes the timeline's filters
 /// (not `cursor` or `limit`). Role: viewer.
-#[utoipa::path(get, path = "/systems/{slug}/timeline/stream", tag = "timeline", params(TimelineQuery),
+#[utoipa::path(get, path = "/systems/{slug}/timeline/stream", tag = "timeline",
+    params(("slug" = String, Path, description = "the system's slug"), TimelineQuery, ("Last-Event-ID" = Option<String>, Header, description = "resume after this event's sequence")),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, content_type = "text/event-stream", description = "A stream of events"),
               (status = 404, body = crate::web::ProblemBody)))]
@@ -644,7 +645,7 @@ async fn record_events(
 }
 
 /// Read one event. Role: viewer.
-#[utoipa::path(get, path = "/events/{id}", tag = "timeline",
+#[utoipa::path(get, path = "/events/{id}", tag = "timeline", params(("id" = String, Path, description = "the event's id (a UUID)")),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = Event), (status = 400, body = crate::web::ProblemBody),
               (status = 404, body = crate::web::ProblemBody)))]

@@ -140,7 +140,7 @@ async fn new_token(
 
 /// Revoke one of your tokens (the instance admin may revoke anyone's); it
 /// stops working at once. Role: any user.
-#[utoipa::path(delete, path = "/tokens/{id}", tag = "users",
+#[utoipa::path(delete, path = "/tokens/{id}", tag = "users", params(("id" = String, Path, description = "the token's id")),
     extensions(("x-aramaki-role" = json!("user"))), security(("token" = [])),
     responses((status = 204), (status = 404, body = crate::web::ProblemBody)))]
 async fn revoke_token(
