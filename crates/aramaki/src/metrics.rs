@@ -20,6 +20,7 @@ pub struct Metrics {
     events_recorded: AtomicU64,
     results_ingested: AtomicU64,
     results_duplicate: AtomicU64,
+    frames_refused: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +72,11 @@ impl Metrics {
             .fetch_add(duplicates, Ordering::Relaxed);
     }
 
+    /// An agent session's frame failed its integrity check.
+    pub fn frame_refused(&self) {
+        self.frames_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Adds the agent figures: connected sessions of this process.
     pub fn render_agents(&self, out: &mut String, connected: usize) {
         let counters = [
@@ -83,6 +89,11 @@ impl Metrics {
                 "aramaki_agent_records_duplicate_total",
                 "Agent records skipped as replays (already committed).",
                 &self.results_duplicate,
+            ),
+            (
+                "aramaki_agent_frames_refused_total",
+                "Agent session frames refused: forged, replayed or reordered.",
+                &self.frames_refused,
             ),
         ];
         for (name, help, value) in counters {

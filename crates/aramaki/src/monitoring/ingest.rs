@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aramaki_protocol::agent::{CheckResult, CheckState, Record, RecordBody};
+use aramaki_protocol::agent::{CheckResult, CheckState, Notice, Record, RecordBody};
 use aramaki_protocol::Severity;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -481,6 +481,23 @@ impl Writer {
             }
             RecordBody::Action(update) => {
                 crate::actions::runs::finish(&self.ctx, tx, agent, &update).await
+            }
+            RecordBody::Notice { notice, message } => {
+                let severity = match notice {
+                    Notice::FrameRefused => Severity::Critical,
+                    Notice::QueueRenumbered => Severity::Warning,
+                };
+                // The agent's words, capped: a notice is a line, not a dump.
+                let message: String = message.chars().take(1000).collect();
+                let event = NewEvent::internal(
+                    notice.kind(),
+                    severity,
+                    format!("Agent '{}': {message}", agent.name),
+                    serde_json::json!({"agent": agent.name, "agent_id": agent.id, "side": "agent", "seq": record.seq, "detail": message}),
+                );
+                self.event(tx, agent, (&agent.system_id, &agent.system), event)
+                    .await?;
+                Ok(true)
             }
             RecordBody::Facts { facts } => {
                 let text = serde_json::to_string(&facts).unwrap_or_else(|_| "{}".to_owned());
