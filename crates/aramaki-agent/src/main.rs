@@ -123,7 +123,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 shared.clone(),
                 registration.agent_id.clone(),
                 config.checks.clone(),
-            );
+            )
+            .with_policy(config.check_policy.clone());
             // Keep running what the server sent last, even before it answers.
             scheduler.set(state.checks());
             tracing::info!(
