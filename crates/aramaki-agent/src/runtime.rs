@@ -55,6 +55,21 @@ impl Shared {
         Ok(q.read(after, max)?)
     }
 
+    /// See [`Queue::reconcile`].
+    pub fn reconcile(
+        &self,
+        mark: u64,
+        known: &[String],
+    ) -> Result<Option<crate::queue::Renumbered>, SharedError> {
+        let mut q = self.queue.lock().map_err(|_| SharedError::Poisoned)?;
+        Ok(q.reconcile(mark, known)?)
+    }
+
+    /// See [`Queue::spans`].
+    pub fn spans(&self) -> Vec<aramaki_protocol::agent::QueueSpan> {
+        self.queue.lock().map(|q| q.spans()).unwrap_or_default()
+    }
+
     pub fn ack(&self, up_to: u64) -> Result<(), SharedError> {
         let mut q = self.queue.lock().map_err(|_| SharedError::Poisoned)?;
         Ok(q.ack(up_to)?)

@@ -450,7 +450,7 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         .transpose()?;
     let socket = open_with(&url, tls).await?;
     let (depth, _) = agent.shared.depth();
-    let (welcome, mut channel) = handshake(
+    let (welcome, mut channel) = handshake_with(
         socket,
         &Credentials {
             agent_id: &agent.registration.agent_id,
@@ -459,14 +459,17 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         },
         agent.config.subscriptions.clone(),
         depth,
+        agent.shared.spans(),
     )
     .await?;
     let Welcome {
         acked,
         heartbeat_secs,
         checks,
+        incarnations,
     } = welcome;
     tracing::info!(server = %agent.registration.server, session = %channel.session_id, checks = checks.len(), "connected");
+    renumber_if_restored(agent, acked, &incarnations).await?;
     agent.shared.ack(acked).map_err(transient)?;
     apply_checks(agent, checks);
     let outcome = exchange(agent, &mut channel, heartbeat_secs.max(1)).await;
@@ -475,6 +478,34 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
     }
     channel.close().await;
     outcome
+}
+
+/// The server committed numbers this queue never handed out: the state
+/// directory was lost or restored from an older copy. Records accepted since
+/// would be taken for duplicates; they are renumbered above the server's
+/// mark instead, and the event is reported (log and a queued notice).
+async fn renumber_if_restored(
+    agent: &Agent,
+    mark: u64,
+    known: &[String],
+) -> Result<(), SessionError> {
+    let Some(done) = agent.shared.reconcile(mark, known).map_err(transient)? else {
+        return Ok(());
+    };
+    let message = format!(
+        "the queue's state was lost or restored from an older copy: the server has committed up to #{} records this queue numbered otherwise; {} unacknowledged records from #{} on were renumbered from #{}, so that none is taken for a duplicate",
+        done.mark,
+        done.count,
+        done.first,
+        done.to
+    );
+    tracing::warn!("{message}");
+    let notice = RecordBody::Notice {
+        notice: Notice::QueueRenumbered,
+        message,
+    };
+    agent.shared.push(vec![notice]).await.map_err(transient)?;
+    Ok(())
 }
 
 /// A frame that did not open: said in the log at once, and queued as a
@@ -560,15 +591,29 @@ pub struct Welcome {
     pub acked: u64,
     pub heartbeat_secs: u32,
     pub checks: Vec<CheckDefinition>,
+    /// The queue incarnations the server has committed records of.
+    pub incarnations: Vec<String>,
 }
 
 /// Hello, challenge (checked against the pinned key), auth, and the sealed
 /// welcome; returns the welcome and the sealed channel.
 pub async fn handshake(
+    socket: Socket,
+    me: &Credentials<'_>,
+    subscriptions: Vec<String>,
+    queue_depth: u64,
+) -> Result<(Welcome, Channel), SessionError> {
+    handshake_with(socket, me, subscriptions, queue_depth, Vec::new()).await
+}
+
+/// [`handshake`], telling the server which queue incarnations numbered the
+/// waiting records.
+pub async fn handshake_with(
     mut socket: Socket,
     me: &Credentials<'_>,
     subscriptions: Vec<String>,
     queue_depth: u64,
+    spans: Vec<aramaki_protocol::agent::QueueSpan>,
 ) -> Result<(Welcome, Channel), SessionError> {
     let id = me.agent_id;
     let nonce = random_nonce()?;
@@ -586,6 +631,7 @@ pub async fn handshake(
             version: env!("CARGO_PKG_VERSION").to_owned(),
             subscriptions,
             queue_depth,
+            spans,
         },
     )
     .await?;
@@ -646,11 +692,13 @@ pub async fn handshake(
             acked,
             heartbeat_secs,
             checks,
+            incarnations,
         } => Ok((
             Welcome {
                 acked,
                 heartbeat_secs,
                 checks,
+                incarnations,
             },
             channel,
         )),

@@ -97,6 +97,9 @@ pub enum AgentMessage {
         /// Records waiting in the agent's queue.
         #[serde(default)]
         queue_depth: u64,
+        /// Which queue incarnations numbered the waiting records.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        spans: Vec<QueueSpan>,
     },
     /// The agent's signature over [`agent_transcript`], hex.
     Auth { signature: String },
@@ -148,6 +151,11 @@ pub enum ServerMessage {
         acked: u64,
         heartbeat_secs: u32,
         checks: Vec<CheckDefinition>,
+        /// The queue incarnations the server has committed records of: a
+        /// waiting record at or below `acked` from another one is new, not a
+        /// replay (the agent's state was restored from an older copy).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        incarnations: Vec<String>,
     },
     /// The session or enrollment is refused; the server closes the socket.
     Refused { reason: Refusal, message: String },
@@ -163,6 +171,15 @@ pub enum ServerMessage {
     Action(SignedAction),
     /// Stop a running action (its process group is killed).
     Cancel { run_id: String },
+}
+
+/// Records numbered from `first_seq` on by one incarnation of the agent's
+/// queue (a random id drawn each time the queue is opened).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpan {
+    pub incarnation: String,
+    pub first_seq: u64,
 }
 
 /// Why a session or an enrollment was refused.

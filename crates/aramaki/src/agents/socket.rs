@@ -186,6 +186,7 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
             version,
             subscriptions,
             queue_depth,
+            spans,
         } => {
             if protocol != AGENT_PROTOCOL_VERSION {
                 return refuse_protocol(&mut socket, protocol).await;
@@ -198,6 +199,7 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
                 version,
                 subscriptions,
                 queue_depth,
+                spans,
             };
             let pending = match challenge(&ctx, &mut socket, &hello).await {
                 Ok(p) => p,
@@ -308,6 +310,7 @@ struct Hello {
     version: String,
     subscriptions: Vec<String>,
     queue_depth: u64,
+    spans: Vec<aramaki_protocol::agent::QueueSpan>,
 }
 
 type Refused = (Refusal, String);
@@ -474,6 +477,12 @@ async fn serve(
     )
     .await
     .map_err(|e| e.to_string())?;
+    // The incarnations known before this session go to the agent; this
+    // session's become known (its records are committed from here on).
+    let seen: Vec<String> = hello.spans.iter().map(|s| s.incarnation.clone()).collect();
+    let incarnations = store::queue_incarnations(&mut tx, &agent.id, &seen)
+        .await
+        .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     let agent = Agent {
         subscriptions: hello.subscriptions.clone(),
@@ -493,6 +502,7 @@ async fn serve(
             acked: u64::try_from(agent.acked_seq).unwrap_or(0),
             heartbeat_secs,
             checks: crate::monitoring::checks_for(&agent, &checks),
+            incarnations,
         })
         .await
         .map_err(|e| e.to_string())?;

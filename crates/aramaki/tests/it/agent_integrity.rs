@@ -522,3 +522,122 @@ async fn a_fake_server_never_receives_the_enrollment_token() {
         assert_eq!(code, 0, "{err}");
     }
 }
+
+/// A TCP proxy in front of the server that can be switched off: "the server
+/// is away" for an agent that reaches it through here.
+async fn switchable_proxy(backend: String) -> (u16, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (up, watch) = tokio::sync::watch::channel(true);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut watch = watch.clone();
+            if !*watch.borrow() {
+                continue; // dropped: connection refused, in effect
+            }
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&backend).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => {}
+                    _ = watch.wait_for(|up| !*up) => {}
+                }
+            });
+        }
+    });
+    (port, up)
+}
+
+/// The agent's queue acknowledgement, as its state file says.
+fn queue_acked(host: &AgentHost) -> u64 {
+    std::fs::read_to_string(host.state().join("queue/state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["acked"].as_u64())
+        .unwrap_or(0)
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_restored_from_a_backup_loses_nothing() {
+    use crate::agent_e2e::{expected_outputs, pushed_outputs};
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("restored-host", "host", json!({})).await;
+    let backend = app.base.trim_start_matches("http://").to_owned();
+    let (port, up) = switchable_proxy(backend).await;
+    let via = format!("http://127.0.0.1:{port}");
+    let host = AgentHost::new();
+    let t = token(&app, "restored-host", json!({})).await;
+    let (code, err) = enroll(&via, &t, &host.state(), "restored");
+    assert_eq!(code, 0, "{err}");
+    let committed = |n: usize| {
+        let (http, base, token) = (app.http.clone(), app.base.clone(), app.token.clone());
+        async move {
+            let out = pushed_outputs(&http, &base, &token, "restored-host").await;
+            (out.len() >= n).then_some(out)
+        }
+    };
+
+    // Five results, committed and acknowledged; then a backup of the state.
+    let mut agent = host.run();
+    host.push_numbered(1..=5).await;
+    eventually("5 results committed", || committed(5)).await;
+    eventually("the agent's queue acknowledging 5", || async {
+        (queue_acked(&host) >= 5).then_some(())
+    })
+    .await;
+    agent.kill_hard();
+    let backup = host.state().with_file_name("backup");
+    copy_tree(&host.state(), &backup);
+
+    // Five more, committed: the server's mark moves past the backup.
+    let mut agent = host.run();
+    host.push_numbered(6..=10).await;
+    eventually("10 results committed", || committed(10)).await;
+    eventually("the agent's queue acknowledging 10", || async {
+        (queue_acked(&host) >= 10).then_some(())
+    })
+    .await;
+    agent.kill_hard();
+
+    // While the server is away, the state comes back from the backup and
+    // ten new results are accepted under numbers the server has used.
+    up.send(false).unwrap();
+    std::fs::remove_dir_all(host.state()).unwrap();
+    copy_tree(&backup, &host.state());
+    let _agent = host.run();
+    host.push_numbered(11..=20).await;
+    up.send(true).unwrap();
+
+    let outputs = eventually("all 20 results", || committed(20)).await;
+    assert_eq!(
+        outputs,
+        expected_outputs(20),
+        "each result exactly once; agent log:\n{}",
+        host.log_text()
+    );
+    let renumbered = eventually("the renumbering on the timeline", || async {
+        let e = events(&app, "restored-host", "agent.queue_renumbered").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert_eq!(renumbered.len(), 1, "{renumbered:?}");
+    let detail = renumbered[0]["data"]["detail"].as_str().unwrap();
+    assert!(detail.contains("10 unacknowledged records"), "{detail}");
+    assert!(
+        host.log_text().contains("restored from an older copy"),
+        "{}",
+        host.log_text()
+    );
+}

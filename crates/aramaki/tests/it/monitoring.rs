@@ -155,6 +155,7 @@ impl SimAgent {
                 version: "test".into(),
                 subscriptions: vec!["linux".into()],
                 queue_depth: 0,
+                spans: vec![],
             },
         )
         .await;
