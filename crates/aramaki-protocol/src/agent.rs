@@ -263,6 +263,9 @@ pub enum RecordBody {
     Action(ActionUpdate),
     /// Something the agent noticed that belongs on its system's timeline.
     Notice { notice: Notice, message: String },
+    /// A result pushed with a `ttl`: the server expects the check's next
+    /// result within `ttl_secs` and marks it CRITICAL otherwise.
+    Pushed { result: CheckResult, ttl_secs: u32 },
 }
 
 /// What an agent reports about itself through its queue.

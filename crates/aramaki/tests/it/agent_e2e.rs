@@ -89,7 +89,7 @@ pub(crate) fn enroll(server: &str, token: &str, state: &Path, name: &str) -> (i3
 
 pub(crate) struct AgentHost {
     dir: tempfile::TempDir,
-    push_http: u16,
+    pub(crate) push_http: u16,
     push_tcp: u16,
 }
 

@@ -641,3 +641,78 @@ async fn a_queue_restored_from_a_backup_loses_nothing() {
         host.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_in_a_pushed_event_is_a_dead_mans_switch() {
+    use aramaki::monitoring::watch::sweep;
+    let app = TestApp::start(Backend::Sqlite).await;
+    let started = app.ctx.now();
+    app.system("cron-host", "host", json!({})).await;
+    let host = AgentHost::new();
+    let t = token(&app, "cron-host", json!({})).await;
+    let (code, err) = enroll(&app.base, &t, &host.state(), "cron");
+    assert_eq!(code, 0, "{err}");
+    let _agent = host.run();
+    // Sensu 1.x on the TCP socket, Sensu Go on HTTP, both with a ttl.
+    assert_eq!(
+        host.push_tcp(json!({"name": "nightly", "status": 0, "output": "NIGHTLY OK", "ttl": 300}))
+            .await,
+        "ok"
+    );
+    let r = eventually("the HTTP push API", || async {
+        app.http
+            .post(format!("http://127.0.0.1:{}/events", host.push_http))
+            .json(&json!({"check": {"metadata": {"name": "hourly"}, "status": 0, "output": "HOURLY OK", "ttl": 300}}))
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    // A bad ttl is refused with the reason.
+    assert!(host
+        .push_tcp(json!({"name": "nightly", "status": 0, "output": "x", "ttl": -1}))
+        .await
+        .contains("ttl must be"));
+    let state_of = |check: &'static str| {
+        let app = &app;
+        async move {
+            let obs = app.get("/api/v1/systems/cron-host/observations").await;
+            obs["items"]
+                .as_array()?
+                .iter()
+                .find(|o| o["check"] == check)
+                .map(|o| {
+                    (
+                        o["state"].as_str().unwrap_or("").to_owned(),
+                        o["output"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+        }
+    };
+    eventually("both pushed results", || async {
+        match (state_of("nightly").await, state_of("hourly").await) {
+            (Some(a), Some(b)) => Some((a, b)),
+            _ => None,
+        }
+    })
+    .await;
+    app.clock.advance(jiff::SignedDuration::from_secs(299));
+    assert_eq!(
+        sweep(&app.ctx, started).await.unwrap().ttls,
+        0,
+        "within the ttl"
+    );
+    app.clock.advance(jiff::SignedDuration::from_secs(2));
+    assert_eq!(sweep(&app.ctx, started).await.unwrap().ttls, 2);
+    assert_eq!(
+        sweep(&app.ctx, started).await.unwrap().ttls,
+        0,
+        "fires once"
+    );
+    for check in ["nightly", "hourly"] {
+        let (state, output) = state_of(check).await.unwrap();
+        assert_eq!(state, "critical", "{check}: {output}");
+        assert!(output.contains("TTL CRITICAL"), "{check}: {output}");
+    }
+}
