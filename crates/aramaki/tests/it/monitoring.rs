@@ -986,6 +986,13 @@ both!(a_sensu_dump_is_imported_with_a_report, |app| async move {
         .collect();
     assert!(names.len() >= 5, "{names:?}\n{out}{err}");
     assert!(names.contains(&"check-website"), "{names:?}");
+    // A command with Sensu token substitution is refused in the report,
+    // never run through the shell as a pipeline.
+    assert!(!names.contains(&"check-postgres"), "{names:?}");
+    assert!(
+        out.contains("check-postgres") && out.contains("token substitution"),
+        "{out}{err}"
+    );
     let website = checks["items"]
         .as_array()
         .unwrap()
