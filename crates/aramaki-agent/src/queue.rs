@@ -56,6 +56,9 @@ use std::path::{Path, PathBuf};
 use aramaki_protocol::agent::{QueueSpan, Record, RecordBody};
 use serde::{Deserialize, Serialize};
 
+/// Most queue incarnations remembered (one per open while records wait).
+const MAX_SPANS: usize = 64;
+
 /// Records per segment file before a new one starts.
 pub const SEGMENT_RECORDS: u64 = 4096;
 
@@ -507,12 +510,16 @@ impl Queue {
     }
 
     /// Forgets incarnations that number nothing unacknowledged any more
-    /// (the current one always stays).
+    /// (the current one always stays), and the oldest beyond
+    /// [`MAX_SPANS`] (an agent restarting in a loop while the server is
+    /// away; their records then count as known: at worst not renumbered).
     fn prune_spans(&mut self) {
         let floor = self.state.floor();
         while self.state.spans.len() > 1 && self.state.spans[1].first_seq <= floor + 1 {
             self.state.spans.remove(0);
         }
+        let excess = self.state.spans.len().saturating_sub(MAX_SPANS);
+        self.state.spans.drain(..excess);
     }
 
     /// Unacknowledged records (drop reports included).

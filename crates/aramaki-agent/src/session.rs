@@ -450,7 +450,7 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         .transpose()?;
     let socket = open_with(&url, tls).await?;
     let (depth, _) = agent.shared.depth();
-    let (welcome, mut channel) = handshake_with(
+    let handshake = handshake_with(
         socket,
         &Credentials {
             agent_id: &agent.registration.agent_id,
@@ -461,7 +461,16 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         depth,
         agent.shared.spans(),
     )
-    .await?;
+    .await;
+    let (welcome, mut channel) = match handshake {
+        Ok(done) => done,
+        Err(SessionError::Integrity(e)) => {
+            // The welcome itself (with the checks) was forged or replayed.
+            report_refused_frame(agent, "(handshake)", &e).await;
+            return Err(SessionError::Integrity(e));
+        }
+        Err(e) => return Err(e),
+    };
     let Welcome {
         acked,
         heartbeat_secs,

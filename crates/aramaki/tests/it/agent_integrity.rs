@@ -185,6 +185,9 @@ enum Tamper {
     ForgeChecks,
     /// After the welcome, the welcome again.
     ReplayWelcome,
+    /// The welcome itself, its checks swapped for the shell script (counter
+    /// and MAC kept).
+    ForgeWelcome,
 }
 
 /// A transparent WebSocket relay in front of the server's agent endpoint,
@@ -221,17 +224,26 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                         },
                         m = from_server.next() => match m {
                             Some(Ok(Message::Text(t))) => {
-                                let text = t.as_str().to_owned();
-                                if to_agent.send(Message::Text(t)).await.is_err() { return; }
+                                let mut text = t.as_str().to_owned();
                                 down += 1;
+                                let pwned = json!([{
+                                    "name": "pwned",
+                                    "run": {"kind": "shell", "script": script},
+                                    "schedule": {"kind": "interval", "secs": 1, "splay": false},
+                                    "timeout_secs": 5
+                                }]);
                                 // Frame 0 is the challenge, frame 1 the (sealed) welcome.
-                                if down == 2 && tamper != Tamper::Nothing {
-                                    let checks = json!({"type": "checks", "checks": [{
-                                        "name": "pwned",
-                                        "run": {"kind": "shell", "script": script},
-                                        "schedule": {"kind": "interval", "secs": 1, "splay": false},
-                                        "timeout_secs": 5
-                                    }]});
+                                if down == 2 && tamper == Tamper::ForgeWelcome {
+                                    let mut sealed: Value = serde_json::from_str(&text).unwrap();
+                                    let mut body: Value = serde_json::from_str(sealed["body"].as_str().unwrap()).unwrap();
+                                    body["checks"] = pwned.clone();
+                                    sealed["body"] = Value::String(body.to_string());
+                                    text = sealed.to_string();
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if to_agent.send(Message::Text(text.clone().into())).await.is_err() { return; }
+                                if down == 2 && !matches!(tamper, Tamper::Nothing | Tamper::ForgeWelcome) {
+                                    let checks = json!({"type": "checks", "checks": pwned});
                                     let frame = match tamper {
                                         Tamper::InjectChecks => checks.to_string(),
                                         Tamper::ForgeChecks => json!({"n": 1, "mac": "00".repeat(32), "body": checks.to_string()}).to_string(),
@@ -283,6 +295,7 @@ async fn a_relay_cannot_inject_or_replay_frames() {
         Tamper::InjectChecks,
         Tamper::ForgeChecks,
         Tamper::ReplayWelcome,
+        Tamper::ForgeWelcome,
     ];
     let (port, tampered) = relay(
         app.base.replace("http://", "ws://"),
@@ -296,15 +309,15 @@ async fn a_relay_cannot_inject_or_replay_frames() {
     assert_eq!(code, 0, "{err}");
     let _agent = host.run();
 
-    // The three tamperings are refused by the agent and reported once a clean
+    // The four tamperings are refused by the agent and reported once a clean
     // session carries the agent's notices to the server.
-    let refused = eventually("the agent's three reports of refused frames", || async {
+    let refused = eventually("the agent's four reports of refused frames", || async {
         let e = events(&app, "relayed-host", "agent.frame_refused").await;
-        (e.len() >= 3).then_some(e)
+        (e.len() >= 4).then_some(e)
     })
     .await;
-    assert_eq!(tampered.load(Ordering::SeqCst), 3);
-    assert_eq!(refused.len(), 3, "each reported once: {refused:?}");
+    assert_eq!(tampered.load(Ordering::SeqCst), 4);
+    assert_eq!(refused.len(), 4, "each reported once: {refused:?}");
     let details: Vec<String> = refused
         .iter()
         .map(|e| {
@@ -316,9 +329,13 @@ async fn a_relay_cannot_inject_or_replay_frames() {
         details.iter().any(|d| d.contains("without a valid seal")),
         "the unsealed frame is refused: {details:?}"
     );
-    assert!(
-        details.iter().any(|d| d.contains("integrity check")),
-        "the forged frame fails its MAC: {details:?}"
+    assert_eq!(
+        details
+            .iter()
+            .filter(|d| d.contains("integrity check"))
+            .count(),
+        2,
+        "the forged frame and the forged welcome fail their MAC: {details:?}"
     );
     assert!(
         details.iter().any(|d| d.contains("replayed")),
