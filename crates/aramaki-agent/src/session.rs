@@ -644,12 +644,47 @@ pub async fn handshake_with(
         },
     )
     .await?;
-    let (server_nonce, server_exchange, signature) = match receive_within(&mut socket).await? {
+    let answer = match receive_within(&mut socket).await {
+        // Unsigned: anyone in the path could have sent it. Retried, never
+        // taken as final.
+        Err(SessionError::Refused { reason, message }) => {
+            return Err(transient(format!(
+                "an unauthenticated refusal ({}: {message}); not taken as final",
+                reason.describe()
+            )))
+        }
+        other => other?,
+    };
+    let (server_nonce, server_exchange, signature) = match answer {
         ServerMessage::Challenge {
             nonce,
             exchange,
             signature,
         } => (nonce, exchange, signature),
+        ServerMessage::SignedRefusal {
+            reason,
+            message,
+            signature,
+        } => {
+            let signed = unhex_array::<64>(&signature)
+                .map(|b| Signature::from_bytes(&b))
+                .is_some_and(|sig| {
+                    me.server_key
+                        .verify(
+                            &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                            &sig,
+                        )
+                        .is_ok()
+                });
+            return Err(if signed {
+                SessionError::Refused { reason, message }
+            } else {
+                transient(format!(
+                    "a refusal with a bad signature ({}: {message}); not taken as final",
+                    reason.describe()
+                ))
+            });
+        }
         other => return Err(transient(format!("expected a challenge, got {other:?}"))),
     };
     let agent_exchange = exchange.public_hex();

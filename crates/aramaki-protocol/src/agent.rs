@@ -159,6 +159,15 @@ pub enum ServerMessage {
     },
     /// The session or enrollment is refused; the server closes the socket.
     Refused { reason: Refusal, message: String },
+    /// A refusal of a `hello`, before frames are sealed: signed over
+    /// [`refusal_transcript`] with the agent's nonce, so that a relay cannot
+    /// make an agent stop for good with a refusal of its own (the agent
+    /// takes an unsigned one as a reason to retry, never as final).
+    SignedRefusal {
+        reason: Refusal,
+        message: String,
+        signature: String,
+    },
     /// Every record with a sequence number up to and including `up_to` is
     /// committed.
     Ack { up_to: u64 },
@@ -663,6 +672,17 @@ pub fn enroll_transcript(agent_nonce: &str, agent_key: &str, server_key: &str) -
         agent_nonce.as_bytes(),
         agent_key.as_bytes(),
         server_key.as_bytes(),
+    ])
+}
+
+/// What the server signs to refuse a `hello` (see
+/// [`ServerMessage::SignedRefusal`]).
+pub fn refusal_transcript(agent_nonce: &str, reason: Refusal, message: &str) -> Vec<u8> {
+    length_prefixed(&[
+        b"aramaki-agent-refusal-v2",
+        agent_nonce.as_bytes(),
+        reason.describe().as_bytes(),
+        message.as_bytes(),
     ])
 }
 

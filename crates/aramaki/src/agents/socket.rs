@@ -203,7 +203,9 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
             };
             let pending = match challenge(&ctx, &mut socket, &hello).await {
                 Ok(p) => p,
-                Err((reason, message)) => return refuse(&mut socket, reason, &message).await,
+                Err((reason, message)) => {
+                    return refuse_hello(&ctx, &mut socket, &hello.nonce, reason, &message).await
+                }
             };
             // From the auth step on the server has the session's keys: a
             // refusal of the agent's signature is sealed like the welcome.
@@ -291,6 +293,40 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
             .await
         }
     }
+}
+
+/// Refuses a `hello`, signed over the agent's nonce so that the agent can
+/// tell it from a relay's (a nonce that is not one gets a plain refusal).
+async fn refuse_hello(
+    ctx: &Context,
+    socket: &mut WebSocket,
+    nonce: &str,
+    reason: Refusal,
+    message: &str,
+) {
+    if unhex_array::<32>(nonce).is_none() {
+        return refuse(socket, reason, message).await;
+    }
+    tracing::info!(
+        reason = reason.describe(),
+        detail = message,
+        "agent refused"
+    );
+    let signature = ctx
+        .identity
+        .sign(&aramaki_protocol::agent::refusal_transcript(
+            nonce, reason, message,
+        ));
+    let _ = send(
+        socket,
+        &ServerMessage::SignedRefusal {
+            reason,
+            message: message.to_owned(),
+            signature: hex(&signature.to_bytes()),
+        },
+    )
+    .await;
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 async fn refuse_protocol(socket: &mut WebSocket, given: u32) {

@@ -188,6 +188,9 @@ enum Tamper {
     /// The welcome itself, its checks swapped for the shell script (counter
     /// and MAC kept).
     ForgeWelcome,
+    /// The challenge replaced by a refusal ("revoked") of the relay's own,
+    /// which would stop the agent for good if it were believed.
+    FakeRevoked,
 }
 
 /// A transparent WebSocket relay in front of the server's agent endpoint,
@@ -233,6 +236,10 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                                     "timeout_secs": 5
                                 }]);
                                 // Frame 0 is the challenge, frame 1 the (sealed) welcome.
+                                if down == 1 && tamper == Tamper::FakeRevoked {
+                                    text = json!({"type": "refused", "reason": "revoked", "message": "this agent was revoked by an admin"}).to_string();
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
                                 if down == 2 && tamper == Tamper::ForgeWelcome {
                                     let mut sealed: Value = serde_json::from_str(&text).unwrap();
                                     let mut body: Value = serde_json::from_str(sealed["body"].as_str().unwrap()).unwrap();
@@ -242,7 +249,7 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                                     done.fetch_add(1, Ordering::SeqCst);
                                 }
                                 if to_agent.send(Message::Text(text.clone().into())).await.is_err() { return; }
-                                if down == 2 && !matches!(tamper, Tamper::Nothing | Tamper::ForgeWelcome) {
+                                if down == 2 && !matches!(tamper, Tamper::Nothing | Tamper::ForgeWelcome | Tamper::FakeRevoked) {
                                     let checks = json!({"type": "checks", "checks": pwned});
                                     let frame = match tamper {
                                         Tamper::InjectChecks => checks.to_string(),
@@ -292,6 +299,7 @@ async fn a_relay_cannot_inject_or_replay_frames() {
     assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
     let plan = vec![
         Tamper::Nothing, // the enrollment
+        Tamper::FakeRevoked,
         Tamper::InjectChecks,
         Tamper::ForgeChecks,
         Tamper::ReplayWelcome,
@@ -307,7 +315,7 @@ async fn a_relay_cannot_inject_or_replay_frames() {
     let t = token(&app, "relayed-host", json!({})).await;
     let (code, err) = enroll(&relayed, &t, &host.state(), "relayed");
     assert_eq!(code, 0, "{err}");
-    let _agent = host.run();
+    let mut agent = host.run();
 
     // The four tamperings are refused by the agent and reported once a clean
     // session carries the agent's notices to the server.
@@ -316,7 +324,7 @@ async fn a_relay_cannot_inject_or_replay_frames() {
         (e.len() >= 4).then_some(e)
     })
     .await;
-    assert_eq!(tampered.load(Ordering::SeqCst), 4);
+    assert_eq!(tampered.load(Ordering::SeqCst), 5);
     assert_eq!(refused.len(), 4, "each reported once: {refused:?}");
     let details: Vec<String> = refused
         .iter()
@@ -371,6 +379,15 @@ async fn a_relay_cannot_inject_or_replay_frames() {
     assert!(
         !log.contains("pwned"),
         "the injected check was never scheduled: {log}"
+    );
+    // The relay's refusal was not believed: the agent is still running.
+    assert!(
+        log.contains("an unauthenticated refusal (agent revoked"),
+        "{log}"
+    );
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent stopped: {log}"
     );
 }
 

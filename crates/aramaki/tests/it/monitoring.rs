@@ -165,6 +165,22 @@ impl SimAgent {
                 exchange,
                 signature,
             } => (nonce, exchange, signature),
+            ServerMessage::SignedRefusal {
+                reason,
+                message,
+                signature,
+            } => {
+                let server_key =
+                    VerifyingKey::from_bytes(app.ctx.identity.public_key().as_bytes()).unwrap();
+                let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
+                server_key
+                    .verify(
+                        &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                        &sig,
+                    )
+                    .expect("a refusal of a hello is signed over the agent's nonce");
+                return Err((reason, message));
+            }
             ServerMessage::Refused { reason, message } => return Err((reason, message)),
             other => panic!("unexpected {other:?}"),
         };
