@@ -12,7 +12,7 @@ use aramaki_agent::state::StateDir;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "aramaki-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (agent protocol 1)"), about = "The Aramaki agent")]
+#[command(name = "aramaki-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (agent protocol 2)"), about = "The Aramaki agent")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
