@@ -13,6 +13,11 @@
 //! run = { kind = "command", argv = ["/usr/lib/nagios/plugins/check_disk", "-w", "10%", "-c", "5%", "-p", "/"] }
 //! schedule = { kind = "interval", secs = 60 }
 //!
+//! [check_policy]                # what checks from the server may run
+//! allow_dirs = ["/usr/lib/nagios/plugins", "/usr/lib/monitoring-plugins", "/usr/local/lib/nagios/plugins"]
+//! allow_commands = []
+//! allow_shell = false
+//!
 //! [actions.flush-cache]
 //! argv = ["/usr/bin/varnishadm", "--", "ban", "req.url", "~", "{path}"]
 //! params = ["path"]
@@ -55,6 +60,8 @@ pub struct AgentConfig {
     pub checks: Vec<CheckDefinition>,
     /// The only actions the server may ask for, by name.
     pub actions: BTreeMap<String, ActionConfig>,
+    /// What checks sent by the server may execute here.
+    pub check_policy: crate::policy::CheckPolicy,
     /// CA certificates (PEM) to trust besides the public roots, for a
     /// server whose TLS certificate comes from a private CA.
     pub ca_file: Option<std::path::PathBuf>,
@@ -119,6 +126,7 @@ impl Default for AgentConfig {
             push_tcp: "127.0.0.1:3030".into(),
             checks: Vec::new(),
             actions: BTreeMap::new(),
+            check_policy: crate::policy::CheckPolicy::default(),
             ca_file: None,
         }
     }

@@ -6,6 +6,7 @@ pub mod actions;
 pub mod config;
 pub mod exec;
 pub mod nagios;
+pub mod policy;
 pub mod probes;
 pub mod push;
 pub mod queue;

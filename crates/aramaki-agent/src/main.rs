@@ -12,7 +12,7 @@ use aramaki_agent::state::StateDir;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "aramaki-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (agent protocol 1)"), about = "The Aramaki agent")]
+#[command(name = "aramaki-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (agent protocol 2)"), about = "The Aramaki agent")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,7 +123,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 shared.clone(),
                 registration.agent_id.clone(),
                 config.checks.clone(),
-            );
+            )
+            .with_policy(config.check_policy.clone());
             // Keep running what the server sent last, even before it answers.
             scheduler.set(state.checks());
             tracing::info!(

@@ -107,6 +107,48 @@ pub fn from_sensu_go(body: &[u8]) -> Result<CheckResult, Rejected> {
     })
 }
 
+/// Longest ttl accepted (one week), as for check definitions.
+const MAX_TTL: u64 = 7 * 24 * 3600;
+
+/// A `ttl` in seconds: absent or 0 means none (as in Sensu).
+fn ttl_of(v: Option<&Value>) -> Result<Option<u32>, Rejected> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(t) => match t.as_u64() {
+            Some(0) => Ok(None),
+            Some(secs) if secs <= MAX_TTL => Ok(u32::try_from(secs).ok()),
+            _ => Err(Rejected(format!(
+                "ttl must be a whole number of seconds from 0 to {MAX_TTL}, got {t}"
+            ))),
+        },
+    }
+}
+
+/// The record for a pushed result: with a ttl, the server expects the
+/// next result of the check within that many seconds (a dead-man's switch).
+fn record_of(result: CheckResult, ttl: Option<u32>) -> RecordBody {
+    match ttl {
+        Some(ttl_secs) => RecordBody::Pushed { result, ttl_secs },
+        None => RecordBody::Result(result),
+    }
+}
+
+/// [`from_sensu_go`] with the event's `check.ttl`.
+pub fn sensu_go_record(body: &[u8]) -> Result<RecordBody, Rejected> {
+    let result = from_sensu_go(body)?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| Rejected(e.to_string()))?;
+    let ttl = ttl_of(field(&v, &["check", "ttl"]))?;
+    Ok(record_of(result, ttl))
+}
+
+/// [`from_sensu_1`] with the result's `ttl`.
+pub fn sensu_1_record(body: &[u8]) -> Result<RecordBody, Rejected> {
+    let result = from_sensu_1(body)?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| Rejected(e.to_string()))?;
+    let ttl = ttl_of(v.get("ttl"))?;
+    Ok(record_of(result, ttl))
+}
+
 /// Sensu 1.x's result: `{"name": "...", "status": 1, "output": "..."}`,
 /// optionally with `"source"` naming another system.
 pub fn from_sensu_1(body: &[u8]) -> Result<CheckResult, Rejected> {
@@ -155,9 +197,9 @@ async fn http_connection(mut stream: TcpStream, shared: Arc<Shared>) -> std::io:
             Err(_) => (408, "request timed out".to_owned()),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(Err((status, message)))) => (status, message),
-            Ok(Ok(Ok(body))) => match from_sensu_go(&body) {
+            Ok(Ok(Ok(body))) => match sensu_go_record(&body) {
                 Err(e) => (400, e.0),
-                Ok(result) => match shared.push(vec![RecordBody::Result(result)]).await {
+                Ok(record) => match shared.push(vec![record]).await {
                     Ok(seqs) => (
                         202,
                         format!("queued as #{}", seqs.first().copied().unwrap_or(0)),
@@ -265,9 +307,9 @@ async fn tcp_connection(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::
         buf.extend_from_slice(&chunk[..n]);
         let complete = serde_json::from_slice::<Value>(&buf).is_ok();
         if n == 0 || complete || buf.len() > MAX_BODY {
-            break match from_sensu_1(&buf) {
+            break match sensu_1_record(&buf) {
                 Err(e) => format!("invalid: {e}"),
-                Ok(result) => match shared.push(vec![RecordBody::Result(result)]).await {
+                Ok(record) => match shared.push(vec![record]).await {
                     Ok(_) => "ok".to_owned(),
                     Err(e) => format!("invalid: cannot queue the result: {e}"),
                 },
@@ -319,5 +361,33 @@ mod tests {
         );
         assert!(from_sensu_1(br#"{"status":1,"output":"x"}"#).is_err());
         assert!(from_sensu_1(br#"{"name":"x","status":1}"#).is_err());
+    }
+
+    #[test]
+    fn a_ttl_makes_a_dead_mans_switch() {
+        let go = br#"{"check":{"metadata":{"name":"backup"},"status":0,"output":"ok","ttl":90}}"#;
+        let RecordBody::Pushed { result, ttl_secs } = sensu_go_record(go).unwrap() else {
+            panic!("a ttl gives a pushed record");
+        };
+        assert_eq!((result.check.as_str(), ttl_secs), ("backup", 90));
+        let one = br#"{"name":"cron","status":0,"output":"ok","ttl":30}"#;
+        assert!(matches!(
+            sensu_1_record(one).unwrap(),
+            RecordBody::Pushed { ttl_secs: 30, .. }
+        ));
+        for none in [
+            &br#"{"name":"cron","status":0,"output":"ok"}"#[..],
+            br#"{"name":"cron","status":0,"output":"ok","ttl":0}"#,
+        ] {
+            assert!(matches!(
+                sensu_1_record(none).unwrap(),
+                RecordBody::Result(_)
+            ));
+        }
+        for bad in ["-5", "\"30\"", "1.5", "999999999"] {
+            let body = format!(r#"{{"name":"cron","status":0,"output":"ok","ttl":{bad}}}"#);
+            let err = sensu_1_record(body.as_bytes()).unwrap_err();
+            assert!(err.0.contains("ttl must be"), "{bad}: {err}");
+        }
     }
 }

@@ -53,8 +53,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use aramaki_protocol::agent::{Record, RecordBody};
+use aramaki_protocol::agent::{QueueSpan, Record, RecordBody};
 use serde::{Deserialize, Serialize};
+
+/// Most queue incarnations remembered (one per open while records wait).
+const MAX_SPANS: usize = 64;
 
 /// Records per segment file before a new one starts.
 pub const SEGMENT_RECORDS: u64 = 4096;
@@ -152,6 +155,11 @@ struct State {
     report: Option<Report>,
     /// Losses that no queued report covers yet.
     pending: Option<Loss>,
+    /// Who numbered the unacknowledged records: a random incarnation per
+    /// open of the queue, from its first number on (oldest first). A copy
+    /// restored from a backup brings back old incarnations; the server
+    /// knows which ones it committed records of.
+    spans: Vec<QueueSpan>,
 }
 
 impl State {
@@ -204,6 +212,29 @@ struct Plan {
     report: bool,
 }
 
+/// What [`Queue::reconcile`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renumbered {
+    /// Unacknowledged records moved above the mark.
+    pub count: u64,
+    /// The old number of the first record moved.
+    pub first: u64,
+    /// Its new number.
+    pub to: u64,
+    /// The server's high-water mark.
+    pub mark: u64,
+}
+
+fn new_incarnation() -> Result<String, QueueError> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| QueueError::Io {
+        action: "draw randomness for",
+        path: PathBuf::from("the queue incarnation"),
+        cause: io::Error::other(e.to_string()),
+    })?;
+    Ok(aramaki_protocol::keys::hex(&b))
+}
+
 /// The queue; see the module documentation.
 pub struct Queue {
     dir: PathBuf,
@@ -252,6 +283,11 @@ impl Queue {
         };
         queue.recover();
         queue.remove_dead_segments();
+        queue.state.spans.push(QueueSpan {
+            incarnation: new_incarnation()?,
+            first_seq: queue.state.last_seq + 1,
+        });
+        queue.prune_spans();
         if queue.state != stored {
             queue.save(&queue.state)?;
         }
@@ -353,11 +389,137 @@ impl Queue {
         }
         self.save(&next)?;
         self.state = next;
+        self.prune_spans();
         self.remove_dead_segments();
         if self.state.pending.is_some() && self.state.report.is_none() && !self.broken {
             self.push(Vec::new())?;
         }
         Ok(())
+    }
+
+    /// The incarnations of the unacknowledged records (for the hello).
+    pub fn spans(&self) -> Vec<QueueSpan> {
+        self.state.spans.clone()
+    }
+
+    /// The server has committed records up to `mark`, from the queue
+    /// incarnations in `known`. An unacknowledged record at or below the
+    /// mark from an incarnation the server does not know is not a replay but
+    /// a new record under a number the server already used: the queue's
+    /// state was lost, or restored from an older copy, while the server was
+    /// away. Then that record and every later one is renumbered above the
+    /// mark (in order), rather than taken for a duplicate. Without `known`
+    /// (a server that does not say), a mark beyond every number handed out
+    /// is the only sign, and everything unacknowledged is renumbered: at
+    /// worst a record arrives twice; none is lost. None if nothing is wrong.
+    ///
+    /// Crash-safe: the renumbered copies are appended durably before the
+    /// state moves past the old numbers; a crash in between leaves both, and
+    /// the server skips the old ones as replays.
+    pub fn reconcile(
+        &mut self,
+        mark: u64,
+        known: &[String],
+    ) -> Result<Option<Renumbered>, QueueError> {
+        let live = self.read(0, usize::try_from(self.depth()).unwrap_or(usize::MAX / 2))?;
+        let cut = if known.is_empty() {
+            (mark > self.state.last_seq).then_some(0)
+        } else {
+            live.iter()
+                .map(|r| r.seq)
+                .take_while(|seq| *seq <= mark)
+                .find(|seq| {
+                    self.span_of(*seq)
+                        .is_some_and(|span| !known.contains(&span.incarnation))
+                })
+                .or((mark > self.state.last_seq).then_some(0))
+        };
+        let Some(cut) = cut else {
+            return Ok(None);
+        };
+        if self.broken {
+            return Err(QueueError::Broken);
+        }
+        // Above the mark and above every old number, so that the copies
+        // never share a number with the originals still on disk.
+        let first = mark.max(self.state.last_seq) + 1;
+        let moved: Vec<&Record> = live.iter().filter(|r| r.seq >= cut).collect();
+        let records: Vec<Record> = (first..)
+            .zip(&moved)
+            .map(|(seq, r)| Record {
+                seq,
+                body: r.body.clone(),
+            })
+            .collect();
+        let count = records.len() as u64;
+        let mut next = self.state.clone();
+        next.acked = first - 1;
+        next.last_seq = first - 1 + count;
+        next.report = self.state.report.and_then(|report| {
+            let at = moved.iter().position(|r| r.seq == report.seq)?;
+            Some(Report {
+                seq: first + at as u64,
+                loss: report.loss,
+            })
+        });
+        let current = self
+            .state
+            .spans
+            .last()
+            .map(|s| s.incarnation.clone())
+            .unwrap_or_default();
+        next.spans = vec![QueueSpan {
+            incarnation: current,
+            first_seq: first,
+        }];
+        let old_segments = self.segments.len();
+        if !records.is_empty() {
+            let lines = encode(&records)?;
+            // A file of their own, so that the old ones can go whole.
+            self.start_segment(first)?;
+            self.append(first, &lines)?;
+        }
+        self.save(&next)?;
+        let done = Renumbered {
+            count,
+            first: moved.first().map_or(first, |r| r.seq),
+            to: first,
+            mark,
+        };
+        self.state = next;
+        // Every old record is now acknowledged or copied: the old files go.
+        for _ in 0..old_segments {
+            let Some(seg) = self.segments.pop_front() else {
+                break;
+            };
+            let path = self.segment_path(seg.first_seq);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete queue segment");
+            }
+        }
+        if self.segments.is_empty() {
+            self.writer = None;
+        }
+        Ok(Some(done))
+    }
+
+    /// The incarnation that numbered `seq` (None for records older than
+    /// incarnations, which are taken as known).
+    fn span_of(&self, seq: u64) -> Option<&QueueSpan> {
+        self.state.spans.iter().rev().find(|s| s.first_seq <= seq)
+    }
+
+    /// Forgets incarnations that number nothing unacknowledged any more
+    /// (the current one always stays), and the oldest beyond
+    /// [`MAX_SPANS`] (an agent restarting in a loop while the server is
+    /// away; their records then count as known: at worst not renumbered).
+    fn prune_spans(&mut self) {
+        let floor = self.state.floor();
+        while self.state.spans.len() > 1 && self.state.spans[1].first_seq <= floor + 1 {
+            self.state.spans.remove(0);
+        }
+        let excess = self.state.spans.len().saturating_sub(MAX_SPANS);
+        self.state.spans.drain(..excess);
     }
 
     /// Unacknowledged records (drop reports included).
@@ -1173,6 +1335,103 @@ mod tests {
         drop(q);
         let q = Queue::open(tmp.path(), 10).unwrap();
         assert_eq!(seqs(&q.read(0, 10).unwrap()), vec![501]);
+    }
+
+    #[test]
+    fn a_restored_queue_renumbers_above_the_servers_mark() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backup = tempfile::tempdir().unwrap();
+        let mut known = Vec::new();
+        let mut q = Queue::open_with(tmp.path(), 100, 4).unwrap();
+        known.extend(q.spans().into_iter().map(|s| s.incarnation));
+        q.push(results(0..5)).unwrap();
+        q.ack(5).unwrap();
+        drop(q);
+        copy_dir(tmp.path(), backup.path());
+        // Later: 10 more committed by the server, then the state is restored.
+        let mut q = Queue::open_with(tmp.path(), 100, 4).unwrap();
+        known.extend(q.spans().into_iter().map(|s| s.incarnation));
+        q.push(results(5..15)).unwrap();
+        assert_eq!(q.reconcile(10, &known).unwrap(), None, "a normal replay");
+        q.ack(15).unwrap();
+        drop(q);
+        fs::remove_dir_all(tmp.path()).unwrap();
+        copy_dir(backup.path(), tmp.path());
+        let mut q = Queue::open_with(tmp.path(), 100, 4).unwrap();
+        // New results while the server is away take numbers it has used.
+        assert_eq!(
+            q.push(results(100..110)).unwrap(),
+            (6..=15).collect::<Vec<_>>()
+        );
+        let done = q.reconcile(15, &known).unwrap().unwrap();
+        assert_eq!(
+            done,
+            Renumbered {
+                count: 10,
+                first: 6,
+                to: 16,
+                mark: 15
+            }
+        );
+        let back = q.read(15, 100).unwrap();
+        assert_eq!(seqs(&back), (16..=25).collect::<Vec<_>>());
+        let names: Vec<&str> = back.iter().map(check_name).collect();
+        let expected: Vec<String> = (100..110).map(|i| format!("c{i}")).collect();
+        assert_eq!(
+            names,
+            expected.iter().map(String::as_str).collect::<Vec<_>>()
+        );
+        assert_eq!((q.acked(), q.last_seq(), q.depth()), (15, 25, 10));
+        known.extend(q.spans().into_iter().map(|s| s.incarnation));
+        assert_eq!(q.reconcile(15, &known).unwrap(), None, "once");
+        drop(q);
+        // It survives a reopen, and numbering goes on above.
+        let mut q = Queue::open_with(tmp.path(), 100, 4).unwrap();
+        assert_eq!(
+            seqs(&q.read(0, 100).unwrap()),
+            (16..=25).collect::<Vec<_>>()
+        );
+        assert_eq!(q.push(results(0..1)).unwrap(), vec![26]);
+        // A server that names no incarnations: only a mark beyond every
+        // number tells, and then everything unacknowledged moves.
+        let empty = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(empty.path(), 10).unwrap();
+        q.push(results(0..2)).unwrap();
+        assert_eq!(q.reconcile(2, &[]).unwrap(), None);
+        assert_eq!(segment_files(empty.path()).len(), 1);
+        let done = q.reconcile(40, &[]).unwrap().unwrap();
+        assert_eq!(segment_files(empty.path()).len(), 1, "the old file went");
+        assert_eq!((done.count, done.first), (2, 1));
+        assert_eq!(seqs(&q.read(0, 10).unwrap()), vec![41, 42]);
+        assert_eq!(q.push(results(0..1)).unwrap(), vec![43]);
+
+        // A mark below the last number: the copies go to a file of their
+        // own above every old number, and the old file goes.
+        let one = tempfile::tempdir().unwrap();
+        let mut q = Queue::open_with(one.path(), 100, 100).unwrap();
+        q.push(results(0..5)).unwrap();
+        let done = q
+            .reconcile(3, &["someone else".to_owned()])
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.count, done.first, done.to), (5, 1, 6));
+        assert_eq!(seqs(&q.read(0, 100).unwrap()), (6..=10).collect::<Vec<_>>());
+        drop(q);
+        let q = Queue::open_with(one.path(), 100, 100).unwrap();
+        let back = q.read(0, 100).unwrap();
+        assert_eq!(seqs(&back), (6..=10).collect::<Vec<_>>());
+        assert_eq!(check_name(&back[0]), "c0");
+        assert_eq!(segment_files(one.path()).len(), 1);
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != LOCK_FILE {
+                fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
     }
 
     #[test]

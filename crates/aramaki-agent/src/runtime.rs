@@ -55,6 +55,21 @@ impl Shared {
         Ok(q.read(after, max)?)
     }
 
+    /// See [`Queue::reconcile`].
+    pub fn reconcile(
+        &self,
+        mark: u64,
+        known: &[String],
+    ) -> Result<Option<crate::queue::Renumbered>, SharedError> {
+        let mut q = self.queue.lock().map_err(|_| SharedError::Poisoned)?;
+        Ok(q.reconcile(mark, known)?)
+    }
+
+    /// See [`Queue::spans`].
+    pub fn spans(&self) -> Vec<aramaki_protocol::agent::QueueSpan> {
+        self.queue.lock().map(|q| q.spans()).unwrap_or_default()
+    }
+
     pub fn ack(&self, up_to: u64) -> Result<(), SharedError> {
         let mut q = self.queue.lock().map_err(|_| SharedError::Poisoned)?;
         Ok(q.ack(up_to)?)
@@ -80,6 +95,9 @@ pub struct Scheduler {
     splay_prefix: String,
     running: HashMap<String, (CheckDefinition, JoinHandle<()>)>,
     local: Vec<CheckDefinition>,
+    /// What the server's checks may execute (local checks are the
+    /// operator's own and are not filtered).
+    policy: crate::policy::CheckPolicy,
 }
 
 impl Scheduler {
@@ -93,33 +111,47 @@ impl Scheduler {
             splay_prefix,
             running: HashMap::new(),
             local,
+            policy: crate::policy::CheckPolicy::default(),
         }
+    }
+
+    /// Sets the policy the server's checks are held to.
+    pub fn with_policy(mut self, policy: crate::policy::CheckPolicy) -> Scheduler {
+        self.policy = policy;
+        self
     }
 
     /// Replaces the server's set of checks (local checks always run; a
     /// server check with a local check's name gives way to the local one).
     pub fn set(&mut self, from_server: Vec<CheckDefinition>) {
-        let mut wanted: HashMap<String, CheckDefinition> = HashMap::new();
-        for def in from_server.into_iter().chain(self.local.iter().cloned()) {
-            wanted.insert(def.name.clone(), def);
+        let mut wanted: HashMap<String, (CheckDefinition, Option<String>)> = HashMap::new();
+        for def in from_server {
+            let refusal = self.policy.admit(&def.run).err();
+            wanted.insert(def.name.clone(), (def, refusal));
+        }
+        for def in self.local.iter().cloned() {
+            wanted.insert(def.name.clone(), (def, None));
         }
         self.running.retain(|name, (def, task)| {
-            let keep = wanted.get(name) == Some(def);
+            let keep = wanted.get(name).is_some_and(|(d, _)| d == def);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for (name, def) in wanted {
+        for (name, (def, refusal)) in wanted {
             if self.running.contains_key(&name) {
                 continue;
+            }
+            if let Some(why) = &refusal {
+                tracing::warn!(check = %name, reason = %why, "check refused by the check policy; it reports UNKNOWN instead of running");
             }
             if let Err(e) = crate::schedule::validate(&def.schedule) {
                 tracing::error!(check = %name, error = %e, "check not scheduled");
                 continue;
             }
             let key = format!("{}/{name}", self.splay_prefix);
-            let task = tokio::spawn(check_loop(def.clone(), self.shared.clone(), key));
+            let task = tokio::spawn(check_loop(def.clone(), refusal, self.shared.clone(), key));
             self.running.insert(name, (def, task));
         }
     }
@@ -139,7 +171,12 @@ impl Drop for Scheduler {
     }
 }
 
-async fn check_loop(def: CheckDefinition, shared: Arc<Shared>, splay_key: String) {
+async fn check_loop(
+    def: CheckDefinition,
+    refusal: Option<String>,
+    shared: Arc<Shared>,
+    splay_key: String,
+) {
     loop {
         let now = jiff::Timestamp::now();
         let next = match crate::schedule::next_run(&def.schedule, &splay_key, now) {
@@ -152,7 +189,10 @@ async fn check_loop(def: CheckDefinition, shared: Arc<Shared>, splay_key: String
         let wait = now.duration_until(next);
         let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
         tokio::time::sleep(wait).await;
-        let result = crate::exec::run(&def).await;
+        let result = match &refusal {
+            Some(why) => crate::policy::refused(&def, why),
+            None => crate::exec::run(&def).await,
+        };
         if let Err(e) = shared.push(vec![RecordBody::Result(result)]).await {
             tracing::error!(check = %def.name, error = %e, "cannot queue a result");
         }

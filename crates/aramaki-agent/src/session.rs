@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aramaki_protocol::agent::{
-    agent_transcript, server_transcript, ActionUpdate, AgentMessage, CheckDefinition, EnrollToken,
-    Refusal, ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
+    agent_transcript, enroll_transcript, server_transcript, session_transcript, ActionUpdate,
+    AgentMessage, CheckDefinition, EnrollToken, Handshake, Notice, RecordBody, Refusal,
+    ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
 };
+use aramaki_protocol::frames::{Exchange, FrameError, Opener, Sealer, SessionKeys};
 use aramaki_protocol::keys::{compact_fingerprint, hex, unhex_array};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use futures_util::{SinkExt, StreamExt};
@@ -33,6 +35,10 @@ pub enum SessionError {
     /// The server is not who we pinned: never talk to it.
     #[error("server key does not match the pinned fingerprint ({0})")]
     WrongServer(String),
+    /// A frame of the session failed its integrity check: refused, and the
+    /// session ends (a new one may be tried).
+    #[error("refused a frame from the server: {0}")]
+    Integrity(FrameError),
     /// Anything a reconnect may fix.
     #[error("{0}")]
     Transient(String),
@@ -45,7 +51,7 @@ impl SessionError {
         match self {
             SessionError::Refused { reason, .. } => reason.is_final(),
             SessionError::WrongServer(_) | SessionError::Local(_) => true,
-            SessionError::Transient(_) => false,
+            SessionError::Transient(_) | SessionError::Integrity(_) => false,
         }
     }
 }
@@ -147,25 +153,74 @@ pub async fn send(socket: &mut Socket, message: &AgentMessage) -> Result<(), Ses
         .map_err(|e| transient(format!("lost the connection: {e}")))
 }
 
-/// The next server message; `Refused` becomes an error.
-pub async fn receive(socket: &mut Socket) -> Result<ServerMessage, SessionError> {
+/// The next text frame.
+async fn next_text(socket: &mut Socket) -> Result<String, SessionError> {
     loop {
         let frame = socket
             .next()
             .await
             .ok_or_else(|| transient("the server closed the connection"))?
             .map_err(|e| transient(format!("lost the connection: {e}")))?;
-        let text = match frame {
-            Message::Text(t) => t,
+        match frame {
+            Message::Text(t) => return Ok(t.as_str().to_owned()),
             Message::Close(_) => return Err(transient("the server closed the connection")),
             _ => continue,
-        };
-        let message: ServerMessage = serde_json::from_str(text.as_str())
-            .map_err(|e| transient(format!("unexpected message from the server: {e}")))?;
-        if let ServerMessage::Refused { reason, message } = message {
-            return Err(SessionError::Refused { reason, message });
         }
-        return Ok(message);
+    }
+}
+
+fn parse_server(text: &str) -> Result<ServerMessage, SessionError> {
+    let message: ServerMessage = serde_json::from_str(text)
+        .map_err(|e| transient(format!("unexpected message from the server: {e}")))?;
+    if let ServerMessage::Refused { reason, message } = message {
+        return Err(SessionError::Refused { reason, message });
+    }
+    Ok(message)
+}
+
+/// The next server message of a handshake (before frames are sealed);
+/// `Refused` becomes an error.
+pub async fn receive(socket: &mut Socket) -> Result<ServerMessage, SessionError> {
+    parse_server(&next_text(socket).await?)
+}
+
+/// An authenticated session: every frame is sealed on the way out and must
+/// open on the way in (see `aramaki_protocol::frames`).
+pub struct Channel {
+    socket: Socket,
+    seal: Sealer,
+    open: Opener,
+    /// The session's name in logs.
+    pub session_id: String,
+}
+
+impl Channel {
+    pub async fn send(&mut self, message: &AgentMessage) -> Result<(), SessionError> {
+        let body = serde_json::to_string(message).map_err(transient)?;
+        let text = self.seal.seal(body);
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|e| transient(format!("lost the connection: {e}")))
+    }
+
+    /// The next message; a frame that does not open is
+    /// [`SessionError::Integrity`] and ends the session. (Cancel-safe: the
+    /// counter moves only once a whole frame arrived.)
+    pub async fn receive(&mut self) -> Result<ServerMessage, SessionError> {
+        let text = next_text(&mut self.socket).await?;
+        let body = self.open.open(&text).map_err(SessionError::Integrity)?;
+        parse_server(&body)
+    }
+
+    async fn receive_within(&mut self) -> Result<ServerMessage, SessionError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.receive())
+            .await
+            .map_err(|_| transient("the server did not answer in time"))?
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
     }
 }
 
@@ -175,10 +230,14 @@ async fn receive_within(socket: &mut Socket) -> Result<ServerMessage, SessionErr
         .map_err(|_| transient("the server did not answer in time"))?
 }
 
-fn random_nonce() -> Result<String, SessionError> {
+fn random_bytes() -> Result<[u8; 32], SessionError> {
     let mut b = [0u8; 32];
     getrandom::getrandom(&mut b).map_err(|e| SessionError::Local(e.to_string()))?;
-    Ok(hex(&b))
+    Ok(b)
+}
+
+fn random_nonce() -> Result<String, SessionError> {
+    Ok(hex(&random_bytes()?))
 }
 
 /// Enrolls: generates a key, registers it with the token and pins the
@@ -233,18 +292,48 @@ pub async fn register_with(
     name: &str,
 ) -> Result<(String, String, VerifyingKey), SessionError> {
     let mut socket = open_with(url, tls).await?;
+    let public_key = hex(key.verifying_key().as_bytes());
+    let nonce = random_nonce()?;
+    send(
+        &mut socket,
+        &AgentMessage::EnrollHello {
+            protocol: AGENT_PROTOCOL_VERSION,
+            nonce: nonce.clone(),
+            public_key: public_key.clone(),
+        },
+    )
+    .await?;
+    // The server proves the key the token names before the token leaves
+    // this host: a server that cannot never sees it.
+    let server_key = match receive_within(&mut socket).await? {
+        ServerMessage::EnrollProof {
+            server_key,
+            signature,
+        } => {
+            let key = verify_enroll_proof(token, &nonce, &public_key, &server_key, &signature);
+            if key.is_err() {
+                let _ = socket.close(None).await;
+            }
+            key?
+        }
+        other => {
+            return Err(transient(format!(
+                "expected the server's proof of its key, got {other:?}"
+            )))
+        }
+    };
     send(
         &mut socket,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
             token: token.to_string(),
-            public_key: hex(key.verifying_key().as_bytes()),
+            public_key,
             name: name.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
     )
     .await?;
-    let (agent_id, system, server_key) = match receive_within(&mut socket).await? {
+    let (agent_id, system, enrolled_key) = match receive_within(&mut socket).await? {
         ServerMessage::Enrolled {
             agent_id,
             system,
@@ -253,17 +342,46 @@ pub async fn register_with(
         other => return Err(transient(format!("unexpected answer to enroll: {other:?}"))),
     };
     let _ = socket.close(None).await;
-    let server_key = unhex_array::<32>(&server_key)
+    if enrolled_key != hex(server_key.as_bytes()) {
+        return Err(SessionError::WrongServer(
+            "the server enrolled with another key than it proved".into(),
+        ));
+    }
+    Ok((agent_id, system, server_key))
+}
+
+/// The server key of an enrollment proof, if it is the one the token's
+/// fingerprint names and its signature over our nonce and key verifies.
+fn verify_enroll_proof(
+    token: &EnrollToken,
+    nonce: &str,
+    public_key: &str,
+    server_key: &str,
+    signature: &str,
+) -> Result<VerifyingKey, SessionError> {
+    let key = unhex_array::<32>(server_key)
         .and_then(|b| VerifyingKey::from_bytes(&b).ok())
         .ok_or_else(|| SessionError::WrongServer("the server sent no valid key".into()))?;
-    let actual = compact_fingerprint(server_key.as_bytes());
+    let actual = compact_fingerprint(key.as_bytes());
     if actual != token.fingerprint {
         return Err(SessionError::WrongServer(format!(
             "token says {}, server has {actual}",
             token.fingerprint
         )));
     }
-    Ok((agent_id, system, server_key))
+    let signature = unhex_array::<64>(signature)
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or_else(|| SessionError::WrongServer("the proof carries no valid signature".into()))?;
+    key.verify(
+        &enroll_transcript(nonce, public_key, server_key),
+        &signature,
+    )
+    .map_err(|_| {
+        SessionError::WrongServer(format!(
+            "the server does not hold the key of {actual}: its proof does not verify"
+        ))
+    })?;
+    Ok(key)
 }
 
 /// Everything a running agent needs.
@@ -330,10 +448,10 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         .as_deref()
         .map(|f| tls_config(Some(f)))
         .transpose()?;
-    let mut socket = open_with(&url, tls).await?;
+    let socket = open_with(&url, tls).await?;
     let (depth, _) = agent.shared.depth();
-    let welcome = handshake(
-        &mut socket,
+    let handshake = handshake_with(
+        socket,
         &Credentials {
             agent_id: &agent.registration.agent_id,
             key: &agent.key,
@@ -341,17 +459,79 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
         },
         agent.config.subscriptions.clone(),
         depth,
+        agent.shared.spans(),
     )
-    .await?;
+    .await;
+    let (welcome, mut channel) = match handshake {
+        Ok(done) => done,
+        Err(SessionError::Integrity(e)) => {
+            // The welcome itself (with the checks) was forged or replayed.
+            report_refused_frame(agent, "(handshake)", &e).await;
+            return Err(SessionError::Integrity(e));
+        }
+        Err(e) => return Err(e),
+    };
     let Welcome {
         acked,
         heartbeat_secs,
         checks,
+        incarnations,
     } = welcome;
-    tracing::info!(server = %agent.registration.server, checks = checks.len(), "connected");
+    tracing::info!(server = %agent.registration.server, session = %channel.session_id, checks = checks.len(), "connected");
+    renumber_if_restored(agent, acked, &incarnations).await?;
     agent.shared.ack(acked).map_err(transient)?;
     apply_checks(agent, checks);
-    exchange(agent, &mut socket, heartbeat_secs.max(1)).await
+    let outcome = exchange(agent, &mut channel, heartbeat_secs.max(1)).await;
+    if let Err(SessionError::Integrity(e)) = &outcome {
+        report_refused_frame(agent, &channel.session_id, e).await;
+    }
+    channel.close().await;
+    outcome
+}
+
+/// The server committed numbers this queue never handed out: the state
+/// directory was lost or restored from an older copy. Records accepted since
+/// would be taken for duplicates; they are renumbered above the server's
+/// mark instead, and the event is reported (log and a queued notice).
+async fn renumber_if_restored(
+    agent: &Agent,
+    mark: u64,
+    known: &[String],
+) -> Result<(), SessionError> {
+    let Some(done) = agent.shared.reconcile(mark, known).map_err(transient)? else {
+        return Ok(());
+    };
+    let message = format!(
+        "the queue's state was lost or restored from an older copy: the server has committed up to #{} records this queue numbered otherwise; {} unacknowledged records from #{} on were renumbered from #{}, so that none is taken for a duplicate",
+        done.mark,
+        done.count,
+        done.first,
+        done.to
+    );
+    tracing::warn!("{message}");
+    let notice = RecordBody::Notice {
+        notice: Notice::QueueRenumbered,
+        message,
+    };
+    agent.shared.push(vec![notice]).await.map_err(transient)?;
+    Ok(())
+}
+
+/// A frame that did not open: said in the log at once, and queued as a
+/// notice, so the server records it on the agent's system once a session
+/// works again (an attacker in the path cannot make it vanish).
+async fn report_refused_frame(agent: &Agent, session: &str, e: &FrameError) {
+    tracing::error!(session, error = %e, "refused a frame from the server; ending the session");
+    let notice = RecordBody::Notice {
+        notice: Notice::FrameRefused,
+        message: format!(
+            "agent '{}' refused a frame in session {session}: {e}",
+            agent.registration.name
+        ),
+    };
+    if let Err(e) = agent.shared.push(vec![notice]).await {
+        tracing::error!(error = %e, "cannot queue the report of a refused frame");
+    }
 }
 
 /// Admits and starts an action, or queues its refusal. The final outcome
@@ -410,33 +590,102 @@ pub struct Welcome {
     pub acked: u64,
     pub heartbeat_secs: u32,
     pub checks: Vec<CheckDefinition>,
+    /// The queue incarnations the server has committed records of.
+    pub incarnations: Vec<String>,
 }
 
-/// Hello, challenge (checked against the pinned key), auth, welcome.
+/// Hello, challenge (checked against the pinned key), auth, and the sealed
+/// welcome; returns the welcome and the sealed channel.
 pub async fn handshake(
-    socket: &mut Socket,
+    socket: Socket,
     me: &Credentials<'_>,
     subscriptions: Vec<String>,
     queue_depth: u64,
-) -> Result<Welcome, SessionError> {
+) -> Result<(Welcome, Channel), SessionError> {
+    handshake_with(socket, me, subscriptions, queue_depth, Vec::new()).await
+}
+
+/// [`handshake`], telling the server which queue incarnations numbered the
+/// waiting records.
+pub async fn handshake_with(
+    mut socket: Socket,
+    me: &Credentials<'_>,
+    subscriptions: Vec<String>,
+    queue_depth: u64,
+    spans: Vec<aramaki_protocol::agent::QueueSpan>,
+) -> Result<(Welcome, Channel), SessionError> {
     let id = me.agent_id;
     let nonce = random_nonce()?;
+    let exchange = Exchange::from_seed(random_bytes()?);
+    let agent_key = hex(me.key.verifying_key().as_bytes());
+    let server_key = hex(me.server_key.as_bytes());
     send(
-        socket,
+        &mut socket,
         &AgentMessage::Hello {
             protocol: AGENT_PROTOCOL_VERSION,
             agent_id: id.to_owned(),
-            public_key: hex(me.key.verifying_key().as_bytes()),
+            public_key: agent_key.clone(),
             nonce: nonce.clone(),
+            exchange: exchange.public_hex(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             subscriptions,
             queue_depth,
+            spans,
         },
     )
     .await?;
-    let (server_nonce, signature) = match receive_within(socket).await? {
-        ServerMessage::Challenge { nonce, signature } => (nonce, signature),
+    let answer = match receive_within(&mut socket).await {
+        // Unsigned: anyone in the path could have sent it. Retried, never
+        // taken as final.
+        Err(SessionError::Refused { reason, message }) => {
+            return Err(transient(format!(
+                "an unauthenticated refusal ({}: {message}); not taken as final",
+                reason.describe()
+            )))
+        }
+        other => other?,
+    };
+    let (server_nonce, server_exchange, signature) = match answer {
+        ServerMessage::Challenge {
+            nonce,
+            exchange,
+            signature,
+        } => (nonce, exchange, signature),
+        ServerMessage::SignedRefusal {
+            reason,
+            message,
+            signature,
+        } => {
+            let signed = unhex_array::<64>(&signature)
+                .map(|b| Signature::from_bytes(&b))
+                .is_some_and(|sig| {
+                    me.server_key
+                        .verify(
+                            &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                            &sig,
+                        )
+                        .is_ok()
+                });
+            return Err(if signed {
+                SessionError::Refused { reason, message }
+            } else {
+                transient(format!(
+                    "a refusal with a bad signature ({}: {message}); not taken as final",
+                    reason.describe()
+                ))
+            });
+        }
         other => return Err(transient(format!("expected a challenge, got {other:?}"))),
+    };
+    let agent_exchange = exchange.public_hex();
+    let facts = Handshake {
+        agent_id: id,
+        agent_key: &agent_key,
+        server_key: &server_key,
+        agent_nonce: &nonce,
+        server_nonce: &server_nonce,
+        agent_exchange: &agent_exchange,
+        server_exchange: &server_exchange,
     };
     let signature = unhex_array::<64>(&signature)
         .map(|b| Signature::from_bytes(&b))
@@ -444,31 +693,49 @@ pub async fn handshake(
             SessionError::WrongServer("the challenge carries no valid signature".into())
         })?;
     me.server_key
-        .verify(&server_transcript(id, &nonce, &server_nonce), &signature)
+        .verify(&server_transcript(&facts), &signature)
         .map_err(|_| {
             SessionError::WrongServer(format!(
                 "pinned {}",
                 aramaki_protocol::keys::fingerprint(me.server_key.as_bytes())
             ))
         })?;
-    let mine = me.key.sign(&agent_transcript(id, &nonce, &server_nonce));
+    let shared = exchange.agree(&server_exchange).ok_or_else(|| {
+        SessionError::WrongServer("the server's exchange key is not a usable key".into())
+    })?;
+    let keys = SessionKeys::derive(&shared, &session_transcript(&facts));
+    let mine = me.key.sign(&agent_transcript(&facts));
     send(
-        socket,
+        &mut socket,
         &AgentMessage::Auth {
             signature: hex(&mine.to_bytes()),
         },
     )
     .await?;
-    match receive_within(socket).await? {
+    let (seal, open) = keys.for_agent();
+    let mut channel = Channel {
+        socket,
+        seal,
+        open,
+        session_id: keys.session_id.clone(),
+    };
+    // From here on everything is sealed, the welcome (with the checks) and a
+    // refusal of our signature included.
+    match channel.receive_within().await? {
         ServerMessage::Welcome {
             acked,
             heartbeat_secs,
             checks,
-        } => Ok(Welcome {
-            acked,
-            heartbeat_secs,
-            checks,
-        }),
+            incarnations,
+        } => Ok((
+            Welcome {
+                acked,
+                heartbeat_secs,
+                checks,
+                incarnations,
+            },
+            channel,
+        )),
         other => Err(transient(format!("expected welcome, got {other:?}"))),
     }
 }
@@ -485,7 +752,7 @@ fn apply_checks(agent: &mut Agent, checks: Vec<CheckDefinition>) {
 /// the server sends.
 async fn exchange(
     agent: &mut Agent,
-    socket: &mut Socket,
+    socket: &mut Channel,
     heartbeat_secs: u32,
 ) -> Result<(), SessionError> {
     let beat = Duration::from_secs(u64::from(heartbeat_secs));
@@ -501,23 +768,23 @@ async fn exchange(
                 .read(agent.shared.acked(), BATCH)
                 .map_err(transient)?;
             if let Some(last) = records.last().map(|r| r.seq) {
-                send(socket, &AgentMessage::Records { records }).await?;
+                socket.send(&AgentMessage::Records { records }).await?;
                 in_flight = Some(last);
             }
         }
         tokio::select! {
             _ = agent.shared.added.notified(), if in_flight.is_none() => {}
             Some(update) = agent.updates.1.recv() => {
-                send(socket, &AgentMessage::ActionUpdate(update)).await?;
+                socket.send(&AgentMessage::ActionUpdate(update)).await?;
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > beat * 3 {
                     return Err(transient("the server went silent"));
                 }
                 let (queue_depth, dropped) = agent.shared.depth();
-                send(socket, &AgentMessage::Heartbeat { queue_depth, dropped }).await?;
+                socket.send(&AgentMessage::Heartbeat { queue_depth, dropped }).await?;
             }
-            message = receive(socket) => {
+            message = socket.receive() => {
                 last_heard = tokio::time::Instant::now();
                 match message? {
                     ServerMessage::Ack { up_to } => {

@@ -12,7 +12,7 @@ fn version_names_the_protocol() {
     let out = agent().arg("--version").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("agent protocol 1"), "{text}");
+    assert!(text.contains("agent protocol 2"), "{text}");
 }
 
 #[test]

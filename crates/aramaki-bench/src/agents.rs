@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use aramaki_agent::session::{self, Credentials, Socket};
+use aramaki_agent::session::{self, Channel, Credentials};
 use aramaki_protocol::agent::{
     AgentMessage, CheckResult, EnrollToken, Record, RecordBody, ServerMessage,
 };
@@ -92,10 +92,10 @@ async fn enroll_many(base: &str, token: &str, n: usize) -> Result<Vec<Identity>>
     Ok(out)
 }
 
-async fn connect(url: &str, who: &Identity) -> Result<(Socket, u64)> {
-    let mut socket = session::open(url).await?;
-    let welcome = session::handshake(
-        &mut socket,
+async fn connect(url: &str, who: &Identity) -> Result<(Channel, u64)> {
+    let socket = session::open(url).await?;
+    let (welcome, channel) = session::handshake(
+        socket,
         &Credentials {
             agent_id: &who.id,
             key: &who.key,
@@ -105,7 +105,7 @@ async fn connect(url: &str, who: &Identity) -> Result<(Socket, u64)> {
         0,
     )
     .await?;
-    Ok((socket, welcome.acked))
+    Ok((channel, welcome.acked))
 }
 
 fn result(seq: u64, agent: usize) -> Record {
@@ -140,9 +140,9 @@ async fn stream(url: String, who: Identity, agent: usize, total: u64, batch: u64
     while seq < end {
         let upto = (seq + batch).min(end);
         let records = ((seq + 1)..=upto).map(|s| result(s, agent)).collect();
-        session::send(&mut socket, &AgentMessage::Records { records }).await?;
+        socket.send(&AgentMessage::Records { records }).await?;
         loop {
-            match session::receive(&mut socket).await? {
+            match socket.receive().await? {
                 ServerMessage::Ack { up_to } if up_to >= upto => break,
                 _ => continue,
             }
@@ -310,7 +310,7 @@ pub async fn connections(agents: usize, hold: u64, database_url: Option<String>)
 }
 
 async fn heartbeat(
-    mut socket: Socket,
+    mut socket: Channel,
     done: tokio::sync::mpsc::Sender<Result<()>>,
     stop: std::sync::Arc<tokio::sync::Notify>,
 ) {
@@ -320,11 +320,11 @@ async fn heartbeat(
         tokio::select! {
             _ = stop.notified() => break Ok(()),
             _ = tick.tick() => {
-                if let Err(e) = session::send(&mut socket, &AgentMessage::Heartbeat { queue_depth: 0, dropped: 0 }).await {
+                if let Err(e) = socket.send(&AgentMessage::Heartbeat { queue_depth: 0, dropped: 0 }).await {
                     break Err(e.into());
                 }
             }
-            m = session::receive(&mut socket) => {
+            m = socket.receive() => {
                 if let Err(e) = m {
                     break Err(e.into());
                 }

@@ -9,15 +9,26 @@
 //!
 //! # Session
 //!
-//! 1. agent → [`AgentMessage::Hello`] with its id, public key and a fresh nonce
-//!    (or [`AgentMessage::Enroll`] with a token, answered by
-//!    [`ServerMessage::Enrolled`] and the socket closes);
-//! 2. server → [`ServerMessage::Challenge`]: its own nonce and its signature
-//!    over [`server_transcript`]; the agent verifies it against the server key
-//!    it pinned at enrollment and hangs up if it does not match;
+//! 1. agent → [`AgentMessage::Hello`] with its id, public key, a fresh nonce
+//!    and a fresh exchange key (or [`AgentMessage::EnrollHello`], see
+//!    below);
+//! 2. server → [`ServerMessage::Challenge`]: its own nonce and exchange key
+//!    and its signature over [`server_transcript`]; the agent verifies it
+//!    against the server key it pinned at enrollment and hangs up if it does
+//!    not match;
 //! 3. agent → [`AgentMessage::Auth`]: its signature over [`agent_transcript`];
 //! 4. server → [`ServerMessage::Welcome`] with the checks for this agent, or
 //!    [`ServerMessage::Refused`] with a [`Refusal`] and closes.
+//!
+//! From the welcome on, every frame in both directions is sealed
+//! ([`crate::frames`]): counted and authenticated under keys derived from
+//! the exchange and [`session_transcript`].
+//!
+//! Enrollment: agent → [`AgentMessage::EnrollHello`] (a nonce, no token);
+//! server → [`ServerMessage::EnrollProof`] (its key and a signature over
+//! [`enroll_transcript`]); the agent checks the key against the token's
+//! fingerprint and the signature, and only then sends the token in
+//! [`AgentMessage::Enroll`], answered by [`ServerMessage::Enrolled`].
 //!
 //! Then, in any order: results up ([`AgentMessage::Records`], acknowledged by
 //! [`ServerMessage::Ack`] once committed), heartbeats both ways, check
@@ -37,7 +48,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; a server refuses agents that speak another.
-pub const AGENT_PROTOCOL_VERSION: u32 = 1;
+pub const AGENT_PROTOCOL_VERSION: u32 = 2;
 
 /// Path of the agent endpoint on a server.
 pub const CONNECT_PATH: &str = "/api/v1/agents/connect";
@@ -46,7 +57,17 @@ pub const CONNECT_PATH: &str = "/api/v1/agents/connect";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentMessage {
-    /// First message of an enrollment: trade a token for a registration.
+    /// First message of an enrollment: asks the server to prove its key
+    /// before any token leaves the host.
+    EnrollHello {
+        protocol: u32,
+        /// 32 random bytes, hex: the server must sign them.
+        nonce: String,
+        /// The agent's new Ed25519 public key, 64 hex digits.
+        public_key: String,
+    },
+    /// Second message of an enrollment, after the server proved the key the
+    /// token names: trade the token for a registration.
     Enroll {
         protocol: u32,
         /// The enrollment token as printed by `aramaki agent token`.
@@ -66,6 +87,9 @@ pub enum AgentMessage {
         public_key: String,
         /// 32 random bytes, hex: the server must sign them.
         nonce: String,
+        /// The agent's ephemeral exchange key for this session (32 bytes
+        /// hex, see [`crate::frames::Exchange`]).
+        exchange: String,
         version: String,
         /// Subscriptions from the agent's configuration.
         #[serde(default)]
@@ -73,6 +97,9 @@ pub enum AgentMessage {
         /// Records waiting in the agent's queue.
         #[serde(default)]
         queue_depth: u64,
+        /// Which queue incarnations numbered the waiting records.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        spans: Vec<QueueSpan>,
     },
     /// The agent's signature over [`agent_transcript`], hex.
     Auth { signature: String },
@@ -93,6 +120,12 @@ pub enum AgentMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ServerMessage {
+    /// Answer to [`AgentMessage::EnrollHello`]: the server's key and its
+    /// signature over [`enroll_transcript`].
+    EnrollProof {
+        server_key: String,
+        signature: String,
+    },
     /// Answer to a successful [`AgentMessage::Enroll`].
     Enrolled {
         agent_id: String,
@@ -106,6 +139,8 @@ pub enum ServerMessage {
     Challenge {
         /// 32 random bytes, hex: the agent must sign them.
         nonce: String,
+        /// The server's ephemeral exchange key for this session.
+        exchange: String,
         /// The server's signature over [`server_transcript`], hex.
         signature: String,
     },
@@ -116,9 +151,23 @@ pub enum ServerMessage {
         acked: u64,
         heartbeat_secs: u32,
         checks: Vec<CheckDefinition>,
+        /// The queue incarnations the server has committed records of: a
+        /// waiting record at or below `acked` from another one is new, not a
+        /// replay (the agent's state was restored from an older copy).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        incarnations: Vec<String>,
     },
     /// The session or enrollment is refused; the server closes the socket.
     Refused { reason: Refusal, message: String },
+    /// A refusal of a `hello`, before frames are sealed: signed over
+    /// [`refusal_transcript`] with the agent's nonce, so that a relay cannot
+    /// make an agent stop for good with a refusal of its own (the agent
+    /// takes an unsigned one as a reason to retry, never as final).
+    SignedRefusal {
+        reason: Refusal,
+        message: String,
+        signature: String,
+    },
     /// Every record with a sequence number up to and including `up_to` is
     /// committed.
     Ack { up_to: u64 },
@@ -131,6 +180,15 @@ pub enum ServerMessage {
     Action(SignedAction),
     /// Stop a running action (its process group is killed).
     Cancel { run_id: String },
+}
+
+/// Records numbered from `first_seq` on by one incarnation of the agent's
+/// queue (a random id drawn each time the queue is opened).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpan {
+    pub incarnation: String,
+    pub first_seq: u64,
 }
 
 /// Why a session or an enrollment was refused.
@@ -157,6 +215,9 @@ pub enum Refusal {
     Malformed,
     /// The agent name is taken by another agent.
     NameTaken,
+    /// A frame failed its integrity check (forged, replayed or reordered on
+    /// the way); the session ends, a new one may be tried.
+    Integrity,
 }
 
 impl Refusal {
@@ -173,12 +234,13 @@ impl Refusal {
             Refusal::Protocol => "protocol version not supported",
             Refusal::Malformed => "malformed message",
             Refusal::NameTaken => "agent name taken",
+            Refusal::Integrity => "a frame failed its integrity check",
         }
     }
 
     /// Refusals that a retry cannot fix: the agent stops instead of looping.
     pub fn is_final(self) -> bool {
-        !matches!(self, Refusal::Malformed)
+        !matches!(self, Refusal::Malformed | Refusal::Integrity)
     }
 }
 
@@ -208,6 +270,34 @@ pub enum RecordBody {
     /// The final outcome of an action run (queued like results, so that it
     /// survives a lost connection).
     Action(ActionUpdate),
+    /// Something the agent noticed that belongs on its system's timeline.
+    Notice { notice: Notice, message: String },
+    /// A result pushed with a `ttl`: the server expects the check's next
+    /// result within `ttl_secs` and marks it CRITICAL otherwise.
+    Pushed { result: CheckResult, ttl_secs: u32 },
+}
+
+/// What an agent reports about itself through its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Notice {
+    /// The agent refused a frame of a session (forged, replayed or
+    /// reordered): someone between agent and server tampers.
+    FrameRefused,
+    /// The agent's queue numbered below what the server already committed
+    /// (state lost or restored from a backup): its unacknowledged records
+    /// were renumbered above the server's mark.
+    QueueRenumbered,
+}
+
+impl Notice {
+    /// The timeline kind of the event the server records.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Notice::FrameRefused => "agent.frame_refused",
+            Notice::QueueRenumbered => "agent.queue_renumbered",
+        }
+    }
 }
 
 /// A check result in the Nagios convention.
@@ -538,36 +628,76 @@ impl ActionState {
     }
 }
 
-/// What the server signs: domain, both nonces and the agent id, so that a
-/// signature cannot be replayed in another session or for another agent.
-pub fn server_transcript(agent_id: &str, agent_nonce: &str, server_nonce: &str) -> Vec<u8> {
-    transcript(
-        b"aramaki-agent-server-v1",
-        agent_id,
-        agent_nonce,
-        server_nonce,
-    )
+/// The public facts of one session handshake, as both sides saw them.
+#[derive(Debug, Clone, Copy)]
+pub struct Handshake<'a> {
+    pub agent_id: &'a str,
+    /// The agent's long-term public key, hex.
+    pub agent_key: &'a str,
+    /// The server's long-term public key, hex.
+    pub server_key: &'a str,
+    pub agent_nonce: &'a str,
+    pub server_nonce: &'a str,
+    pub agent_exchange: &'a str,
+    pub server_exchange: &'a str,
+}
+
+/// What the server signs: domain, both nonces, both exchange keys and the
+/// agent id, so that a signature cannot be replayed in another session or
+/// for another agent, and a relay cannot swap an exchange key.
+pub fn server_transcript(h: &Handshake<'_>) -> Vec<u8> {
+    transcript(b"aramaki-agent-server-v2", h)
 }
 
 /// What the agent signs (a different domain than the server's, so that one
 /// side's signature is never valid as the other's).
-pub fn agent_transcript(agent_id: &str, agent_nonce: &str, server_nonce: &str) -> Vec<u8> {
-    transcript(
-        b"aramaki-agent-client-v1",
-        agent_id,
-        agent_nonce,
-        server_nonce,
-    )
+pub fn agent_transcript(h: &Handshake<'_>) -> Vec<u8> {
+    transcript(b"aramaki-agent-client-v2", h)
 }
 
-fn transcript(domain: &[u8], agent_id: &str, agent_nonce: &str, server_nonce: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(domain.len() + 200);
-    for part in [
+/// What the frame keys are derived from (with the exchange's secret).
+pub fn session_transcript(h: &Handshake<'_>) -> Vec<u8> {
+    transcript(b"aramaki-agent-session-v2", h)
+}
+
+fn transcript(domain: &[u8], h: &Handshake<'_>) -> Vec<u8> {
+    length_prefixed(&[
         domain,
-        agent_id.as_bytes(),
+        h.agent_id.as_bytes(),
+        h.agent_key.as_bytes(),
+        h.server_key.as_bytes(),
+        h.agent_nonce.as_bytes(),
+        h.server_nonce.as_bytes(),
+        h.agent_exchange.as_bytes(),
+        h.server_exchange.as_bytes(),
+    ])
+}
+
+/// What the server signs to prove its key to an enrolling agent, before the
+/// agent sends its token.
+pub fn enroll_transcript(agent_nonce: &str, agent_key: &str, server_key: &str) -> Vec<u8> {
+    length_prefixed(&[
+        b"aramaki-agent-enroll-v2",
         agent_nonce.as_bytes(),
-        server_nonce.as_bytes(),
-    ] {
+        agent_key.as_bytes(),
+        server_key.as_bytes(),
+    ])
+}
+
+/// What the server signs to refuse a `hello` (see
+/// [`ServerMessage::SignedRefusal`]).
+pub fn refusal_transcript(agent_nonce: &str, reason: Refusal, message: &str) -> Vec<u8> {
+    length_prefixed(&[
+        b"aramaki-agent-refusal-v2",
+        agent_nonce.as_bytes(),
+        reason.describe().as_bytes(),
+        message.as_bytes(),
+    ])
+}
+
+fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
+    for part in parts {
         // Length-prefixed, so that no two different inputs give the same bytes.
         out.extend_from_slice(&(part.len() as u32).to_be_bytes());
         out.extend_from_slice(part);
@@ -678,12 +808,43 @@ mod tests {
 
     #[test]
     fn transcripts_differ_by_side_and_input() {
-        let s = server_transcript("a", "n1", "n2");
-        assert_ne!(s, agent_transcript("a", "n1", "n2"));
-        assert_ne!(s, server_transcript("a", "n2", "n1"));
+        let h = Handshake {
+            agent_id: "a",
+            agent_key: "ak",
+            server_key: "sk",
+            agent_nonce: "n1",
+            server_nonce: "n2",
+            agent_exchange: "x1",
+            server_exchange: "x2",
+        };
+        let s = server_transcript(&h);
+        assert_ne!(s, agent_transcript(&h));
+        assert_ne!(s, session_transcript(&h));
+        let swapped = Handshake {
+            agent_nonce: "n2",
+            server_nonce: "n1",
+            ..h
+        };
+        assert_ne!(s, server_transcript(&swapped));
+        let other_exchange = Handshake {
+            server_exchange: "x3",
+            ..h
+        };
+        assert_ne!(s, server_transcript(&other_exchange));
+        let shifted = Handshake {
+            agent_id: "ab",
+            agent_key: "k",
+            ..h
+        };
+        let shifted2 = Handshake {
+            agent_id: "a",
+            agent_key: "bk",
+            ..h
+        };
+        assert_ne!(server_transcript(&shifted), server_transcript(&shifted2));
         assert_ne!(
-            server_transcript("ab", "c", "d"),
-            server_transcript("a", "bc", "d")
+            enroll_transcript("n", "ak", "sk"),
+            enroll_transcript("n", "a", "ksk")
         );
     }
 

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cron;
 pub mod federation;
+pub mod frames;
 pub mod keys;
 
 use std::fmt;

@@ -26,6 +26,7 @@ pub struct Metrics {
     connections_evicted: AtomicU64,
     header_timeouts: AtomicU64,
     body_timeouts: AtomicU64,
+    frames_refused: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +114,11 @@ impl Metrics {
             .fetch_add(duplicates, Ordering::Relaxed);
     }
 
+    /// An agent session's frame failed its integrity check.
+    pub fn frame_refused(&self) {
+        self.frames_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Adds the agent figures: connected sessions of this process.
     pub fn render_agents(&self, out: &mut String, connected: usize) {
         let counters = [
@@ -125,6 +131,11 @@ impl Metrics {
                 "aramaki_agent_records_duplicate_total",
                 "Agent records skipped as replays (already committed).",
                 &self.results_duplicate,
+            ),
+            (
+                "aramaki_agent_frames_refused_total",
+                "Agent session frames refused: forged, replayed or reordered.",
+                &self.frames_refused,
             ),
         ];
         for (name, help, value) in counters {

@@ -434,6 +434,46 @@ pub async fn revoke_token(ctx: &Context, actor: &Actor, id: &str) -> Result<(), 
     Ok(())
 }
 
+/// A frame of an agent's session failed its integrity check (forged,
+/// replayed or reordered between agent and server): a security event on the
+/// agent's system and a counter in the metrics. The session is then ended.
+pub async fn frame_refused(
+    ctx: &Context,
+    agent: &crate::monitoring::ingest::AgentRef,
+    session: &str,
+    detail: &str,
+) {
+    ctx.metrics.frame_refused();
+    tracing::warn!(agent = %agent.name, session, detail, "refused a frame from an agent");
+    let event = timeline::NewEvent::internal(
+        aramaki_protocol::agent::Notice::FrameRefused.kind(),
+        aramaki_protocol::Severity::Critical,
+        format!(
+            "Refused a frame from agent '{}': {detail}; the session was ended",
+            agent.name
+        ),
+        serde_json::json!({"agent": agent.name, "agent_id": agent.id, "session": session, "side": "server", "detail": detail}),
+    );
+    let recorded = async {
+        let mut tx = ctx.db.begin_recording().await?;
+        timeline::append(
+            ctx,
+            &mut tx,
+            &Actor::agent(&agent.id, &agent.name),
+            Target {
+                id: &agent.system_id,
+                slug: &agent.system,
+            },
+            event,
+        )
+        .await?;
+        ctx.commit(tx).await
+    };
+    if let Err(e) = recorded.await {
+        tracing::error!(agent = %agent.name, error = %e, "cannot record a refused frame");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aramaki_protocol::agent::{
-    agent_transcript, server_transcript, AgentMessage, Refusal, ServerMessage,
-    AGENT_PROTOCOL_VERSION,
+    agent_transcript, enroll_transcript, server_transcript, session_transcript, AgentMessage,
+    Handshake, Refusal, ServerMessage, AGENT_PROTOCOL_VERSION,
 };
+use aramaki_protocol::frames::{Exchange, FrameError, Opener, Sealer, SessionKeys};
 use aramaki_protocol::keys::{hex, unhex_array};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -62,19 +63,83 @@ async fn refuse(socket: &mut WebSocket, reason: Refusal, message: &str) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
-/// The next protocol message, skipping pings; None when the peer is gone.
-async fn receive(socket: &mut WebSocket) -> Option<Result<AgentMessage, String>> {
+/// The next text frame, skipping pings; None when the peer is gone.
+async fn receive_text(socket: &mut WebSocket) -> Option<Result<String, String>> {
     loop {
         match socket.recv().await? {
-            Ok(Message::Text(text)) => {
-                return Some(serde_json::from_str(text.as_str()).map_err(|e| e.to_string()))
-            }
+            Ok(Message::Text(text)) => return Some(Ok(text.as_str().to_owned())),
             Ok(Message::Binary(_)) => {
                 return Some(Err("binary frames are not part of the protocol".into()))
             }
             Ok(Message::Close(_)) | Err(_) => return None,
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
         }
+    }
+}
+
+/// The next protocol message of a handshake (before frames are sealed).
+async fn receive(socket: &mut WebSocket) -> Option<Result<AgentMessage, String>> {
+    Some(
+        receive_text(socket)
+            .await?
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string())),
+    )
+}
+
+/// What can go wrong with a frame of an authenticated session.
+enum Inbound {
+    Message(AgentMessage),
+    /// Not valid JSON for the protocol (inside a valid seal).
+    Malformed(String),
+    /// The frame did not open: forged, replayed or reordered.
+    Refused(FrameError),
+}
+
+/// An authenticated session's socket: frames are sealed both ways.
+struct Channel {
+    socket: WebSocket,
+    seal: Sealer,
+    open: Opener,
+    session_id: String,
+}
+
+impl Channel {
+    async fn send(&mut self, message: &ServerMessage) -> Result<(), axum::Error> {
+        let body = serde_json::to_string(message).map_err(axum::Error::new)?;
+        let text = self.seal.seal(body);
+        self.socket.send(Message::Text(text.into())).await
+    }
+
+    /// The next message; None when the agent is gone. Cancel-safe: the
+    /// counter moves only once a whole frame arrived.
+    async fn receive(&mut self) -> Option<Inbound> {
+        let text = match receive_text(&mut self.socket).await? {
+            Ok(t) => t,
+            Err(e) => return Some(Inbound::Malformed(e)),
+        };
+        Some(match self.open.open(&text) {
+            Ok(body) => match serde_json::from_str(&body) {
+                Ok(m) => Inbound::Message(m),
+                Err(e) => Inbound::Malformed(e.to_string()),
+            },
+            Err(e) => Inbound::Refused(e),
+        })
+    }
+
+    /// Says why (sealed, so the agent can trust it) and hangs up.
+    async fn refuse(&mut self, reason: Refusal, message: &str) {
+        tracing::info!(
+            reason = reason.describe(),
+            detail = message,
+            "agent refused"
+        );
+        let _ = self
+            .send(&ServerMessage::Refused {
+                reason,
+                message: message.to_owned(),
+            })
+            .await;
+        let _ = self.socket.send(Message::Close(None)).await;
     }
 }
 
@@ -91,51 +156,37 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
         None => return,
     };
     match first {
-        AgentMessage::Enroll {
+        AgentMessage::EnrollHello {
             protocol,
-            token,
+            nonce,
             public_key,
-            name,
-            version,
         } => {
             if protocol != AGENT_PROTOCOL_VERSION {
                 return refuse_protocol(&mut socket, protocol).await;
             }
-            match super::enroll(&ctx, &token, &public_key, &name, &version).await {
-                Ok(enrolled) => {
-                    let _ = send(
-                        &mut socket,
-                        &ServerMessage::Enrolled {
-                            agent_id: enrolled.agent_id,
-                            system: enrolled.system,
-                            server_key: ctx.identity.public_key_hex(),
-                        },
-                    )
-                    .await;
-                    let _ = socket.send(Message::Close(None)).await;
-                }
-                Err(AgentError::Refused { reason, message }) => {
-                    refuse(&mut socket, reason, &message).await
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "enrollment failed");
-                    refuse(
-                        &mut socket,
-                        Refusal::Malformed,
-                        "the server could not enroll this agent",
-                    )
-                    .await
-                }
+            enrollment(&ctx, &mut socket, &nonce, &public_key).await
+        }
+        AgentMessage::Enroll { protocol, .. } => {
+            if protocol != AGENT_PROTOCOL_VERSION {
+                return refuse_protocol(&mut socket, protocol).await;
             }
+            refuse(
+                &mut socket,
+                Refusal::Malformed,
+                "an enrollment starts with 'enroll_hello': the server proves its key before the agent sends a token",
+            )
+            .await
         }
         AgentMessage::Hello {
             protocol,
             agent_id,
             public_key,
             nonce,
+            exchange,
             version,
             subscriptions,
             queue_depth,
+            spans,
         } => {
             if protocol != AGENT_PROTOCOL_VERSION {
                 return refuse_protocol(&mut socket, protocol).await;
@@ -144,24 +195,138 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
                 agent_id,
                 public_key,
                 nonce,
+                exchange,
                 version,
                 subscriptions,
                 queue_depth,
+                spans,
             };
-            match handshake(&ctx, &mut socket, &hello).await {
-                Ok(agent) => run(ctx, socket, agent, &hello).await,
-                Err((reason, message)) => refuse(&mut socket, reason, &message).await,
+            let pending = match challenge(&ctx, &mut socket, &hello).await {
+                Ok(p) => p,
+                Err((reason, message)) => {
+                    return refuse_hello(&ctx, &mut socket, &hello.nonce, reason, &message).await
+                }
+            };
+            // From the auth step on the server has the session's keys: a
+            // refusal of the agent's signature is sealed like the welcome.
+            let (seal, open) = pending.keys.for_server();
+            let mut channel = Channel {
+                socket,
+                seal,
+                open,
+                session_id: pending.keys.session_id.clone(),
+            };
+            match authenticate(&mut channel, &pending).await {
+                Ok(()) => run(ctx, channel, pending.agent, &hello).await,
+                Err((reason, message)) => channel.refuse(reason, &message).await,
             }
         }
         _ => {
             refuse(
                 &mut socket,
                 Refusal::Malformed,
-                "a session starts with 'hello' or 'enroll'",
+                "a session starts with 'hello' or 'enroll_hello'",
             )
             .await
         }
     }
+}
+
+/// Proves the server's key on the agent's nonce, then trades the token the
+/// agent sends only after checking that proof.
+async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_key: &str) {
+    if unhex_array::<32>(nonce).is_none() {
+        return refuse(socket, Refusal::Malformed, "nonce must be 32 bytes in hex").await;
+    }
+    let server_key = ctx.identity.public_key_hex();
+    let signature = ctx
+        .identity
+        .sign(&enroll_transcript(nonce, public_key, &server_key));
+    let proof = ServerMessage::EnrollProof {
+        server_key,
+        signature: hex(&signature.to_bytes()),
+    };
+    if send(socket, &proof).await.is_err() {
+        return;
+    }
+    let (token, name, version) = match receive_within(socket).await {
+        Some(Ok(AgentMessage::Enroll {
+            token,
+            public_key: enrolling,
+            name,
+            version,
+            ..
+        })) if enrolling == public_key => (token, name, version),
+        Some(Ok(AgentMessage::Enroll { .. })) => {
+            return refuse(
+                socket,
+                Refusal::Malformed,
+                "the enrollment names another key than its 'enroll_hello'",
+            )
+            .await
+        }
+        Some(Ok(_)) => return refuse(socket, Refusal::Malformed, "expected 'enroll'").await,
+        Some(Err(e)) => return refuse(socket, Refusal::Malformed, &e).await,
+        None => return,
+    };
+    match super::enroll(ctx, &token, public_key, &name, &version).await {
+        Ok(enrolled) => {
+            let _ = send(
+                socket,
+                &ServerMessage::Enrolled {
+                    agent_id: enrolled.agent_id,
+                    system: enrolled.system,
+                    server_key: ctx.identity.public_key_hex(),
+                },
+            )
+            .await;
+            let _ = socket.send(Message::Close(None)).await;
+        }
+        Err(AgentError::Refused { reason, message }) => refuse(socket, reason, &message).await,
+        Err(e) => {
+            tracing::error!(error = %e, "enrollment failed");
+            refuse(
+                socket,
+                Refusal::Malformed,
+                "the server could not enroll this agent",
+            )
+            .await
+        }
+    }
+}
+
+/// Refuses a `hello`, signed over the agent's nonce so that the agent can
+/// tell it from a relay's (a nonce that is not one gets a plain refusal).
+async fn refuse_hello(
+    ctx: &Context,
+    socket: &mut WebSocket,
+    nonce: &str,
+    reason: Refusal,
+    message: &str,
+) {
+    if unhex_array::<32>(nonce).is_none() {
+        return refuse(socket, reason, message).await;
+    }
+    tracing::info!(
+        reason = reason.describe(),
+        detail = message,
+        "agent refused"
+    );
+    let signature = ctx
+        .identity
+        .sign(&aramaki_protocol::agent::refusal_transcript(
+            nonce, reason, message,
+        ));
+    let _ = send(
+        socket,
+        &ServerMessage::SignedRefusal {
+            reason,
+            message: message.to_owned(),
+            signature: hex(&signature.to_bytes()),
+        },
+    )
+    .await;
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 async fn refuse_protocol(socket: &mut WebSocket, given: u32) {
@@ -177,18 +342,38 @@ struct Hello {
     agent_id: String,
     public_key: String,
     nonce: String,
+    exchange: String,
     version: String,
     subscriptions: Vec<String>,
     queue_depth: u64,
+    spans: Vec<aramaki_protocol::agent::QueueSpan>,
 }
 
 type Refused = (Refusal, String);
 
-/// Challenge and response; returns the authenticated agent.
-async fn handshake(ctx: &Context, socket: &mut WebSocket, hello: &Hello) -> Result<Agent, Refused> {
+/// A challenged agent: who it claims to be and the session's keys.
+struct Pending {
+    agent: Agent,
+    key: ed25519_dalek::VerifyingKey,
+    transcript: Vec<u8>,
+    keys: SessionKeys,
+}
+
+/// Looks the agent up and sends the signed challenge with the server's
+/// exchange key.
+async fn challenge(
+    ctx: &Context,
+    socket: &mut WebSocket,
+    hello: &Hello,
+) -> Result<Pending, Refused> {
     if unhex_array::<32>(&hello.nonce).is_none() {
         return Err((Refusal::Malformed, "nonce must be 32 bytes in hex".into()));
     }
+    let exchange = Exchange::from_seed(super::random::<32>().map_err(internal)?);
+    let shared = exchange.agree(&hello.exchange).ok_or((
+        Refusal::Malformed,
+        "exchange must be a valid 32-byte public key in hex".to_owned(),
+    ))?;
     let agent = {
         let mut conn = ctx.db.reader().acquire().await.map_err(internal)?;
         store::agent_by_id(&mut conn, &hello.agent_id)
@@ -223,19 +408,41 @@ async fn handshake(ctx: &Context, socket: &mut WebSocket, hello: &Hello) -> Resu
         )
     })?;
     let server_nonce = hex(&super::random::<32>().map_err(internal)?);
-    let signature = ctx
-        .identity
-        .sign(&server_transcript(&agent.id, &hello.nonce, &server_nonce));
+    let server_key = ctx.identity.public_key_hex();
+    let server_exchange = exchange.public_hex();
+    let facts = Handshake {
+        agent_id: &agent.id,
+        agent_key: &agent.public_key,
+        server_key: &server_key,
+        agent_nonce: &hello.nonce,
+        server_nonce: &server_nonce,
+        agent_exchange: &hello.exchange,
+        server_exchange: &server_exchange,
+    };
+    let signature = ctx.identity.sign(&server_transcript(&facts));
+    let keys = SessionKeys::derive(&shared, &session_transcript(&facts));
+    let transcript = agent_transcript(&facts);
     send(
         socket,
         &ServerMessage::Challenge {
             nonce: server_nonce.clone(),
+            exchange: server_exchange.clone(),
             signature: hex(&signature.to_bytes()),
         },
     )
     .await
     .map_err(|e| (Refusal::Malformed, e.to_string()))?;
-    let signature = match receive_within(socket).await {
+    Ok(Pending {
+        agent,
+        key,
+        transcript,
+        keys,
+    })
+}
+
+/// Checks the agent's signature over its transcript.
+async fn authenticate(channel: &mut Channel, pending: &Pending) -> Result<(), Refused> {
+    let signature = match receive_within(&mut channel.socket).await {
         Some(Ok(AgentMessage::Auth { signature })) => signature,
         Some(Ok(_)) => return Err((Refusal::Malformed, "expected 'auth'".into())),
         Some(Err(e)) => return Err((Refusal::Malformed, e)),
@@ -252,17 +459,15 @@ async fn handshake(ctx: &Context, socket: &mut WebSocket, hello: &Hello) -> Resu
             Refusal::BadSignature,
             "signature must be 64 bytes in hex".to_owned(),
         ))?;
-    key.verify(
-        &agent_transcript(&agent.id, &hello.nonce, &server_nonce),
-        &signature,
-    )
-    .map_err(|_| {
-        (
-            Refusal::BadSignature,
-            "the agent's signature does not verify against its enrolled key".to_owned(),
-        )
-    })?;
-    Ok(agent)
+    pending
+        .key
+        .verify(&pending.transcript, &signature)
+        .map_err(|_| {
+            (
+                Refusal::BadSignature,
+                "the agent's signature does not verify against its enrolled key".to_owned(),
+            )
+        })
 }
 
 fn internal(e: impl std::fmt::Display) -> Refused {
@@ -274,7 +479,7 @@ fn internal(e: impl std::fmt::Display) -> Refused {
 }
 
 /// The authenticated session: records up, acknowledgements and checks down.
-async fn run(ctx: Arc<Context>, mut socket: WebSocket, agent: Agent, hello: &Hello) {
+async fn run(ctx: Arc<Context>, mut socket: Channel, agent: Agent, hello: &Hello) {
     let (session, mut pushes) = ctx.agents.register(&agent.id);
     let outcome = serve(&ctx, &mut socket, &agent, hello, &mut pushes).await;
     ctx.agents.unregister(&agent.id, session);
@@ -286,7 +491,7 @@ async fn run(ctx: Arc<Context>, mut socket: WebSocket, agent: Agent, hello: &Hel
 
 async fn serve(
     ctx: &Context,
-    socket: &mut WebSocket,
+    socket: &mut Channel,
     agent: &Agent,
     hello: &Hello,
     pushes: &mut tokio::sync::mpsc::UnboundedReceiver<super::hub::Push>,
@@ -308,6 +513,12 @@ async fn serve(
     )
     .await
     .map_err(|e| e.to_string())?;
+    // The incarnations known before this session go to the agent; this
+    // session's become known (its records are committed from here on).
+    let seen: Vec<String> = hello.spans.iter().map(|s| s.incarnation.clone()).collect();
+    let incarnations = store::queue_incarnations(&mut tx, &agent.id, &seen)
+        .await
+        .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     let agent = Agent {
         subscriptions: hello.subscriptions.clone(),
@@ -322,16 +533,15 @@ async fn serve(
     ctx.ingest
         .seen(me.clone(), hello.queue_depth, 0, to_micros(ctx.now()));
     let heartbeat_secs = ctx.config.monitoring.heartbeat;
-    send(
-        socket,
-        &ServerMessage::Welcome {
+    socket
+        .send(&ServerMessage::Welcome {
             acked: u64::try_from(agent.acked_seq).unwrap_or(0),
             heartbeat_secs,
             checks: crate::monitoring::checks_for(&agent, &checks),
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+            incarnations,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!(agent = %agent.name, system = %agent.system, "agent connected");
     // An agent that says nothing for three heartbeats is gone.
     let silence = Duration::from_secs(u64::from(heartbeat_secs) * 3);
@@ -339,23 +549,29 @@ async fn serve(
         tokio::select! {
             push = pushes.recv() => match push {
                 Some(super::hub::Push::Send(message)) => {
-                    send(socket, &message).await.map_err(|e| e.to_string())?;
+                    socket.send(&message).await.map_err(|e| e.to_string())?;
                 }
                 Some(super::hub::Push::Close(reason, message)) => {
-                    refuse(socket, reason, &message).await;
+                    socket.refuse(reason, &message).await;
                     return Err(reason.describe().to_owned());
                 }
                 None => return Ok(()),
             },
-            message = tokio::time::timeout(silence, receive(socket)) => {
+            message = tokio::time::timeout(silence, socket.receive()) => {
                 let message = match message {
                     Err(_) => return Err("no heartbeat".into()),
                     Ok(None) => return Ok(()),
-                    Ok(Some(Err(e))) => {
-                        refuse(socket, Refusal::Malformed, &e).await;
+                    Ok(Some(Inbound::Malformed(e))) => {
+                        socket.refuse(Refusal::Malformed, &e).await;
                         return Err(e);
                     }
-                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Inbound::Refused(e))) => {
+                        let detail = e.to_string();
+                        super::frame_refused(ctx, &me, &socket.session_id, &detail).await;
+                        socket.refuse(Refusal::Integrity, &detail).await;
+                        return Err(detail);
+                    }
+                    Ok(Some(Inbound::Message(m))) => m,
                 };
                 handle(ctx, socket, &me, message).await?;
             }
@@ -365,19 +581,19 @@ async fn serve(
 
 async fn handle(
     ctx: &Context,
-    socket: &mut WebSocket,
+    socket: &mut Channel,
     me: &AgentRef,
     message: AgentMessage,
 ) -> Result<(), String> {
     match message {
         AgentMessage::Records { records } => {
             if records.windows(2).any(|w| w[0].seq >= w[1].seq) {
-                refuse(
-                    socket,
-                    Refusal::Malformed,
-                    "records must come in increasing sequence order",
-                )
-                .await;
+                socket
+                    .refuse(
+                        Refusal::Malformed,
+                        "records must come in increasing sequence order",
+                    )
+                    .await;
                 return Err("records out of order".into());
             }
             let up_to = ctx
@@ -385,7 +601,8 @@ async fn handle(
                 .records(me.clone(), records)
                 .await
                 .map_err(|e| e.to_string())?;
-            send(socket, &ServerMessage::Ack { up_to })
+            socket
+                .send(&ServerMessage::Ack { up_to })
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -395,7 +612,8 @@ async fn handle(
         } => {
             ctx.ingest
                 .seen(me.clone(), queue_depth, dropped, to_micros(ctx.now()));
-            send(socket, &ServerMessage::Heartbeat)
+            socket
+                .send(&ServerMessage::Heartbeat)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -406,13 +624,13 @@ async fn handle(
             }
             Ok(())
         }
-        AgentMessage::Enroll { .. } | AgentMessage::Hello { .. } | AgentMessage::Auth { .. } => {
-            refuse(
-                socket,
-                Refusal::Malformed,
-                "the session is already established",
-            )
-            .await;
+        AgentMessage::EnrollHello { .. }
+        | AgentMessage::Enroll { .. }
+        | AgentMessage::Hello { .. }
+        | AgentMessage::Auth { .. } => {
+            socket
+                .refuse(Refusal::Malformed, "the session is already established")
+                .await;
             Err("handshake message inside a session".into())
         }
     }

@@ -277,7 +277,7 @@ pub async fn rekey(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE agents SET public_key = $2, system_id = $3, token_id = $4, acked_seq = 0, \
-         reenroll = 0, revoked_at = NULL WHERE id = $1",
+         queue_incarnations = '[]', reenroll = 0, revoked_at = NULL WHERE id = $1",
     )
     .bind(id)
     .bind(public_key)
@@ -326,4 +326,40 @@ pub async fn session_started(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Most queue incarnations remembered per agent (one per agent start while
+/// records waited; old ones number nothing waiting any more).
+const INCARNATIONS_KEPT: usize = 64;
+
+/// The agent's queue incarnations the server knows, and adds `seen` to
+/// them (newest last, bounded). Returns the list as it was before.
+pub async fn queue_incarnations(
+    tx: &mut Tx,
+    id: &str,
+    seen: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    let text: Option<String> =
+        sqlx::query_scalar("SELECT queue_incarnations FROM agents WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let known: Vec<String> = text
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut merged = known.clone();
+    for s in seen {
+        merged.retain(|k| k != s);
+        merged.push(s.clone());
+    }
+    let excess = merged.len().saturating_sub(INCARNATIONS_KEPT);
+    merged.drain(..excess);
+    if merged != known {
+        sqlx::query("UPDATE agents SET queue_incarnations = $2 WHERE id = $1")
+            .bind(id)
+            .bind(serde_json::to_string(&merged).unwrap_or_else(|_| "[]".to_owned()))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(known)
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aramaki_protocol::agent::{CheckResult, CheckState, Record, RecordBody};
+use aramaki_protocol::agent::{CheckResult, CheckState, Notice, Record, RecordBody};
 use aramaki_protocol::Severity;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -311,7 +311,7 @@ impl Writer {
                             (&result.system_id, &result.system),
                             result.agent.as_ref(),
                             &result.result,
-                            None,
+                            (None, None),
                             now,
                         )
                         .await?;
@@ -386,7 +386,7 @@ impl Writer {
                 (&agent.system_id, &agent.system),
                 Some(agent),
                 &result,
-                None,
+                (None, None),
                 now,
             )
             .await?;
@@ -451,7 +451,22 @@ impl Writer {
                     (&system_id, &system),
                     Some(agent),
                     &result,
-                    Some(record.seq),
+                    (Some(record.seq), None),
+                    now,
+                )
+                .await
+            }
+            RecordBody::Pushed {
+                mut result,
+                ttl_secs,
+            } => {
+                let (system_id, system) = self.target(tx, agent, &mut result).await?;
+                self.observe(
+                    tx,
+                    (&system_id, &system),
+                    Some(agent),
+                    &result,
+                    (Some(record.seq), Some(ttl_secs.clamp(1, MAX_PUSHED_TTL))),
                     now,
                 )
                 .await
@@ -481,6 +496,23 @@ impl Writer {
             }
             RecordBody::Action(update) => {
                 crate::actions::runs::finish(&self.ctx, tx, agent, &update).await
+            }
+            RecordBody::Notice { notice, message } => {
+                let severity = match notice {
+                    Notice::FrameRefused => Severity::Critical,
+                    Notice::QueueRenumbered => Severity::Warning,
+                };
+                // The agent's words, capped: a notice is a line, not a dump.
+                let message: String = message.chars().take(1000).collect();
+                let event = NewEvent::internal(
+                    notice.kind(),
+                    severity,
+                    format!("Agent '{}': {message}", agent.name),
+                    serde_json::json!({"agent": agent.name, "agent_id": agent.id, "side": "agent", "seq": record.seq, "detail": message}),
+                );
+                self.event(tx, agent, (&agent.system_id, &agent.system), event)
+                    .await?;
+                Ok(true)
             }
             RecordBody::Facts { facts } => {
                 let text = serde_json::to_string(&facts).unwrap_or_else(|_| "{}".to_owned());
@@ -542,7 +574,9 @@ impl Writer {
         (system_id, system): (&str, &str),
         agent: Option<&AgentRef>,
         result: &CheckResult,
-        seq: Option<u64>,
+        // The agent's sequence number, and a ttl the result itself carries
+        // (pushed), which goes before the definition's.
+        (seq, ttl): (Option<u64>, Option<u32>),
         now: i64,
     ) -> Result<bool, sqlx::Error> {
         let labels_key = serde_json::to_string(&result.labels).unwrap_or_else(|_| "{}".to_owned());
@@ -569,7 +603,10 @@ impl Writer {
             Some(l) if !changed => l.state_since,
             _ => now,
         };
-        let ttl_deadline = match (result.source.as_str(), rule.and_then(|r| r.ttl_secs)) {
+        let ttl_deadline = match (
+            result.source.as_str(),
+            ttl.or(rule.and_then(|r| r.ttl_secs)),
+        ) {
             ("ttl", _) | (_, None) => None,
             (_, Some(secs)) => Some(now + i64::from(secs) * 1_000_000),
         };
@@ -777,6 +814,9 @@ fn state_event(
     event.occurred_at = Some(crate::db::from_micros(result.executed_at));
     event
 }
+
+/// Longest ttl a pushed result may carry (one week, as for definitions).
+const MAX_PUSHED_TTL: u32 = 7 * 24 * 3600;
 
 /// The keepalive observation for an agent.
 pub fn keepalive_result(agent: &AgentRef, status: i32, summary: String, now: i64) -> CheckResult {

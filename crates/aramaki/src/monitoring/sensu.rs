@@ -697,9 +697,11 @@ fn convert(
         _ => return Err("it has no command".into()),
     };
     if command.contains("{{") {
-        notes.push(
-            "the command uses Sensu token substitution ({{ … }}), which Aramaki does not do: \
-             it runs as written"
+        // Run as written, the tokens would reach /bin/sh as a pipeline
+        // (`{{ .labels.x | default 80 }}`): refused, never run wrong.
+        return Err(
+            "the command uses Sensu token substitution ({{ … }}), which Aramaki does not perform: \
+             not imported; write the values into the command (one check per distinct value)"
                 .into(),
         );
     }
@@ -1152,7 +1154,6 @@ mod tests {
                 "check_disk_root",
                 "check-ntp",
                 "production-check-cpu",
-                "check-postgres",
             ]
         );
         for c in &import.checks {
@@ -1225,18 +1226,17 @@ mod tests {
             (Some(300), None)
         );
 
-        let pg = check(&import, "check-postgres");
-        assert!(pg.spec.shell.is_some());
-        assert_eq!(pg.spec.system, None);
-        assert!(has_note(
-            pg,
-            "proxy_entity_name 'db01.example.com' not used"
-        ));
-        assert!(has_note(pg, "token substitution"));
-
-        assert_eq!(import.errors.len(), 1);
+        assert_eq!(import.errors.len(), 2, "{:?}", import.errors);
         assert!(import.errors[0].starts_with("CheckConfig default/check-orphan: "));
         assert!(import.errors[0].contains("no subscriptions"));
+        // Token substitution is refused rather than run through the shell.
+        assert!(
+            import.errors[1].starts_with("CheckConfig production/check-postgres: "),
+            "{:?}",
+            import.errors
+        );
+        assert!(import.errors[1].contains("token substitution"));
+        assert!(import.errors[1].contains("not imported"));
 
         let skipped: Vec<String> = import
             .skipped
@@ -1283,10 +1283,6 @@ mod tests {
         }
         for (resource, field) in [
             ("CheckConfig default/check-website", "spec.round_robin"),
-            (
-                "CheckConfig production/check-postgres",
-                "spec.proxy_requests",
-            ),
             ("CheckConfig default/check-ntp", "spec.scheduler"),
         ] {
             assert!(listed.contains(&(resource, field)), "{field} not listed");
@@ -1337,7 +1333,10 @@ mod tests {
         assert!(changes.contains(&Change::Create("check-ntp".into())));
 
         let text = report(&import, &changes, false);
-        assert!(text.contains("8 checks read: 6 created, 1 updated, 1 unchanged; 1 not imported"));
+        assert!(
+            text.contains("7 checks read: 5 created, 1 updated, 1 unchanged; 2 not imported"),
+            "{text}"
+        );
         assert!(text.contains("(timeout, labels)"));
         assert!(!text.contains("dry run"));
     }

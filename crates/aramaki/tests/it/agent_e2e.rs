@@ -89,7 +89,7 @@ pub(crate) fn enroll(server: &str, token: &str, state: &Path, name: &str) -> (i3
 
 pub(crate) struct AgentHost {
     dir: tempfile::TempDir,
-    push_http: u16,
+    pub(crate) push_http: u16,
     push_tcp: u16,
 }
 
@@ -169,7 +169,7 @@ impl AgentHost {
     /// A connection that ends without an answer was not accepted (right
     /// after an agent restart, a check forked by the old process can hold
     /// its listening socket until it execs): like any client, try again.
-    async fn push_tcp(&self, body: Value) -> String {
+    pub(crate) async fn push_tcp(&self, body: Value) -> String {
         for _ in 0..50 {
             if let Ok(answer) = self.push_tcp_once(&body).await {
                 if !answer.is_empty() {
@@ -183,7 +183,7 @@ impl AgentHost {
 
     /// Pushes the results `n=001`, `n=002`, … of check `pushed`; each must
     /// be accepted.
-    async fn push_numbered(&self, range: std::ops::RangeInclusive<u32>) {
+    pub(crate) async fn push_numbered(&self, range: std::ops::RangeInclusive<u32>) {
         for i in range {
             let body = json!({"name": "pushed", "status": 0, "output": format!("n={i:03}")});
             assert_eq!(self.push_tcp(body).await, "ok", "result n={i:03}");
@@ -473,7 +473,7 @@ async fn assert_exactly_once(
     assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "a result went missing");
 }
 
-async fn pushed_outputs(
+pub(crate) async fn pushed_outputs(
     http: &reqwest::Client,
     base: &str,
     token: &str,
@@ -497,7 +497,7 @@ async fn pushed_outputs(
     out
 }
 
-fn expected_outputs(n: u32) -> Vec<String> {
+pub(crate) fn expected_outputs(n: u32) -> Vec<String> {
     let mut v: Vec<String> = (1..=n).map(|i| format!("n={i:03}")).collect();
     v.sort();
     v

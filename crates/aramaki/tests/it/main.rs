@@ -9,6 +9,7 @@ mod actions;
 mod actions_e2e;
 mod actions_pages;
 mod agent_e2e;
+mod agent_integrity;
 mod auth;
 mod bad_input;
 mod binary;

@@ -7,9 +7,11 @@ use std::collections::BTreeMap;
 
 use aramaki::monitoring::watch::sweep;
 use aramaki_protocol::agent::{
-    agent_transcript, server_transcript, AgentMessage, CheckResult, Record, RecordBody, Refusal,
-    ServerMessage, AGENT_PROTOCOL_VERSION, CONNECT_PATH,
+    agent_transcript, enroll_transcript, server_transcript, session_transcript, AgentMessage,
+    CheckResult, Handshake, Record, RecordBody, Refusal, ServerMessage, AGENT_PROTOCOL_VERSION,
+    CONNECT_PATH,
 };
+use aramaki_protocol::frames::{Exchange, Opener, Sealer, SessionKeys};
 use aramaki_protocol::keys::{hex, unhex_array};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use futures_util::{SinkExt, StreamExt};
@@ -28,6 +30,10 @@ pub struct SimAgent {
     pub ws: Ws,
     pub checks: Vec<aramaki_protocol::agent::CheckDefinition>,
     pub acked: u64,
+    seal: Sealer,
+    open: Opener,
+    /// Every frame sent so far, as it went on the wire (to replay one).
+    pub sent: Vec<String>,
 }
 
 async fn open(app: &TestApp) -> Ws {
@@ -41,7 +47,7 @@ async fn send(ws: &mut Ws, m: &AgentMessage) {
         .unwrap();
 }
 
-async fn recv(ws: &mut Ws) -> ServerMessage {
+async fn recv_text(ws: &mut Ws) -> String {
     loop {
         let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
             .await
@@ -49,9 +55,13 @@ async fn recv(ws: &mut Ws) -> ServerMessage {
             .expect("the socket is open")
             .unwrap();
         if let Message::Text(t) = frame {
-            return serde_json::from_str(t.as_str()).unwrap();
+            return t.as_str().to_owned();
         }
     }
+}
+
+async fn recv(ws: &mut Ws) -> ServerMessage {
+    serde_json::from_str(&recv_text(ws).await).unwrap()
 }
 
 pub fn key(seed: u8) -> SigningKey {
@@ -77,12 +87,36 @@ pub async fn enroll(
     name: &str,
 ) -> Result<(String, String), (Refusal, String)> {
     let mut ws = open(app).await;
+    let nonce = hex(&[5u8; 32]);
+    let public_key = hex(key.verifying_key().as_bytes());
+    send(
+        &mut ws,
+        &AgentMessage::EnrollHello {
+            protocol: AGENT_PROTOCOL_VERSION,
+            nonce: nonce.clone(),
+            public_key: public_key.clone(),
+        },
+    )
+    .await;
+    match recv(&mut ws).await {
+        ServerMessage::EnrollProof {
+            server_key,
+            signature,
+        } => {
+            let key = VerifyingKey::from_bytes(&unhex_array::<32>(&server_key).unwrap()).unwrap();
+            let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
+            key.verify(&enroll_transcript(&nonce, &public_key, &server_key), &sig)
+                .expect("the server proves its key before the token is sent");
+        }
+        ServerMessage::Refused { reason, message } => return Err((reason, message)),
+        other => panic!("unexpected {other:?}"),
+    }
     send(
         &mut ws,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
             token: token.to_owned(),
-            public_key: hex(key.verifying_key().as_bytes()),
+            public_key,
             name: name.to_owned(),
             version: "test".into(),
         },
@@ -108,31 +142,70 @@ impl SimAgent {
     ) -> Result<SimAgent, (Refusal, String)> {
         let mut ws = open(app).await;
         let nonce = hex(&[7u8; 32]);
+        let exchange = Exchange::from_seed([8u8; 32]);
+        let agent_key = hex(key.verifying_key().as_bytes());
         send(
             &mut ws,
             &AgentMessage::Hello {
                 protocol: AGENT_PROTOCOL_VERSION,
                 agent_id: id.to_owned(),
-                public_key: hex(key.verifying_key().as_bytes()),
+                public_key: agent_key.clone(),
                 nonce: nonce.clone(),
+                exchange: exchange.public_hex(),
                 version: "test".into(),
                 subscriptions: vec!["linux".into()],
                 queue_depth: 0,
+                spans: vec![],
             },
         )
         .await;
-        let (server_nonce, signature) = match recv(&mut ws).await {
-            ServerMessage::Challenge { nonce, signature } => (nonce, signature),
+        let (server_nonce, server_exchange, signature) = match recv(&mut ws).await {
+            ServerMessage::Challenge {
+                nonce,
+                exchange,
+                signature,
+            } => (nonce, exchange, signature),
+            ServerMessage::SignedRefusal {
+                reason,
+                message,
+                signature,
+            } => {
+                let server_key =
+                    VerifyingKey::from_bytes(app.ctx.identity.public_key().as_bytes()).unwrap();
+                let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
+                server_key
+                    .verify(
+                        &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                        &sig,
+                    )
+                    .expect("a refusal of a hello is signed over the agent's nonce");
+                return Err((reason, message));
+            }
             ServerMessage::Refused { reason, message } => return Err((reason, message)),
             other => panic!("unexpected {other:?}"),
+        };
+        let server_key_hex = app.ctx.identity.public_key_hex();
+        let agent_exchange = exchange.public_hex();
+        let facts = Handshake {
+            agent_id: id,
+            agent_key: &agent_key,
+            server_key: &server_key_hex,
+            agent_nonce: &nonce,
+            server_nonce: &server_nonce,
+            agent_exchange: &agent_exchange,
+            server_exchange: &server_exchange,
         };
         let server_key =
             VerifyingKey::from_bytes(app.ctx.identity.public_key().as_bytes()).unwrap();
         let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
         server_key
-            .verify(&server_transcript(id, &nonce, &server_nonce), &sig)
+            .verify(&server_transcript(&facts), &sig)
             .expect("the server signs the challenge with its instance key");
-        let mine = key.sign(&agent_transcript(id, &nonce, &server_nonce));
+        let keys = SessionKeys::derive(
+            &exchange.agree(&server_exchange).unwrap(),
+            &session_transcript(&facts),
+        );
+        let mine = key.sign(&agent_transcript(&facts));
         send(
             &mut ws,
             &AgentMessage::Auth {
@@ -140,18 +213,46 @@ impl SimAgent {
             },
         )
         .await;
-        match recv(&mut ws).await {
-            ServerMessage::Welcome { acked, checks, .. } => Ok(SimAgent { ws, checks, acked }),
+        let (seal, open) = keys.for_agent();
+        let mut agent = SimAgent {
+            ws,
+            checks: Vec::new(),
+            acked: 0,
+            seal,
+            open,
+            sent: Vec::new(),
+        };
+        match agent.next().await {
+            ServerMessage::Welcome { acked, checks, .. } => {
+                agent.acked = acked;
+                agent.checks = checks;
+                Ok(agent)
+            }
             ServerMessage::Refused { reason, message } => Err((reason, message)),
             other => panic!("unexpected {other:?}"),
         }
     }
 
+    /// Sends one message, sealed.
+    pub async fn say(&mut self, m: &AgentMessage) {
+        let frame = self.seal.seal(serde_json::to_string(m).unwrap());
+        self.sent.push(frame.clone());
+        self.raw(&frame).await;
+    }
+
+    /// Sends a frame as it is (to inject or replay one).
+    pub async fn raw(&mut self, frame: &str) {
+        self.ws
+            .send(Message::Text(frame.to_owned().into()))
+            .await
+            .unwrap();
+    }
+
     /// Sends records and waits for their acknowledgement.
     pub async fn send(&mut self, records: Vec<Record>) -> u64 {
-        send(&mut self.ws, &AgentMessage::Records { records }).await;
+        self.say(&AgentMessage::Records { records }).await;
         loop {
-            match recv(&mut self.ws).await {
+            match self.next().await {
                 ServerMessage::Ack { up_to } => {
                     self.acked = up_to;
                     return up_to;
@@ -162,8 +263,14 @@ impl SimAgent {
         }
     }
 
+    /// The next server message; every frame must open.
     pub async fn next(&mut self) -> ServerMessage {
-        recv(&mut self.ws).await
+        let text = recv_text(&mut self.ws).await;
+        let body = self
+            .open
+            .open(&text)
+            .expect("every server frame is sealed and in order");
+        serde_json::from_str(&body).unwrap()
     }
 }
 
@@ -387,13 +494,11 @@ both!(results_are_deduplicated_by_sequence, |app| async move {
     );
     assert!(metrics.contains("aramaki_agents_connected 1"), "{metrics}");
     // Out-of-order batches are refused.
-    send(
-        &mut agent.ws,
-        &AgentMessage::Records {
+    agent
+        .say(&AgentMessage::Records {
             records: vec![result(10, "disk", 0, "x"), result(9, "disk", 0, "y")],
-        },
-    )
-    .await;
+        })
+        .await;
     assert!(matches!(
         agent.next().await,
         ServerMessage::Refused {
@@ -897,6 +1002,13 @@ both!(a_sensu_dump_is_imported_with_a_report, |app| async move {
         .collect();
     assert!(names.len() >= 5, "{names:?}\n{out}{err}");
     assert!(names.contains(&"check-website"), "{names:?}");
+    // A command with Sensu token substitution is refused in the report,
+    // never run through the shell as a pipeline.
+    assert!(!names.contains(&"check-postgres"), "{names:?}");
+    assert!(
+        out.contains("check-postgres") && out.contains("token substitution"),
+        "{out}{err}"
+    );
     let website = checks["items"]
         .as_array()
         .unwrap()
