@@ -38,6 +38,7 @@ impl From<SystemError> for Problem {
             SystemError::NotFound(_) => Problem::not_found(detail),
             SystemError::SlugTaken(_) => Problem::conflict("slug_taken", detail),
             SystemError::Remote(_) => Problem::conflict("remote_system", detail),
+            SystemError::InstanceSystem(_) => Problem::conflict("instance_system", detail),
             SystemError::CategoryTaken(_) => Problem::conflict("category_taken", detail),
             SystemError::UnknownCategory(_) => {
                 Problem::unprocessable(detail).with("field", "category".into())
@@ -254,7 +255,7 @@ async fn list_subsystems(
 ) -> Result<Json<MemberList>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
-    let items = super::neighbours(&ctx, slug.as_str(), true).await?;
+    let items = super::neighbours(&ctx, slug.as_str(), true, &access).await?;
     Ok(Json(MemberList { items, next: None }))
 }
 
@@ -269,7 +270,7 @@ async fn list_includers(
 ) -> Result<Json<MemberList>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
-    let mut items = super::neighbours(&ctx, slug.as_str(), false).await?;
+    let mut items = super::neighbours(&ctx, slug.as_str(), false, &access).await?;
     if let Some(visible) = visible(&ctx, &access).await? {
         items.retain(|m| visible.contains(&m.system.id.to_string()));
     }
@@ -350,7 +351,9 @@ async fn get_status(
 ) -> Result<Json<Status>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
-    Ok(Json(super::status::status(&ctx, slug.as_str()).await?))
+    Ok(Json(
+        super::status::status(&ctx, slug.as_str(), &access).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
