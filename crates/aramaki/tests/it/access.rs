@@ -323,3 +323,116 @@ both!(the_instance_system_cannot_be_deleted, |app| async move {
         "{titles:?}"
     );
 });
+
+// Check definitions are read only by those who may see a system they
+// concern, and their secrets (the environment, credentials in a probe's
+// URL) never come back: not in the API, the audit trail or a page.
+both!(
+    checks_are_scoped_and_their_secrets_write_only,
+    |app| async move {
+        app.system("web-a", "host", json!({})).await;
+        app.system("db-b", "host", json!({})).await;
+        crate::monitoring::enrolled(&app, "ag1", 7).await;
+        let defs = [
+            json!({"name": "pg-b", "command": ["/usr/lib/nagios/plugins/check_pgsql", "-H", "db-b"],
+               "subscriptions": ["linux"], "system": "db-b", "interval": 60,
+               "env": {"PGPASSWORD": "hunter2-secret"}, "annotations": {"owner": "b"}}),
+            json!({"name": "disk-a", "command": ["/bin/true"], "subscriptions": ["system:web-a"], "interval": 60}),
+            json!({"name": "on-agent", "command": ["/bin/true"], "subscriptions": ["agent:ag1"], "interval": 60}),
+            json!({"name": "site-b", "probe": {"probe": "http", "url": "https://bob:pw-secret@db-b.example/health"},
+               "subscriptions": ["system:db-b"], "interval": 60}),
+        ];
+        for d in &defs {
+            let (status, body) = app.post("/api/v1/checks", d.clone()).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            assert!(!body.to_string().contains("secret"), "{body}");
+        }
+        let alma = app
+            .user_with_grants(
+                "alma",
+                &[("web-a", Role::Viewer), ("ag1-host", Role::Viewer)],
+            )
+            .await;
+        let (status, list) = app
+            .call_as(&alma, Method::GET, "/api/v1/checks", None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let mut names: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["disk-a", "on-agent"]);
+        for hidden in ["pg-b", "site-b", "no-such-check"] {
+            let (status, body) = app
+                .call_as(
+                    &alma,
+                    Method::GET,
+                    &format!("/api/v1/checks/{hidden}"),
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{hidden}: {body}");
+            assert_eq!(body["detail"], format!("no check '{hidden}'"));
+        }
+        // The admin sees every check, secrets only as set.
+        let all = app.get("/api/v1/checks").await;
+        assert!(!all.to_string().contains("secret"), "{all}");
+        let pg = app.get("/api/v1/checks/pg-b").await;
+        assert_eq!(pg["env"], json!({"PGPASSWORD": "(set)"}));
+        assert_eq!(pg["annotations"]["owner"], "b");
+        let site = app.get("/api/v1/checks/site-b").await;
+        assert_eq!(site["probe"]["url"], "https://(set)@db-b.example/health");
+        // What was read, sent back, keeps the secrets stored.
+        for (name, mut body) in [("pg-b", pg), ("site-b", site)] {
+            let o = body.as_object_mut().unwrap();
+            for k in ["id", "created_at", "updated_at"] {
+                o.remove(k);
+            }
+            o.insert("timeout".into(), json!(30));
+            let (status, v) = app
+                .call(Method::PUT, &format!("/api/v1/checks/{name}"), Some(body))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+        }
+        let mut conn = app.ctx.db.reader().acquire().await.unwrap();
+        let stored = aramaki::monitoring::store::check(&mut conn, "pg-b")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.spec.env["PGPASSWORD"], "hunter2-secret");
+        assert_eq!(stored.spec.timeout, 30);
+        let stored = aramaki::monitoring::store::check(&mut conn, "site-b")
+            .await
+            .unwrap()
+            .unwrap();
+        drop(conn);
+        assert_eq!(
+            serde_json::to_value(&stored.spec.probe).unwrap()["url"],
+            "https://bob:pw-secret@db-b.example/health"
+        );
+        // `(set)` for a name with no stored value is refused, naming it.
+        let (status, v) = app
+        .call(
+            Method::PUT,
+            "/api/v1/checks/disk-a",
+            Some(json!({"name": "disk-a", "command": ["/bin/true"], "subscriptions": ["system:web-a"],
+                        "interval": 60, "env": {"TOKEN": "(set)"}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("'TOKEN'"), "{v}");
+        // The audit trail of the changes holds no secret either.
+        let audit = app.get("/api/v1/systems/aramaki/timeline?limit=200").await;
+        let kinds: Vec<&str> = audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert!(kinds.contains(&"check.updated"), "{kinds:?}");
+        assert!(!audit.to_string().contains("secret"), "{audit}");
+    }
+);
