@@ -83,7 +83,9 @@ impl App {
             serve_peers(&self.ctx, tcp, router.clone(), stop.clone())?;
         }
         let mut stop_http = stop.clone();
-        axum::serve(self.listener, router)
+        // The peer address feeds login throttling per source.
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, service)
             .with_graceful_shutdown(async move {
                 while !*stop_http.borrow() {
                     if stop_http.changed().await.is_err() {

@@ -35,6 +35,41 @@ pub struct Config {
     pub monitoring: MonitoringConfig,
     #[serde(default)]
     pub federation: FederationConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Logins: one-time passwords, throttling, refused attempts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A one-time password stops working this many hours after it was set.
+    pub one_time_password_hours: u32,
+    /// Failed logins (per account and per source address) before each
+    /// further attempt must wait, the wait doubling from one second…
+    pub login_free_failures: u32,
+    /// …up to this many seconds.
+    pub login_max_delay_seconds: u32,
+    /// After this many failures in a row the account or address is locked
+    /// for `login_lockout_minutes` (an admin can unlock an account earlier).
+    pub login_lockout_failures: u32,
+    pub login_lockout_minutes: u32,
+    /// Refused attempts are recorded once per caller and kind per window of
+    /// this many minutes (counted in between).
+    pub refusal_window_minutes: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            one_time_password_hours: 24,
+            login_free_failures: 3,
+            login_max_delay_seconds: 300,
+            login_lockout_failures: 20,
+            login_lockout_minutes: 60,
+            refusal_window_minutes: 10,
+        }
+    }
 }
 
 /// Peering with other instances.
@@ -240,6 +275,7 @@ impl Default for Config {
             log: LogConfig::default(),
             monitoring: MonitoringConfig::default(),
             federation: FederationConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -304,6 +340,17 @@ impl Config {
         if self.web.session_idle_minutes == 0 || self.web.session_max_hours == 0 {
             return Err(ConfigError::Invalid(format!(
                 "invalid value for key `web.session_idle_minutes` or `web.session_max_hours` in {}: expected at least 1",
+                file.display()
+            )));
+        }
+        let a = &self.auth;
+        if a.one_time_password_hours == 0
+            || a.login_lockout_failures <= a.login_free_failures
+            || a.login_lockout_minutes == 0
+            || a.refusal_window_minutes == 0
+        {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for a key of `auth` in {}: one_time_password_hours, login_lockout_minutes and refusal_window_minutes must be at least 1, and login_lockout_failures more than login_free_failures",
                 file.display()
             )));
         }
@@ -493,6 +540,23 @@ retry_initial_ms = 1000
 retry_max_seconds = 3600
 # Messages a peer may send per second (twice that in a burst).
 max_messages_per_second = 2000
+
+[auth]
+# A one-time password (printed by `aramaki user add` or `passwd`) opens only
+# the password page, and only for this many hours.
+one_time_password_hours = 24
+# Failed logins per account and per source address before each further
+# attempt must wait (429 with Retry-After), doubling from one second…
+login_free_failures = 3
+# …up to this many seconds.
+login_max_delay_seconds = 300
+# After this many failures in a row, the account or address is locked for
+# login_lockout_minutes; `aramaki user unlock NAME` lifts it earlier.
+login_lockout_failures = 20
+login_lockout_minutes = 60
+# Refused attempts on systems are recorded on the instance's timeline once
+# per caller and kind in each window of this many minutes, counted between.
+refusal_window_minutes = 10
 "#
     )
 }

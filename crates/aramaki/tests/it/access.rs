@@ -436,3 +436,398 @@ both!(
         assert!(!audit.to_string().contains("secret"), "{audit}");
     }
 );
+
+mod browser_helpers {
+    use reqwest::header::{COOKIE, SET_COOKIE};
+    use reqwest::redirect;
+
+    use crate::support::TestApp;
+
+    pub fn browser() -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    pub async fn login(app: &TestApp, name: &str, password: &str, next: &str) -> reqwest::Response {
+        browser()
+            .post(app.url("/login"))
+            .form(&[("username", name), ("password", password), ("next", next)])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn cookie(resp: &reqwest::Response) -> String {
+        let set = resp.headers().get(SET_COOKIE).expect("a cookie");
+        set.to_str().unwrap().split(';').next().unwrap().to_owned()
+    }
+
+    pub async fn get(app: &TestApp, path: &str, cookie: &str) -> reqwest::Response {
+        browser()
+            .get(app.url(path))
+            .header(COOKIE, cookie)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(
+        app: &TestApp,
+        path: &str,
+        cookie: &str,
+        form: &[(&str, &str)],
+    ) -> reqwest::Response {
+        browser()
+            .post(app.url(path))
+            .header(COOKIE, cookie)
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn location(resp: &reqwest::Response) -> String {
+        resp.headers()[reqwest::header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn csrf_of(html: &str) -> String {
+        let marker = "name=\"csrf\" value=\"";
+        let at = html.find(marker).expect("a csrf field") + marker.len();
+        html[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+async fn person(app: &TestApp, name: &str, must_change: bool) {
+    aramaki::users::create_user(
+        &app.ctx,
+        &crate::support::tester(),
+        name,
+        name,
+        Some(Role::Admin),
+        "correct horse battery",
+        must_change,
+    )
+    .await
+    .unwrap();
+}
+
+// A one-time password opens the password page and nothing else, then the
+// change continues to where the user was going; unchanged, it expires.
+both!(
+    a_one_time_password_opens_only_the_password_page,
+    |app| async move {
+        use browser_helpers::*;
+        app.system("shop", "project", json!({})).await;
+        person(&app, "otto", true).await;
+        let first = login(&app, "otto", "correct horse battery", "/systems/shop").await;
+        assert_eq!(first.status(), StatusCode::SEE_OTHER);
+        assert_eq!(location(&first), "/account/password?next=%2Fsystems%2Fshop");
+        let c = cookie(&first);
+        for path in ["/", "/systems/shop", "/systems/new", "/search?q=shop"] {
+            let r = get(&app, path, &c).await;
+            assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
+            assert!(
+                location(&r).starts_with("/account/password"),
+                "{path}: {}",
+                location(&r)
+            );
+        }
+        let page = get(&app, "/account/password?next=/systems/shop", &c).await;
+        assert_eq!(page.status(), StatusCode::OK);
+        let html = page.text().await.unwrap();
+        assert!(html.contains("one-time password"));
+        assert!(
+            html.contains(r#"name="next" value="/systems/shop""#),
+            "{html}"
+        );
+        let csrf = csrf_of(&html);
+        // Forms are refused too: creating a system with the one-time password
+        // is sent to the password page and creates nothing.
+        let (_, systems_before) = app.counts().await;
+        let r = post(
+            &app,
+            "/systems/new",
+            &c,
+            &[
+                ("csrf", &csrf),
+                ("slug", "sneaky"),
+                ("title", "Sneaky"),
+                ("category", "project"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert!(location(&r).starts_with("/account/password"));
+        assert_eq!(app.counts().await.1, systems_before);
+        // The change continues to where otto was going.
+        let done = post(
+            &app,
+            "/account/password",
+            &c,
+            &[
+                ("csrf", &csrf),
+                ("current", "correct horse battery"),
+                ("new", "otto's own long password"),
+                ("confirm", "otto's own long password"),
+                ("next", "/systems/shop"),
+            ],
+        )
+        .await;
+        assert_eq!(done.status(), StatusCode::SEE_OTHER);
+        assert_eq!(location(&done), "/systems/shop");
+        assert_eq!(
+            get(&app, "/systems/shop", &c).await.status(),
+            StatusCode::OK
+        );
+    }
+);
+
+both!(a_one_time_password_expires, |app| async move {
+    use browser_helpers::*;
+    person(&app, "late", true).await;
+    person(&app, "early", true).await;
+    // A session opened with it ends when it expires.
+    let opened = login(&app, "early", "correct horse battery", "/").await;
+    let c = cookie(&opened);
+    for _ in 0..2 {
+        // Within the sessions' idle limit (12 h), up to 22 h in all.
+        app.clock.advance(jiff::SignedDuration::from_hours(11));
+        assert_eq!(
+            get(&app, "/account/password", &c).await.status(),
+            StatusCode::OK
+        );
+    }
+    app.clock.advance(jiff::SignedDuration::from_hours(3));
+    let r = get(&app, "/account/password", &c).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(location(&r).starts_with("/login"), "{}", location(&r));
+    let r = login(&app, "late", "correct horse battery", "/").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("one-time password has expired"));
+    // A new one from the command line works again, for another day.
+    aramaki::users::commands::run(
+        &app.ctx,
+        aramaki::users::commands::UserCommand::Passwd {
+            username: "late".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let hash: String =
+        sqlx::query_scalar("SELECT password_expires_at FROM users WHERE username = 'late'")
+            .fetch_one(app.ctx.db.reader())
+            .await
+            .map(|t: i64| t.to_string())
+            .unwrap();
+    let expected = (app.ctx.now().as_microsecond() + 24 * 3_600_000_000).to_string();
+    assert_eq!(hash, expected);
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_time_password_lifetime_is_configurable() {
+    use browser_helpers::*;
+    let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, |c| {
+        c.auth.one_time_password_hours = 1
+    })
+    .await;
+    person(&app, "brief", true).await;
+    app.clock.advance(jiff::SignedDuration::from_mins(61));
+    let r = login(&app, "brief", "correct horse battery", "/").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// A login from a given loopback address (all of 127/8 is this host).
+async fn login_from(
+    app: &TestApp,
+    from: [u8; 4],
+    name: &str,
+    password: &str,
+) -> (StatusCode, Option<String>, String) {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap();
+    let r = client
+        .post(app.url("/login"))
+        .form(&[("username", name), ("password", password), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    let retry = r
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    (r.status(), retry, r.text().await.unwrap())
+}
+
+const HOME: [u8; 4] = [127, 0, 0, 1];
+const RIGHT: &str = "correct horse battery";
+
+// After three failures each attempt waits, doubling; meanwhile even the
+// right password is refused with 429 and Retry-After, without blocking.
+both!(failed_logins_wait_longer_and_longer, |app| async move {
+    person(&app, "vic", false).await;
+    for _ in 0..3 {
+        let (status, retry, _) = login_from(&app, HOME, "vic", "wrong").await;
+        assert_eq!((status, retry), (StatusCode::UNAUTHORIZED, None));
+    }
+    let (status, retry, body) = login_from(&app, HOME, "vic", RIGHT).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the right password waits too"
+    );
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(body.contains("try again in 1 s"), "{body}");
+    app.clock.advance(jiff::SignedDuration::from_secs(1));
+    let (status, _, _) = login_from(&app, HOME, "vic", "wrong").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, retry, _) = login_from(&app, HOME, "vic", RIGHT).await;
+    assert_eq!(
+        (status, retry.as_deref()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("2"))
+    );
+    // Another address is held back for vic as well (per account)…
+    let (status, _, _) = login_from(&app, [127, 0, 0, 2], "vic", RIGHT).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // …but not for someone else.
+    person(&app, "wes", false).await;
+    let (status, _, _) = login_from(&app, [127, 0, 0, 2], "wes", RIGHT).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    app.clock.advance(jiff::SignedDuration::from_secs(2));
+    let (status, _, _) = login_from(&app, HOME, "vic", RIGHT).await;
+    assert_eq!(
+        status,
+        StatusCode::SEE_OTHER,
+        "after the wait, the right password works"
+    );
+    // A success starts the account afresh.
+    let (status, _, _) = login_from(&app, [127, 0, 0, 3], "vic", "wrong").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+});
+
+// From one address, failures against many accounts (password spraying) are
+// throttled too; and unknown usernames behave exactly like known ones.
+both!(an_address_is_throttled_across_accounts, |app| async move {
+    person(&app, "known", false).await;
+    let mut seen = Vec::new();
+    for (i, name) in ["known", "nobody-1", "nobody-2"].iter().enumerate() {
+        let (status, _, body) = login_from(&app, [127, 0, 0, 9], name, "wrong").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {i}");
+        assert!(body.contains("Wrong username or password."));
+        seen.push(status);
+    }
+    let (status, retry, _) = login_from(&app, [127, 0, 0, 9], "nobody-3", "wrong").await;
+    assert_eq!(
+        (status, retry.as_deref()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("1"))
+    );
+    // Unknown and known users go through the same steps.
+    person(&app, "kim", false).await;
+    for (name, from) in [("ghost", [127, 0, 0, 10]), ("kim", [127, 0, 0, 11])] {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(login_from(&app, from, name, "wrong").await.0);
+        }
+        assert_eq!(
+            statuses,
+            [
+                StatusCode::UNAUTHORIZED,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::TOO_MANY_REQUESTS,
+                StatusCode::TOO_MANY_REQUESTS
+            ],
+            "{name}"
+        );
+    }
+    assert_eq!(seen.len(), 3);
+});
+
+// Failures that arrive at once are all counted: of many parallel wrong
+// attempts only the free ones are checked at all.
+both!(parallel_failed_logins_are_all_counted, |app| async move {
+    person(&app, "par", false).await;
+    let attempts = (0..12).map(|i| {
+        let app = &app;
+        async move { login_from(app, [127, 0, 1, i], "par", "wrong").await.0 }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    let checked = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    assert!(
+        checked <= 3,
+        "at most the three free failures were checked: {statuses:?}"
+    );
+    assert!(statuses
+        .iter()
+        .all(|s| *s == StatusCode::UNAUTHORIZED || *s == StatusCode::TOO_MANY_REQUESTS));
+});
+
+// Enough failures lock the account until the lockout ends or an admin
+// lifts it; both are audit events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_is_locked_and_an_admin_unlocks_it() {
+    for backend in crate::support::backends() {
+        let app = TestApp::start_tweaked(backend, |c| {
+            c.auth.login_free_failures = 1;
+            c.auth.login_max_delay_seconds = 1;
+            c.auth.login_lockout_failures = 4;
+            c.auth.login_lockout_minutes = 30;
+        })
+        .await;
+        person(&app, "lou", false).await;
+        for i in 0..4u8 {
+            let (status, _, _) = login_from(&app, [127, 0, 2, i], "lou", "wrong").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {i}");
+            app.clock.advance(jiff::SignedDuration::from_secs(1));
+        }
+        app.clock.advance(jiff::SignedDuration::from_mins(10));
+        let (status, retry, body) = login_from(&app, [127, 0, 2, 9], "lou", RIGHT).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(body.contains("locked"), "{body}");
+        let retry: u64 = retry.unwrap().parse().unwrap();
+        assert!((19 * 60..=20 * 60).contains(&retry), "{retry}");
+        let audit = app
+            .get("/api/v1/systems/aramaki/timeline?kind=user.locked_out")
+            .await;
+        assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
+        assert_eq!(audit["items"][0]["data"]["user"], "lou");
+        aramaki::users::commands::run(
+            &app.ctx,
+            aramaki::users::commands::UserCommand::Unlock {
+                username: "lou".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let (status, _, _) = login_from(&app, [127, 0, 2, 9], "lou", RIGHT).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "unlocked by the admin");
+        let titles = app
+            .titles("/api/v1/systems/aramaki/timeline?kind=user.unlocked")
+            .await;
+        assert_eq!(titles, ["Logins as lou unlocked"]);
+        // Without an admin, the lockout ends by itself.
+        for i in 0..4u8 {
+            login_from(&app, [127, 0, 3, i], "lou", "wrong").await;
+            app.clock.advance(jiff::SignedDuration::from_secs(1));
+        }
+        let (status, _, _) = login_from(&app, [127, 0, 3, 9], "lou", RIGHT).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        app.clock.advance(jiff::SignedDuration::from_mins(31));
+        let (status, _, _) = login_from(&app, [127, 0, 3, 9], "lou", RIGHT).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+    }
+}
