@@ -64,6 +64,25 @@ pub async fn authorize(
     slug: &str,
     needed: Role,
 ) -> Result<(), Problem> {
+    let kind = match needed {
+        Role::Viewer => "system.read",
+        Role::Operator => "system.operate",
+        Role::Admin => "system.change",
+    };
+    authorize_for(ctx, access, slug, needed, kind).await
+}
+
+/// Like [`authorize`], naming what was attempted (`kind`) for the record:
+/// every refusal — of a system out of sight, missing, or with too low a
+/// role — is counted on the instance's audit trail (`users::refusals`),
+/// the same way whether or not the system exists.
+pub async fn authorize_for(
+    ctx: &Context,
+    access: &Access,
+    slug: &str,
+    needed: Role,
+    kind: &str,
+) -> Result<(), Problem> {
     if access.everywhere(needed) {
         return Ok(());
     }
@@ -72,14 +91,17 @@ pub async fn authorize(
         .await?
         .remove(slug);
     let graph = super::store::load_graph(&mut conn).await?;
-    match id.and_then(|id| access.role_on(&graph, &id)) {
+    drop(conn);
+    let refused = match id.and_then(|id| access.role_on(&graph, &id)) {
         None => Err(SystemError::NotFound(slug.to_owned()).into()),
         Some(_) if access.principal().is_none() => Err(needs_token()),
         Some(role) if role < needed => Err(forbidden(format!(
             "this needs the {needed} role on '{slug}'"
         ))),
-        Some(_) => Ok(()),
-    }
+        Some(_) => return Ok(()),
+    };
+    crate::users::refusals::record(ctx, access, kind, slug).await;
+    refused
 }
 
 /// The ids of the systems the caller may see, or `None` for all.

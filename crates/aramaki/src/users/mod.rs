@@ -8,6 +8,7 @@ pub mod access;
 pub mod commands;
 pub mod http;
 pub mod pages;
+pub mod refusals;
 pub mod sessions;
 pub mod store;
 pub mod throttle;

@@ -831,3 +831,110 @@ async fn an_account_is_locked_and_an_admin_unlocks_it() {
         assert_eq!(status, StatusCode::SEE_OTHER);
     }
 }
+
+/// The `access.refused` events on the instance's audit trail.
+async fn refusals(app: &TestApp) -> Vec<Value> {
+    app.get("/api/v1/systems/aramaki/timeline?kind=access.refused&limit=200")
+        .await["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+// An operator of one system trying to run an action on (or change) a
+// system they cannot see gets the same 404 as for a missing one, and the
+// attempt is on the record — once per window, however many were made.
+both!(refused_attempts_are_recorded_aggregated, |app| async move {
+    app.system("mine", "service", json!({})).await;
+    app.system("theirs", "service", json!({})).await;
+    let opal = app
+        .user_with_grants("opal", &[("mine", Role::Operator)])
+        .await;
+    let run = |slug: &'static str| {
+        let (app, opal) = (&app, opal.clone());
+        async move {
+            app.call_as(
+                &opal,
+                Method::POST,
+                &format!("/api/v1/systems/{slug}/actions/restart/runs"),
+                Some(json!({})),
+            )
+            .await
+        }
+    };
+    let (hidden_status, hidden) = run("theirs").await;
+    let (missing_status, missing) = run("nowhere").await;
+    assert_eq!(hidden_status, StatusCode::NOT_FOUND);
+    assert_eq!(missing_status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        hidden.to_string().replace("theirs", "X"),
+        missing.to_string().replace("nowhere", "X"),
+        "the caller cannot tell a hidden system from a missing one"
+    );
+    let events = refusals(&app).await;
+    assert_eq!(
+        events.len(),
+        1,
+        "one event per caller, kind and window: {events:?}"
+    );
+    assert_eq!(events[0]["data"]["kind"], "action.run");
+    assert_eq!(events[0]["data"]["target"], "theirs");
+    assert_eq!(events[0]["actor"]["name"], "opal");
+    // A flood is counted, not written out.
+    for _ in 0..25 {
+        assert_eq!(run("theirs").await.0, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(refusals(&app).await.len(), 1);
+    let opal_id: String = sqlx::query_scalar("SELECT id FROM users WHERE username = 'opal'")
+        .fetch_one(app.ctx.db.reader())
+        .await
+        .unwrap();
+    let now = app.ctx.now().as_microsecond();
+    assert_eq!(
+        aramaki::users::refusals::count(&app.ctx, &opal_id, "action.run", now)
+            .await
+            .unwrap(),
+        27
+    );
+    // System changes are refused and recorded the same way.
+    let (status, _) = app
+        .call_as(
+            &opal,
+            Method::PATCH,
+            "/api/v1/systems/theirs",
+            Some(json!({"title": "mine now"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app
+        .call_as(&opal, Method::DELETE, "/api/v1/systems/theirs", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let kinds: Vec<String> = refusals(&app)
+        .await
+        .iter()
+        .map(|e| e["data"]["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["system.change", "action.run"]);
+    // The next window starts with one event that carries the last count.
+    app.clock.advance(jiff::SignedDuration::from_mins(10));
+    run("theirs").await;
+    let events = refusals(&app).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0]["data"]["previous_window_attempts"], 27);
+    // The record is for the instance's viewers, not for the caller.
+    let (status, _) = app
+        .call_as(&opal, Method::GET, "/api/v1/systems/aramaki/timeline", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Allowed work is not recorded.
+    let (status, _) = app
+        .call_as(&opal, Method::GET, "/api/v1/systems/mine", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        refusals(&app).await.len(),
+        4,
+        "the GET of aramaki was refused too"
+    );
+});
