@@ -491,7 +491,13 @@ async fn save(
             match super::update(&ctx, &session.principal.actor(), &slug, patch).await {
                 Ok(_) => return done(&headers, &format!("/systems/{slug}")),
                 Err(SystemError::Db(e)) => return page_error(&e),
-                Err(e) => HashMap::from([(field_of(&e), e.to_string())]),
+                Err(e) => {
+                    let e = match Access::of(&ctx, session.principal.clone()).await {
+                        Ok(access) => crate::systems::http::masked(&ctx, &access, e).await,
+                        Err(db) => return page_error(&db),
+                    };
+                    HashMap::from([(field_of(&e), e.to_string())])
+                }
             }
         }
         Err(errors) => errors,
@@ -554,9 +560,13 @@ async fn include(
         crate::systems::http::authorize(&ctx, &access, child.as_str(), Role::Admin)
             .await
             .map_err(|p| p.detail)?;
-        super::include(&ctx, &session.principal.actor(), &slug, child.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) =
+            super::include(&ctx, &session.principal.actor(), &slug, child.as_str()).await
+        {
+            return Err(crate::systems::http::masked(&ctx, &access, e)
+                .await
+                .to_string());
+        }
         Ok::<_, String>(())
     };
     outcome(htmx, &slug, result.await.err())

@@ -104,6 +104,57 @@ pub async fn authorize_for(
     refused
 }
 
+/// A cycle refused for a caller who sees only part of the estate names the
+/// systems out of their sight as `…`: the refusal stands (the structure is
+/// one), but it must not tell them what lies beyond their grants.
+pub async fn masked(ctx: &Context, access: &Access, e: SystemError) -> SystemError {
+    let hide = |path: Vec<String>, seen: &std::collections::HashSet<String>| {
+        path.into_iter()
+            .map(|s| {
+                if seen.contains(&s) {
+                    s
+                } else {
+                    "…".to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    if access.everywhere(Role::Viewer) {
+        return e;
+    }
+    let seen = async {
+        let mut conn = ctx.db.reader().acquire().await?;
+        let graph = super::store::load_graph(&mut conn).await?;
+        let ids = access.visible(&graph).unwrap_or_default();
+        Ok::<_, sqlx::Error>(
+            ids.iter()
+                .map(|id| graph.slug(id).to_owned())
+                .collect::<std::collections::HashSet<String>>(),
+        )
+    };
+    match e {
+        SystemError::CycleByChange { path } => match seen.await {
+            Ok(seen) => SystemError::CycleByChange {
+                path: hide(path, &seen),
+            },
+            Err(db) => SystemError::Db(db),
+        },
+        SystemError::Cycle {
+            parent,
+            child,
+            path,
+        } => match seen.await {
+            Ok(seen) => SystemError::Cycle {
+                parent,
+                child,
+                path: hide(path, &seen),
+            },
+            Err(db) => SystemError::Db(db),
+        },
+        other => other,
+    }
+}
+
 /// The ids of the systems the caller may see, or `None` for all.
 pub async fn visible(
     ctx: &Context,
@@ -236,9 +287,10 @@ async fn update_system(
 ) -> Result<Json<System>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Admin).await?;
-    Ok(Json(
-        super::update(&ctx, &access.actor(), slug.as_str(), patch).await?,
-    ))
+    match super::update(&ctx, &access.actor(), slug.as_str(), patch).await {
+        Ok(system) => Ok(Json(system)),
+        Err(e) => Err(masked(&ctx, &access, e).await.into()),
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -331,7 +383,11 @@ async fn include_subsystem(
     // Including extends the parent's grants to the child: only someone who
     // administers both may do it, or a grant would grow by itself.
     authorize(&ctx, &access, req.slug.as_str(), Role::Admin).await?;
-    let outcome = super::include(&ctx, &access.actor(), parent.as_str(), req.slug.as_str()).await?;
+    let outcome =
+        match super::include(&ctx, &access.actor(), parent.as_str(), req.slug.as_str()).await {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(masked(&ctx, &access, e).await.into()),
+        };
     let created = outcome == Included::Now;
     let body = IncludeResult {
         parent: parent.to_string(),

@@ -938,3 +938,86 @@ both!(refused_attempts_are_recorded_aggregated, |app| async move {
         "the GET of aramaki was refused too"
     );
 });
+
+// A selector or label change that would close a cycle through systems out
+// of the caller's sight is refused without naming them.
+both!(a_refused_cycle_names_no_hidden_system, |app| async move {
+    app.system("all-y", "project", json!({})).await;
+    app.system("mid-z", "service", json!({"owner": "z"})).await;
+    let (status, _) = app.include("mid-z", "all-y").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let yara = app
+        .user_with_grants("yara", &[("all-y", Role::Admin)])
+        .await;
+    let (status, body) = app
+        .call_as(
+            &yara,
+            Method::PATCH,
+            "/api/v1/systems/all-y",
+            Some(json!({"selector": "owner=z"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "cycle");
+    assert_eq!(body["path"], json!(["all-y", "…", "all-y"]));
+    assert!(!body.to_string().contains("mid-z"), "{body}");
+    // The instance admin is told the whole path.
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            "/api/v1/systems/all-y",
+            Some(json!({"selector": "owner=z"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["path"], json!(["all-y", "mid-z", "all-y"]));
+});
+
+// The system page of an aggregate shows its viewer nothing of members they
+// may not see.
+both!(
+    an_aggregate_page_shows_only_visible_members,
+    |app| async move {
+        use browser_helpers::*;
+        app.system("all-y", "project", json!({})).await;
+        app.call(
+            Method::PATCH,
+            "/api/v1/systems/all-y",
+            Some(json!({"selector": "owner=y"})),
+        )
+        .await;
+        app.system("box-z", "host", json!({"owner": "y"})).await;
+        app.event("box-z", "note", "z's private note", json!({}))
+            .await;
+        aramaki::users::create_user(
+            &app.ctx,
+            &crate::support::tester(),
+            "yara",
+            "yara",
+            None,
+            RIGHT,
+            false,
+        )
+        .await
+        .unwrap();
+        aramaki::users::grant(
+            &app.ctx,
+            &crate::support::tester(),
+            "yara",
+            "all-y",
+            Role::Viewer,
+        )
+        .await
+        .unwrap();
+        let c = cookie(&login(&app, "yara", RIGHT, "/").await);
+        let page = get(&app, "/systems/all-y", &c).await;
+        assert_eq!(page.status(), StatusCode::OK);
+        let html = page.text().await.unwrap();
+        assert!(!html.contains("box-z"), "{html}");
+        assert!(!html.contains("private note"), "{html}");
+        assert_eq!(
+            get(&app, "/systems/box-z", &c).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+);
