@@ -45,9 +45,14 @@ pub struct Config {
 pub struct AuthConfig {
     /// A one-time password stops working this many hours after it was set.
     pub one_time_password_hours: u32,
-    /// Failed logins (per account and per source address) before each
-    /// further attempt must wait, the wait doubling from one second…
+    /// Failed logins per account before each further attempt must wait,
+    /// the wait doubling from one second…
     pub login_free_failures: u32,
+    /// …and per source address (several people may share one).
+    pub login_address_free_failures: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the source address of
+    /// a login. Default: none, the peer address counts.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// …up to this many seconds.
     pub login_max_delay_seconds: u32,
     /// After this many failures in a row the account or address is locked
@@ -64,6 +69,8 @@ impl Default for AuthConfig {
         AuthConfig {
             one_time_password_hours: 24,
             login_free_failures: 3,
+            login_address_free_failures: 10,
+            trusted_proxies: Vec::new(),
             login_max_delay_seconds: 300,
             login_lockout_failures: 20,
             login_lockout_minutes: 60,
@@ -545,9 +552,14 @@ max_messages_per_second = 2000
 # A one-time password (printed by `aramaki user add` or `passwd`) opens only
 # the password page, and only for this many hours.
 one_time_password_hours = 24
-# Failed logins per account and per source address before each further
-# attempt must wait (429 with Retry-After), doubling from one second…
+# Failed logins per account before each further attempt must wait (429
+# with Retry-After), doubling from one second…
 login_free_failures = 3
+# …and per source address.
+login_address_free_failures = 10
+# Reverse proxies whose X-Forwarded-For names the client of a login, e.g.
+# ["127.0.0.1"] behind a local nginx. Default: the peer address counts.
+trusted_proxies = []
 # …up to this many seconds.
 login_max_delay_seconds = 300
 # After this many failures in a row, the account or address is locked for

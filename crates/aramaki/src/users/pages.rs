@@ -71,7 +71,9 @@ fn cookie(ctx: &AppState, value: &str, max_age: i64) -> String {
     format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
 }
 
-/// The address a request came from, when the listener knows it.
+/// The address a request came from, when the listener knows it; behind a
+/// trusted proxy (`auth.trusted_proxies`), the nearest untrusted address in
+/// its `X-Forwarded-For`.
 pub struct SourceAddr(pub Option<std::net::IpAddr>);
 
 impl axum::extract::FromRequestParts<AppState> for SourceAddr {
@@ -79,14 +81,26 @@ impl axum::extract::FromRequestParts<AppState> for SourceAddr {
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _: &AppState,
+        ctx: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(SourceAddr(
-            parts
-                .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0.ip()),
-        ))
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let trusted = &ctx.config.auth.trusted_proxies;
+        let Some(peer) = peer.filter(|p| trusted.contains(p)) else {
+            return Ok(SourceAddr(peer));
+        };
+        let forwarded: Vec<std::net::IpAddr> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        let client = forwarded.into_iter().rev().find(|a| !trusted.contains(a));
+        Ok(SourceAddr(Some(client.unwrap_or(peer))))
     }
 }
 

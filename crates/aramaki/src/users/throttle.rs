@@ -103,7 +103,11 @@ pub async fn charge(ctx: &Context, keys: &Keys) -> Result<Result<(), Wait>, sqlx
         } else {
             row.failures
         };
-        let free = i64::from(cfg.login_free_failures);
+        let free = i64::from(if key.starts_with("addr:") {
+            cfg.login_address_free_failures
+        } else {
+            cfg.login_free_failures
+        });
         if failures >= free {
             let exponent = u32::try_from((failures - free).min(30)).unwrap_or(30);
             let delay = (1i64 << exponent).min(i64::from(cfg.login_max_delay_seconds)) * SECOND;

@@ -721,13 +721,19 @@ both!(failed_logins_wait_longer_and_longer, |app| async move {
 both!(an_address_is_throttled_across_accounts, |app| async move {
     person(&app, "known", false).await;
     let mut seen = Vec::new();
-    for (i, name) in ["known", "nobody-1", "nobody-2"].iter().enumerate() {
-        let (status, _, body) = login_from(&app, [127, 0, 0, 9], name, "wrong").await;
+    // Ten free failures per address (auth.login_address_free_failures).
+    for i in 0..10 {
+        let name = if i == 0 {
+            "known".to_owned()
+        } else {
+            format!("nobody-{i}")
+        };
+        let (status, _, body) = login_from(&app, [127, 0, 0, 9], &name, "wrong").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {i}");
         assert!(body.contains("Wrong username or password."));
         seen.push(status);
     }
-    let (status, retry, _) = login_from(&app, [127, 0, 0, 9], "nobody-3", "wrong").await;
+    let (status, retry, _) = login_from(&app, [127, 0, 0, 9], "nobody-99", "wrong").await;
     assert_eq!(
         (status, retry.as_deref()),
         (StatusCode::TOO_MANY_REQUESTS, Some("1"))
@@ -751,7 +757,7 @@ both!(an_address_is_throttled_across_accounts, |app| async move {
             "{name}"
         );
     }
-    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), 10);
 });
 
 // Failures that arrive at once are all counted: of many parallel wrong
@@ -1021,3 +1027,57 @@ both!(
         );
     }
 );
+
+/// A login through a proxy that says who the client is.
+async fn login_via(app: &TestApp, forwarded_for: &str, name: &str) -> StatusCode {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(app.url("/login"))
+        .header("X-Forwarded-For", forwarded_for)
+        .form(&[("username", name), ("password", "wrong"), ("next", "/")])
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+// Behind a trusted proxy the forwarded client address is throttled; from
+// anyone else the header is ignored, so it cannot be used to dodge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let tweak = |trust: bool| {
+        move |c: &mut aramaki::config::Config| {
+            c.auth.login_address_free_failures = 2;
+            if trust {
+                c.auth.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+            }
+        }
+    };
+    let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, tweak(true)).await;
+    for i in 0..2 {
+        assert_eq!(
+            login_via(&app, "203.0.113.5", &format!("u{i}")).await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        login_via(&app, "203.0.113.5", "u9").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        login_via(&app, "198.51.100.1, 203.0.113.6", "u9").await,
+        StatusCode::UNAUTHORIZED,
+        "another client behind the proxy is not held back"
+    );
+    let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, tweak(false)).await;
+    for i in 0..2 {
+        login_via(&app, &format!("203.0.113.{i}"), &format!("u{i}")).await;
+    }
+    assert_eq!(
+        login_via(&app, "203.0.113.77", "u9").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "an untrusted peer's header changes nothing"
+    );
+}
