@@ -1081,3 +1081,54 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         "an untrusted peer's header changes nothing"
     );
 }
+
+// An operator of an aggregate runs an action on its subsystems: only on
+// those they hold the role on, never on a member its selector matched.
+both!(an_action_reaches_no_selector_member, |app| async move {
+    let (own, _) = crate::monitoring::enrolled(&app, "ag-own", 50).await;
+    let (other, _) = crate::monitoring::enrolled(&app, "ag-other", 51).await;
+    for host in ["ag-own-host", "ag-other-host"] {
+        let (status, _) = app
+            .call(
+                Method::PATCH,
+                &format!("/api/v1/systems/{host}"),
+                Some(json!({"labels": {"owner": "y"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    app.system("fleet", "project", json!({})).await;
+    app.call(
+        Method::PATCH,
+        "/api/v1/systems/fleet",
+        Some(json!({"selector": "owner=y"})),
+    )
+    .await;
+    let (status, _) = app.include("fleet", "ag-own-host").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, v) = app
+        .post(
+            "/api/v1/systems/fleet/actions",
+            json!({"name": "restart", "title": "Restart", "include_subsystems": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let opal = app
+        .user_with_grants("opal", &[("fleet", Role::Operator)])
+        .await;
+    let (status, run) = app
+        .call_as(
+            &opal,
+            Method::POST,
+            "/api/v1/systems/fleet/actions/restart/runs",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let targets = run["targets"].to_string();
+    assert!(targets.contains(&own), "{run}");
+    assert!(
+        !targets.contains(&other),
+        "the selector member is not opal's: {run}"
+    );
+});
