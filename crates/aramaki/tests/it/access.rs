@@ -1132,3 +1132,60 @@ both!(an_action_reaches_no_selector_member, |app| async move {
         "the selector member is not opal's: {run}"
     );
 });
+
+// The same record for refusals through the pages.
+both!(refused_page_attempts_are_recorded_too, |app| async move {
+    use browser_helpers::*;
+    app.system("theirs", "service", json!({})).await;
+    app.system("mine", "service", json!({})).await;
+    aramaki::users::create_user(
+        &app.ctx,
+        &crate::support::tester(),
+        "pia",
+        "pia",
+        None,
+        RIGHT,
+        false,
+    )
+    .await
+    .unwrap();
+    aramaki::users::grant(
+        &app.ctx,
+        &crate::support::tester(),
+        "pia",
+        "mine",
+        Role::Operator,
+    )
+    .await
+    .unwrap();
+    let c = cookie(&login(&app, "pia", RIGHT, "/").await);
+    let html = get(&app, "/systems/mine", &c).await.text().await.unwrap();
+    let csrf = csrf_of(&html);
+    let r = post(
+        &app,
+        "/systems/theirs/actions/restart/run",
+        &c,
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = post(
+        &app,
+        "/systems/theirs/edit",
+        &c,
+        &[
+            ("csrf", &csrf),
+            ("title", "pia's now"),
+            ("category", "service"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let mut kinds: Vec<String> = refusals(&app)
+        .await
+        .iter()
+        .map(|e| e["data"]["kind"].as_str().unwrap().to_owned())
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["action.run", "system.change"]);
+});
