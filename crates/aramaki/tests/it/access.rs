@@ -1189,3 +1189,43 @@ both!(refused_page_attempts_are_recorded_too, |app| async move {
     kinds.sort();
     assert_eq!(kinds, ["action.run", "system.change"]);
 });
+
+// A database from before the rule (or such a backup restored) may hold the
+// instance system deleted: start-up brings it back, under another slug if
+// its own was taken meanwhile, and the audit trail is readable again.
+both!(
+    a_deleted_instance_system_comes_back_at_start,
+    |app| async move {
+        let id: String = sqlx::query_scalar("SELECT system_id FROM instance")
+            .fetch_one(app.ctx.db.reader())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE systems SET deleted_at = 1 WHERE id = $1")
+            .bind(id.as_str())
+            .execute(app.ctx.db.reader())
+            .await
+            .unwrap();
+        app.system("aramaki", "service", json!({})).await;
+        aramaki::setup::revive_instance_system(&app.ctx, &id)
+            .await
+            .unwrap();
+        app.user("after", Role::Viewer).await;
+        let titles = app.titles("/api/v1/systems/aramaki-audit/timeline").await;
+        assert!(
+            titles.iter().any(|t| t.starts_with("Created user after")),
+            "{titles:?}"
+        );
+        let (status, _) = app
+            .call(Method::DELETE, "/api/v1/systems/aramaki-audit", None)
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        // Running it again on a live system changes nothing.
+        aramaki::setup::revive_instance_system(&app.ctx, &id)
+            .await
+            .unwrap();
+        assert_eq!(
+            app.get("/api/v1/systems/aramaki-audit").await["slug"],
+            "aramaki-audit"
+        );
+    }
+);
