@@ -63,6 +63,9 @@ pub async fn login(
     password: &str,
     addr: Option<std::net::IpAddr>,
 ) -> Result<Login, UserError> {
+    // Every attempt touches the decoy first, so that the one-time cost of
+    // making it does not fall on the first unknown username only.
+    let decoy = decoy_hash();
     let keys = super::throttle::Keys::new(username, addr);
     if let Err(wait) = super::throttle::charge(ctx, &keys).await? {
         return Ok(Login::Throttled(wait));
@@ -74,7 +77,7 @@ pub async fn login(
     .fetch_optional(ctx.db.reader())
     .await?;
     let Some(row) = row else {
-        let _ = verify_password(password, decoy_hash());
+        let _ = verify_password(password, decoy);
         super::throttle::failed(ctx, &keys).await?;
         return Ok(Login::Refused);
     };
