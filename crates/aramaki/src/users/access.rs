@@ -156,6 +156,48 @@ mod tests {
     }
 
     #[test]
+    fn grants_never_flow_through_selectors() {
+        let mut g = graph();
+        let labels = |pairs: &[(&str, &str)]| {
+            Labels::try_from(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .unwrap()
+        };
+        g.add_node(
+            "agg".into(),
+            Node {
+                slug: "agg".into(),
+                labels: Labels::default(),
+                selector: Some(crate::systems::model::LabelSelector::try_from("owner").unwrap()),
+            },
+        );
+        g.add_node(
+            "theirs".into(),
+            Node {
+                slug: "theirs".into(),
+                labels: labels(&[("owner", "y")]),
+                selector: None,
+            },
+        );
+        let a = access(None, &[("agg", Role::Admin), ("host", Role::Viewer)]);
+        assert_eq!(
+            a.role_on(&g, "theirs"),
+            None,
+            "matched by the selector only"
+        );
+        let mut visible: Vec<String> = a.visible(&g).unwrap().into_iter().collect();
+        visible.sort();
+        assert_eq!(visible, ["agg", "host"]);
+        let view = a.view(g.clone());
+        assert!(view.node("theirs").is_none());
+        assert_eq!(view.closure("agg"), ["agg"]);
+    }
+
+    #[test]
     fn the_best_role_wins() {
         let g = graph();
         let a = access(
