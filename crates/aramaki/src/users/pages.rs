@@ -289,6 +289,10 @@ async fn change_password(
         }
         Ok(()) => render(StatusCode::OK, &page(None, true)),
         Err(PasswordError::User(e)) => page_error(&e),
+        Err(e @ PasswordError::Throttled(_)) => render(
+            StatusCode::TOO_MANY_REQUESTS,
+            &page(Some(format!("{}.", capitalise(&e.to_string()))), false),
+        ),
         Err(e) => render(
             StatusCode::UNPROCESSABLE_ENTITY,
             &page(Some(format!("{}.", capitalise(&e.to_string()))), false),

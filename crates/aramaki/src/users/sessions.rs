@@ -233,6 +233,8 @@ pub enum PasswordError {
     TooShort,
     #[error("the new password must differ from the current one")]
     Unchanged,
+    #[error("too many wrong passwords; try again in {0} s")]
+    Throttled(u64),
     #[error(transparent)]
     User(#[from] UserError),
 }
@@ -252,9 +254,21 @@ pub async fn change_password(
         .map_err(UserError::from)?
         .try_get("password_hash")
         .map_err(UserError::from)?;
+    // Guessing the current password here is throttled like logging in.
+    let keys = super::throttle::Keys::new(&session.principal.username, None);
+    if let Err(wait) = super::throttle::charge(ctx, &keys)
+        .await
+        .map_err(UserError::from)?
+    {
+        return Err(PasswordError::Throttled(wait.retry_after));
+    }
     if !verify_password(current, &stored) {
+        super::throttle::failed(ctx, &keys).await?;
         return Err(PasswordError::WrongCurrent);
     }
+    super::throttle::succeeded(ctx, &keys)
+        .await
+        .map_err(UserError::from)?;
     if new.chars().count() < 12 {
         return Err(PasswordError::TooShort);
     }

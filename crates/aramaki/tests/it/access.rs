@@ -1229,3 +1229,47 @@ both!(
         );
     }
 );
+
+// The current password cannot be guessed on the password page either.
+both!(
+    the_password_page_is_throttled_like_the_login,
+    |app| async move {
+        use browser_helpers::*;
+        person(&app, "pat", false).await;
+        let c = cookie(&login(&app, "pat", RIGHT, "/").await);
+        let html = get(&app, "/account/password", &c)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let csrf = csrf_of(&html);
+        let attempt = |current: &'static str| {
+            let (app, c, csrf) = (&app, c.clone(), csrf.clone());
+            async move {
+                post(
+                    app,
+                    "/account/password",
+                    &c,
+                    &[
+                        ("csrf", &csrf),
+                        ("current", current),
+                        ("new", "a brand new long password"),
+                        ("confirm", "a brand new long password"),
+                    ],
+                )
+                .await
+            }
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                attempt("guess").await.status(),
+                StatusCode::UNPROCESSABLE_ENTITY
+            );
+        }
+        let r = attempt(RIGHT).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.text().await.unwrap().contains("try again in 1 s"));
+        app.clock.advance(jiff::SignedDuration::from_secs(1));
+        assert_eq!(attempt(RIGHT).await.status(), StatusCode::OK);
+    }
+);
