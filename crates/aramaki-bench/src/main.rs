@@ -152,7 +152,12 @@ async fn seed(dir: &Path, database_url: Option<String>, events: usize) -> Result
         }
         targets.push(group);
     }
-    let (_, closure) = systems::closure(&ctx, "root").await?;
+    let (_, closure) = systems::closure(
+        &ctx,
+        "root",
+        &aramaki::users::access::Access::public_reader(),
+    )
+    .await?;
     if closure.len() != 51 {
         bail!("expected root plus 50 subsystems, got {}", closure.len());
     }

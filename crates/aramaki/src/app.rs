@@ -151,12 +151,12 @@ async fn serve<L>(
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
-    L: axum::serve::Listener,
+    L: axum::serve::Listener<Addr = SocketAddr>,
 {
     let header_timeout = Duration::from_secs(ctx.config.web.header_read_timeout_secs);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let (io, _) = tokio::select! {
+        let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stopped(&mut stop) => break,
         };
@@ -170,6 +170,7 @@ where
         let service = Tracked {
             inner: hyper_util::service::TowerToHyperService::new(router.clone()),
             slot: slot.clone(),
+            peer,
         };
         // The slot is released when the socket closes: after the last
         // response, or, for a WebSocket, when the session ends.
@@ -343,6 +344,8 @@ impl Drop for Busy {
 struct Tracked<S> {
     inner: S,
     slot: Arc<Slot>,
+    /// The peer address, for login throttling per source.
+    peer: SocketAddr,
 }
 
 impl<S> hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracked<S>
@@ -360,7 +363,9 @@ where
         Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
     >;
 
-    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let busy = Busy::new(self.slot.clone());
         let slot = self.slot.clone();
         let response = self.inner.call(req);

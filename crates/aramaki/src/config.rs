@@ -35,6 +35,48 @@ pub struct Config {
     pub monitoring: MonitoringConfig,
     #[serde(default)]
     pub federation: FederationConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Logins: one-time passwords, throttling, refused attempts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A one-time password stops working this many hours after it was set.
+    pub one_time_password_hours: u32,
+    /// Failed logins per account before each further attempt must wait,
+    /// the wait doubling from one second…
+    pub login_free_failures: u32,
+    /// …and per source address (several people may share one).
+    pub login_address_free_failures: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the source address of
+    /// a login. Default: none, the peer address counts.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// …up to this many seconds.
+    pub login_max_delay_seconds: u32,
+    /// After this many failures in a row the account or address is locked
+    /// for `login_lockout_minutes` (an admin can unlock an account earlier).
+    pub login_lockout_failures: u32,
+    pub login_lockout_minutes: u32,
+    /// Refused attempts are recorded once per caller and kind per window of
+    /// this many minutes (counted in between).
+    pub refusal_window_minutes: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            one_time_password_hours: 24,
+            login_free_failures: 3,
+            login_address_free_failures: 10,
+            trusted_proxies: Vec::new(),
+            login_max_delay_seconds: 300,
+            login_lockout_failures: 20,
+            login_lockout_minutes: 60,
+            refusal_window_minutes: 10,
+        }
+    }
 }
 
 /// Peering with other instances.
@@ -280,6 +322,7 @@ impl Default for Config {
             log: LogConfig::default(),
             monitoring: MonitoringConfig::default(),
             federation: FederationConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -362,6 +405,17 @@ impl Config {
                     file.display()
                 )));
             }
+        }
+        let a = &self.auth;
+        if a.one_time_password_hours == 0
+            || a.login_lockout_failures <= a.login_free_failures
+            || a.login_lockout_minutes == 0
+            || a.refusal_window_minutes == 0
+        {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value for a key of `auth` in {}: one_time_password_hours, login_lockout_minutes and refusal_window_minutes must be at least 1, and login_lockout_failures more than login_free_failures",
+                file.display()
+            )));
         }
         let m = &self.monitoring;
         if m.keepalive_warning == 0 || m.keepalive_critical <= m.keepalive_warning {
@@ -562,6 +616,28 @@ max_work_per_second = 5000
 max_use_requests_per_hour = 100
 max_uses_per_peer = 1000
 max_mirrors_per_peer = 5000
+
+[auth]
+# A one-time password (printed by `aramaki user add` or `passwd`) opens only
+# the password page, and only for this many hours.
+one_time_password_hours = 24
+# Failed logins per account before each further attempt must wait (429
+# with Retry-After), doubling from one second…
+login_free_failures = 3
+# …and per source address.
+login_address_free_failures = 10
+# Reverse proxies whose X-Forwarded-For names the client of a login, e.g.
+# ["127.0.0.1"] behind a local nginx. Default: the peer address counts.
+trusted_proxies = []
+# …up to this many seconds.
+login_max_delay_seconds = 300
+# After this many failures in a row, the account or address is locked for
+# login_lockout_minutes; `aramaki user unlock NAME` lifts it earlier.
+login_lockout_failures = 20
+login_lockout_minutes = 60
+# Refused attempts on systems are recorded on the instance's timeline once
+# per caller and kind in each window of this many minutes, counted between.
+refusal_window_minutes = 10
 "#
     )
 }

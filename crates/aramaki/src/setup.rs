@@ -172,8 +172,8 @@ async fn ensure_instance_system(ctx: &Context) -> Result<(), SetupError> {
     let row = sqlx::query("SELECT system_id FROM instance")
         .fetch_one(ctx.db.reader())
         .await?;
-    if row.try_get::<Option<String>, _>("system_id")?.is_some() {
-        return Ok(());
+    if let Some(id) = row.try_get::<Option<String>, _>("system_id")? {
+        return revive_instance_system(ctx, &id).await;
     }
     let actor = crate::timeline::Actor::instance(&ctx.identity.instance_id, "first start");
     let category = CategoryName::try_from("service".to_owned()).map_err(SetupError::Data)?;
@@ -207,6 +207,37 @@ async fn ensure_instance_system(ctx: &Context) -> Result<(), SetupError> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// The instance's system cannot be deleted, but a database from before that
+/// rule (or restored from such a backup) may hold it deleted: bring it back,
+/// under its slug or, if another system took that, `<slug>-audit`, so the
+/// audit trail is readable and written to a live system again.
+pub async fn revive_instance_system(ctx: &Context, id: &str) -> Result<(), SetupError> {
+    let row = sqlx::query("SELECT slug, deleted_at FROM systems WHERE id = $1")
+        .bind(id)
+        .fetch_optional(ctx.db.reader())
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    if row.try_get::<Option<i64>, _>("deleted_at")?.is_none() {
+        return Ok(());
+    }
+    let slug: String = row.try_get("slug")?;
+    let mut tx = ctx.db.begin().await?;
+    let taken = sqlx::query("SELECT 1 AS one FROM systems WHERE slug = $1 AND deleted_at IS NULL")
+        .bind(slug.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+    let slug = if taken { format!("{slug}-audit") } else { slug };
+    sqlx::query("UPDATE systems SET deleted_at = NULL, slug = $1 WHERE id = $2")
+        .bind(slug.as_str())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::warn!(%slug, "the instance's own system was deleted; it is back");
     Ok(())
 }
 

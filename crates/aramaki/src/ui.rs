@@ -33,6 +33,21 @@ impl FromRequestParts<AppState> for Page {
             return Err(to_login());
         };
         match sessions::resume(ctx, &secret).await {
+            // A one-time password opens the password page (and logout) only.
+            Ok(Some(session))
+                if session.must_change_password
+                    && !matches!(
+                        parts.uri.path(),
+                        "/account/password" | "/logout" | "/logout/everywhere"
+                    ) =>
+            {
+                let here = parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                Err(Redirect::to(&crate::users::pages::password_page_then(here)).into_response())
+            }
             Ok(Some(session)) => Ok(Page(session)),
             Ok(None) => Err(to_login()),
             Err(e) => Err(page_error(&e)),

@@ -204,7 +204,8 @@ async fn run_action(
     ApiJson(req): ApiJson<RunRequest>,
 ) -> Result<(StatusCode, Json<Run>), Problem> {
     let slug = path_slug(&slug)?;
-    authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
+    crate::systems::http::authorize_for(&ctx, &access, slug.as_str(), Role::Viewer, "action.run")
+        .await?;
     let action = find(&ctx, slug.as_str(), &name).await?;
     let run = super::runs::start(&ctx, &access, &action, req).await?;
     Ok((StatusCode::ACCEPTED, Json(run)))

@@ -467,6 +467,9 @@ async fn run_action(
     }
     let found = async {
         let Some((access, system_id, _)) = role_on(&ctx, &session, &slug).await? else {
+            // A system out of sight (or missing): on the record, as in the API.
+            let access = crate::users::access::Access::of(&ctx, session.principal.clone()).await?;
+            crate::users::refusals::record(&ctx, &access, "action.run", &slug).await;
             return Ok(None);
         };
         let mut conn = ctx.db.reader().acquire().await?;

@@ -278,12 +278,21 @@ async fn guard(
     Ok(None)
 }
 
-/// The agents an action targets.
-async fn targets(ctx: &Context, action: &Action) -> Result<Vec<crate::agents::Agent>, sqlx::Error> {
+/// The agents an action targets: below its system, only systems on which
+/// the caller holds the role the action needs (a selector member that only
+/// matches by its labels is not the caller's to run on).
+async fn targets(
+    ctx: &Context,
+    access: &Access,
+    needed: Role,
+    action: &Action,
+) -> Result<Vec<crate::agents::Agent>, sqlx::Error> {
     let mut conn = ctx.db.reader().acquire().await?;
     let graph = crate::systems::store::load_graph(&mut conn).await?;
     let systems = if action.spec.include_subsystems {
-        graph.closure(&action.system_id)
+        let mut all = graph.closure(&action.system_id);
+        all.retain(|s| access.role_on(&graph, s).is_some_and(|r| r >= needed));
+        all
     } else {
         vec![action.system_id.clone()]
     };
@@ -364,7 +373,7 @@ pub async fn start(
         )
         .await);
     }
-    let agents = targets(ctx, action).await?;
+    let agents = targets(ctx, access, needed, action).await?;
     if agents.is_empty() {
         let message = format!(
             "no enrolled agent of '{}' matches this action",

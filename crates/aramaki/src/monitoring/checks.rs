@@ -61,6 +61,9 @@ pub struct CheckSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub system: Option<Slug>,
+    /// Environment for the command. Write-only: every API, page, event and
+    /// export shows each value as `(set)`; sending `(set)` back keeps the
+    /// value stored for that name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +85,9 @@ fn one() -> u32 {
 fn default_timeout() -> u32 {
     60
 }
+
+/// What every API, page and event shows instead of a secret value.
+pub const SECRET_SET: &str = "(set)";
 
 /// Longest interval, TTL or timeout accepted: one week.
 const MAX_SECS: u32 = 7 * 24 * 3600;
@@ -110,6 +116,50 @@ impl CheckSpec {
             output_limit: None,
             publish: true,
         }
+    }
+
+    /// The spec as it may be shown: secret values (the environment) only as
+    /// `(set)`, and no credentials in an HTTP probe's URL.
+    pub fn redacted(&self) -> CheckSpec {
+        let mut out = self.clone();
+        for value in out.env.values_mut() {
+            *value = SECRET_SET.to_owned();
+        }
+        if let Some(Probe::Http { url, .. }) = &mut out.probe {
+            *url = without_userinfo(url);
+        }
+        out
+    }
+
+    /// Puts back the stored value of every environment variable sent as
+    /// `(set)` (a spec read from the API and sent back unchanged keeps its
+    /// secrets); refuses `(set)` for a name that has no stored value.
+    pub fn keep_secrets(&mut self, stored: Option<&CheckSpec>) -> Result<(), Invalid> {
+        for (key, value) in self.env.iter_mut() {
+            if value != SECRET_SET {
+                continue;
+            }
+            match stored.and_then(|s| s.env.get(key)) {
+                Some(old) => value.clone_from(old),
+                None => {
+                    return Err(Invalid::new(
+                        "env",
+                        format!(
+                        "'{key}' is sent as '{SECRET_SET}' but has no stored value; give the value"
+                    ),
+                    ))
+                }
+            }
+        }
+        if let (Some(Probe::Http { url, .. }), Some(Probe::Http { url: old, .. })) =
+            (&mut self.probe, stored.and_then(|s| s.probe.as_ref()))
+        {
+            // The redacted form of the stored URL stands for the stored URL.
+            if *url != *old && *url == without_userinfo(old) {
+                url.clone_from(old);
+            }
+        }
+        Ok(())
     }
 
     /// Checks everything a server can know without its database.
@@ -264,6 +314,21 @@ impl CheckSpec {
     }
 }
 
+/// A URL with any `user:password@` replaced by `(set)@`.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest
+        .get(..authority_end)
+        .and_then(|authority| authority.rfind('@'));
+    match at.and_then(|at| rest.get(at..)) {
+        Some(host_and_path) => format!("{scheme}://{SECRET_SET}{host_and_path}"),
+        None => url.to_owned(),
+    }
+}
+
 /// Check names: 1–64 of `a-z 0-9 - _ .`, starting with a letter or digit.
 pub fn validate_name(name: &str) -> Result<(), Invalid> {
     let ok = name.len() <= 64
@@ -281,5 +346,20 @@ pub fn validate_name(name: &str) -> Result<(), Invalid> {
             "name",
             format!("check name '{name}' must be 1 to 64 of a-z, 0-9, '-', '_' or '.', starting with a letter or digit"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_hidden() {
+        assert_eq!(
+            without_userinfo("https://u:p@host:8443/x?y=1"),
+            "https://(set)@host:8443/x?y=1"
+        );
+        assert_eq!(without_userinfo("https://host/a@b"), "https://host/a@b");
+        assert_eq!(without_userinfo("not a url"), "not a url");
     }
 }

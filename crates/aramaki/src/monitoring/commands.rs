@@ -224,7 +224,9 @@ pub async fn import_sensu(client: &Client, file: &PathBuf, dry_run: bool) -> Res
                 sensu::Change::Update { name: n, .. } => n == name,
                 sensu::Change::Unchanged(_) => false,
             });
-            if changes {
+            // Secrets cannot be compared with the server's (it never shows
+            // them), so a check that carries any is always sent.
+            if changes || check.spec.redacted() != check.spec {
                 let body = serde_json::to_value(&check.spec)?;
                 client
                     .put(&format!("/checks/{}", encode(name)), body)

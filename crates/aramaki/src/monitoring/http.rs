@@ -48,7 +48,52 @@ pub struct CheckList {
     pub items: Vec<Check>,
 }
 
-/// Every check definition. Role: viewer (instance-wide).
+impl Check {
+    /// The check as it may be shown: secrets only as `(set)`.
+    pub fn redacted(mut self) -> Check {
+        self.spec = self.spec.redacted();
+        self
+    }
+}
+
+/// The checks `access` may read: all for an instance-wide viewer; for
+/// others, those concerning a system they may see. A check concerns the
+/// system its results belong to (`system`), or else every system it runs
+/// on: one named by a `system:<slug>` subscription, or the system of an
+/// agent whose subscriptions meet it.
+async fn readable(
+    ctx: &crate::context::Context,
+    access: &crate::users::access::Access,
+    checks: Vec<Check>,
+) -> Result<Vec<Check>, Problem> {
+    let Some(visible) = visible(ctx, access).await? else {
+        return Ok(checks);
+    };
+    let mut conn = ctx.db.reader().acquire().await?;
+    let agents = crate::agents::store::agents(&mut conn).await?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    let seen_slugs: std::collections::HashSet<&str> =
+        visible.iter().map(|id| graph.slug(id)).collect();
+    let concerns_visible = |c: &Check| match &c.spec.system {
+        Some(slug) => seen_slugs.contains(slug.as_str()),
+        None => {
+            c.spec.subscriptions.iter().any(|s| {
+                s.strip_prefix("system:")
+                    .is_some_and(|slug| seen_slugs.contains(slug))
+            }) || agents.iter().any(|a| {
+                !a.revoked
+                    && visible.contains(&a.system_id)
+                    && super::agent_subscriptions(a)
+                        .iter()
+                        .any(|s| c.spec.subscriptions.contains(s))
+            })
+        }
+    };
+    Ok(checks.into_iter().filter(concerns_visible).collect())
+}
+
+/// The check definitions concerning systems the caller may see, secrets
+/// shown only as `(set)`. Role: viewer (of a system the check concerns).
 #[utoipa::path(get, path = "/checks", tag = "monitoring",
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
     responses((status = 200, body = CheckList), (status = 401, body = crate::web::ProblemBody)))]
@@ -60,8 +105,11 @@ async fn list_checks(
         return Err(crate::web::forbidden("this needs the viewer role".into()));
     }
     let mut conn = ctx.db.reader().acquire().await?;
+    let all = store::checks(&mut conn).await?;
+    drop(conn);
+    let items = readable(&ctx, &access, all).await?;
     Ok(Json(CheckList {
-        items: store::checks(&mut conn).await?,
+        items: items.into_iter().map(Check::redacted).collect(),
     }))
 }
 
@@ -77,10 +125,12 @@ async fn create_check(
     ApiJson(spec): ApiJson<CheckSpec>,
 ) -> Result<(StatusCode, Json<Check>), Problem> {
     let (check, _) = super::save_check(&ctx, &admin.actor(), spec, false).await?;
-    Ok((StatusCode::CREATED, Json(check)))
+    Ok((StatusCode::CREATED, Json(check.redacted())))
 }
 
-/// One check definition. Role: viewer (instance-wide).
+/// One check definition, secrets shown only as `(set)`; a check that
+/// concerns no system the caller may see is not found. Role: viewer (of a
+/// system the check concerns).
 #[utoipa::path(get, path = "/checks/{name}", tag = "monitoring",
     params(("name" = String, Path)),
     extensions(("x-aramaki-role" = json!("viewer"))), security(("token" = [])),
@@ -94,10 +144,13 @@ async fn show_check(
         return Err(crate::web::forbidden("this needs the viewer role".into()));
     }
     let mut conn = ctx.db.reader().acquire().await?;
-    let check = store::check(&mut conn, &name)
+    let check = store::check(&mut conn, &name).await?;
+    drop(conn);
+    let check = readable(&ctx, &access, check.into_iter().collect())
         .await?
+        .pop()
         .ok_or(MonitoringError::NotFound(name))?;
-    Ok(Json(check))
+    Ok(Json(check.redacted()))
 }
 
 /// Create or replace a check by name. Role: instance admin.
@@ -125,7 +178,7 @@ async fn put_check(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(check)))
+    Ok((status, Json(check.redacted())))
 }
 
 /// Delete a check; agents stop running it at once. Its observations and

@@ -148,10 +148,12 @@ pub async fn save_check(
     spec: CheckSpec,
     replace: bool,
 ) -> Result<(Check, bool), MonitoringError> {
+    let mut spec = spec;
     let mut tx = ctx.db.begin_recording().await?;
     validate_target(&mut tx, &spec, &ctx.identity.instance_id).await?;
     let now = ctx.now();
     let existing = store::check(&mut tx, &spec.name).await?;
+    spec.keep_secrets(existing.as_ref().map(|c| &c.spec))?;
     let created = existing.is_none();
     let id = match existing {
         Some(_) if !replace => return Err(MonitoringError::Exists(spec.name)),
@@ -171,7 +173,7 @@ pub async fn save_check(
     } else {
         "check.updated"
     };
-    let data = serde_json::json!({"check": spec.name, "spec": spec});
+    let data = serde_json::json!({"check": spec.name, "spec": spec.redacted()});
     record(
         ctx,
         &mut tx,

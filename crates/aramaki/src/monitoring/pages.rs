@@ -175,7 +175,8 @@ struct CheckLine {
 
 impl CheckLine {
     fn of(c: &Check, slug: &str) -> CheckLine {
-        let s = &c.spec;
+        let redacted = c.spec.redacted();
+        let s = &redacted;
         let run = match (&s.command, &s.shell, &s.probe) {
             (Some(argv), _, _) => argv.join(" "),
             (None, Some(script), _) => format!("sh -c {script}"),

@@ -169,7 +169,8 @@ pub fn plan(existing: &[CheckSpec], import: &Import) -> Vec<Change> {
         .map(|c| match existing.iter().find(|e| e.name == c.spec.name) {
             None => Change::Create(c.spec.name.clone()),
             Some(old) => {
-                let fields = differing_fields(old, &c.spec);
+                // The server shows secrets only as `(set)`: compare like with like.
+                let fields = differing_fields(&old.redacted(), &c.spec.redacted());
                 if fields.is_empty() {
                     Change::Unchanged(c.spec.name.clone())
                 } else {

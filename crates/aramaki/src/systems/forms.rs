@@ -366,14 +366,17 @@ async fn may_change(
     session: &crate::users::sessions::Session,
     slug: &str,
 ) -> Option<Response> {
-    match role_on(ctx, session, slug).await {
-        Ok(Some(Role::Admin)) => None,
-        Ok(Some(_)) => Some(forbidden(
-            "Changing this system needs the admin role on it.",
-        )),
-        Ok(None) => Some(not_found(slug)),
-        Err(e) => Some(page_error(&e)),
+    let refused = match role_on(ctx, session, slug).await {
+        Ok(Some(Role::Admin)) => return None,
+        Ok(Some(_)) => forbidden("Changing this system needs the admin role on it."),
+        Ok(None) => not_found(slug),
+        Err(e) => return Some(page_error(&e)),
+    };
+    // On the record like a refusal through the API.
+    if let Ok(access) = Access::of(ctx, session.principal.clone()).await {
+        crate::users::refusals::record(ctx, &access, "system.change", slug).await;
     }
+    Some(refused)
 }
 
 /// Role: instance admin.
@@ -469,11 +472,8 @@ async fn save(
     if let Err(refused) = check_form(&session, &headers, Some(&form.csrf)) {
         return refused.into_response();
     }
-    match role_on(&ctx, &session, &slug).await {
-        Ok(Some(Role::Admin)) => {}
-        Ok(Some(_)) => return forbidden("Editing this system needs the admin role on it."),
-        Ok(None) => return not_found(&slug),
-        Err(e) => return page_error(&e),
+    if let Some(refused) = may_change(&ctx, &session, &slug).await {
+        return refused;
     }
     let errors = match form.parse() {
         Ok(parsed) => {
@@ -491,7 +491,13 @@ async fn save(
             match super::update(&ctx, &session.principal.actor(), &slug, patch).await {
                 Ok(_) => return done(&headers, &format!("/systems/{slug}")),
                 Err(SystemError::Db(e)) => return page_error(&e),
-                Err(e) => HashMap::from([(field_of(&e), e.to_string())]),
+                Err(e) => {
+                    let e = match Access::of(&ctx, session.principal.clone()).await {
+                        Ok(access) => crate::systems::http::masked(&ctx, &access, e).await,
+                        Err(db) => return page_error(&db),
+                    };
+                    HashMap::from([(field_of(&e), e.to_string())])
+                }
             }
         }
         Err(errors) => errors,
@@ -554,9 +560,13 @@ async fn include(
         crate::systems::http::authorize(&ctx, &access, child.as_str(), Role::Admin)
             .await
             .map_err(|p| p.detail)?;
-        super::include(&ctx, &session.principal.actor(), &slug, child.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) =
+            super::include(&ctx, &session.principal.actor(), &slug, child.as_str()).await
+        {
+            return Err(crate::systems::http::masked(&ctx, &access, e)
+                .await
+                .to_string());
+        }
         Ok::<_, String>(())
     };
     outcome(htmx, &slug, result.await.err())

@@ -215,6 +215,60 @@ impl Graph {
         None
     }
 
+    /// `id` and every system below it through explicit inclusions only, each
+    /// once: the reach of a grant on `id` (grants never flow through selectors).
+    pub fn explicit_closure(&self, id: &str) -> Vec<String> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut order = Vec::new();
+        let mut queue = VecDeque::from([id.to_owned()]);
+        while let Some(next) = queue.pop_front() {
+            if !self.nodes.contains_key(&next) || !seen.insert(next.clone()) {
+                continue;
+            }
+            if let Some(kids) = self.children.get(&next) {
+                queue.extend(kids.iter().filter(|k| !seen.contains(*k)).cloned());
+            }
+            order.push(next);
+        }
+        order
+    }
+
+    /// Every system above `id` through explicit inclusions only, each once:
+    /// the systems whose grants hold on `id`.
+    pub fn explicit_ancestors(&self, id: &str) -> Vec<String> {
+        let mut seen: HashSet<String> = HashSet::from([id.to_owned()]);
+        let mut order = Vec::new();
+        let parents_of = |child: &str| -> Vec<String> {
+            self.children
+                .iter()
+                .filter(|(p, kids)| kids.contains(child) && self.nodes.contains_key(*p))
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        let mut queue: VecDeque<String> = parents_of(id).into();
+        while let Some(next) = queue.pop_front() {
+            if !seen.insert(next.clone()) {
+                continue;
+            }
+            queue.extend(parents_of(&next));
+            order.push(next);
+        }
+        order
+    }
+
+    /// The graph as seen by someone who may see only `keep` (`None`: all).
+    /// Other systems are gone, so selectors cannot match them, walks cannot
+    /// cross them, and a rollup or status built on it shows nothing of them.
+    pub fn restricted(mut self, keep: Option<&HashSet<String>>) -> Graph {
+        let Some(keep) = keep else { return self };
+        self.nodes.retain(|id, _| keep.contains(id));
+        self.children.retain(|id, _| keep.contains(id));
+        for kids in self.children.values_mut() {
+            kids.retain(|k| keep.contains(k));
+        }
+        self
+    }
+
     /// True if `id` is included by no other system.
     pub fn is_anchor(&self, id: &str) -> bool {
         self.parents(id).is_empty()

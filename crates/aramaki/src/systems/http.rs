@@ -38,6 +38,7 @@ impl From<SystemError> for Problem {
             SystemError::NotFound(_) => Problem::not_found(detail),
             SystemError::SlugTaken(_) => Problem::conflict("slug_taken", detail),
             SystemError::Remote(_) => Problem::conflict("remote_system", detail),
+            SystemError::InstanceSystem(_) => Problem::conflict("instance_system", detail),
             SystemError::CategoryTaken(_) => Problem::conflict("category_taken", detail),
             SystemError::UnknownCategory(_) => {
                 Problem::unprocessable(detail).with("field", "category".into())
@@ -63,6 +64,25 @@ pub async fn authorize(
     slug: &str,
     needed: Role,
 ) -> Result<(), Problem> {
+    let kind = match needed {
+        Role::Viewer => "system.read",
+        Role::Operator => "system.operate",
+        Role::Admin => "system.change",
+    };
+    authorize_for(ctx, access, slug, needed, kind).await
+}
+
+/// Like [`authorize`], naming what was attempted (`kind`) for the record:
+/// every refusal — of a system out of sight, missing, or with too low a
+/// role — is counted on the instance's audit trail (`users::refusals`),
+/// the same way whether or not the system exists.
+pub async fn authorize_for(
+    ctx: &Context,
+    access: &Access,
+    slug: &str,
+    needed: Role,
+    kind: &str,
+) -> Result<(), Problem> {
     if access.everywhere(needed) {
         return Ok(());
     }
@@ -71,13 +91,67 @@ pub async fn authorize(
         .await?
         .remove(slug);
     let graph = super::store::load_graph(&mut conn).await?;
-    match id.and_then(|id| access.role_on(&graph, &id)) {
+    drop(conn);
+    let refused = match id.and_then(|id| access.role_on(&graph, &id)) {
         None => Err(SystemError::NotFound(slug.to_owned()).into()),
         Some(_) if access.principal().is_none() => Err(needs_token()),
         Some(role) if role < needed => Err(forbidden(format!(
             "this needs the {needed} role on '{slug}'"
         ))),
-        Some(_) => Ok(()),
+        Some(_) => return Ok(()),
+    };
+    crate::users::refusals::record(ctx, access, kind, slug).await;
+    refused
+}
+
+/// A cycle refused for a caller who sees only part of the estate names the
+/// systems out of their sight as `…`: the refusal stands (the structure is
+/// one), but it must not tell them what lies beyond their grants.
+pub async fn masked(ctx: &Context, access: &Access, e: SystemError) -> SystemError {
+    let hide = |path: Vec<String>, seen: &std::collections::HashSet<String>| {
+        path.into_iter()
+            .map(|s| {
+                if seen.contains(&s) {
+                    s
+                } else {
+                    "…".to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    if access.everywhere(Role::Viewer) {
+        return e;
+    }
+    let seen = async {
+        let mut conn = ctx.db.reader().acquire().await?;
+        let graph = super::store::load_graph(&mut conn).await?;
+        let ids = access.visible(&graph).unwrap_or_default();
+        Ok::<_, sqlx::Error>(
+            ids.iter()
+                .map(|id| graph.slug(id).to_owned())
+                .collect::<std::collections::HashSet<String>>(),
+        )
+    };
+    match e {
+        SystemError::CycleByChange { path } => match seen.await {
+            Ok(seen) => SystemError::CycleByChange {
+                path: hide(path, &seen),
+            },
+            Err(db) => SystemError::Db(db),
+        },
+        SystemError::Cycle {
+            parent,
+            child,
+            path,
+        } => match seen.await {
+            Ok(seen) => SystemError::Cycle {
+                parent,
+                child,
+                path: hide(path, &seen),
+            },
+            Err(db) => SystemError::Db(db),
+        },
+        other => other,
     }
 }
 
@@ -213,9 +287,10 @@ async fn update_system(
 ) -> Result<Json<System>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Admin).await?;
-    Ok(Json(
-        super::update(&ctx, &access.actor(), slug.as_str(), patch).await?,
-    ))
+    match super::update(&ctx, &access.actor(), slug.as_str(), patch).await {
+        Ok(system) => Ok(Json(system)),
+        Err(e) => Err(masked(&ctx, &access, e).await.into()),
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -254,7 +329,7 @@ async fn list_subsystems(
 ) -> Result<Json<MemberList>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
-    let items = super::neighbours(&ctx, slug.as_str(), true).await?;
+    let items = super::neighbours(&ctx, slug.as_str(), true, &access).await?;
     Ok(Json(MemberList { items, next: None }))
 }
 
@@ -269,7 +344,7 @@ async fn list_includers(
 ) -> Result<Json<MemberList>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
-    let mut items = super::neighbours(&ctx, slug.as_str(), false).await?;
+    let mut items = super::neighbours(&ctx, slug.as_str(), false, &access).await?;
     if let Some(visible) = visible(&ctx, &access).await? {
         items.retain(|m| visible.contains(&m.system.id.to_string()));
     }
@@ -308,7 +383,11 @@ async fn include_subsystem(
     // Including extends the parent's grants to the child: only someone who
     // administers both may do it, or a grant would grow by itself.
     authorize(&ctx, &access, req.slug.as_str(), Role::Admin).await?;
-    let outcome = super::include(&ctx, &access.actor(), parent.as_str(), req.slug.as_str()).await?;
+    let outcome =
+        match super::include(&ctx, &access.actor(), parent.as_str(), req.slug.as_str()).await {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(masked(&ctx, &access, e).await.into()),
+        };
     let created = outcome == Included::Now;
     let body = IncludeResult {
         parent: parent.to_string(),
@@ -351,7 +430,9 @@ async fn get_status(
 ) -> Result<Json<Status>, Problem> {
     let slug = path_slug(&slug)?;
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
-    Ok(Json(super::status::status(&ctx, slug.as_str()).await?))
+    Ok(Json(
+        super::status::status(&ctx, slug.as_str(), &access).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

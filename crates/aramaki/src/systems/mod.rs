@@ -14,6 +14,7 @@ pub mod store;
 use jiff::Timestamp;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
+use sqlx::Row;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -147,6 +148,8 @@ pub enum SystemError {
     StillIncluded { slug: String, by: Vec<String> },
     #[error("'{0}' is a remote system, read-only here: only its primary instance changes it")]
     Remote(String),
+    #[error("'{0}' is this instance's own system and holds its audit trail: it cannot be deleted")]
+    InstanceSystem(String),
     #[error("{0}")]
     Invalid(#[from] Invalid),
     #[error("database: {0}")]
@@ -423,6 +426,16 @@ pub async fn delete(
     let system = load(&mut tx, slug).await?;
     ensure_local(ctx, &system)?;
     let id = system.id.to_string();
+    // The audit trail is append-only: its system stays, for everyone.
+    let instance_system: Option<String> = sqlx::query("SELECT system_id FROM instance")
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| row.try_get("system_id"))
+        .transpose()?
+        .flatten();
+    if instance_system.as_deref() == Some(id.as_str()) {
+        return Err(SystemError::InstanceSystem(slug.to_owned()));
+    }
     let graph = store::load_graph(&mut tx).await?;
     let includers: Vec<String> = graph
         .parents(&id)
@@ -563,12 +576,13 @@ pub async fn neighbours(
     ctx: &Context,
     slug: &str,
     below: bool,
+    access: &crate::users::access::Access,
 ) -> Result<Vec<Member>, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
     let system = store::by_slug(&mut conn, slug)
         .await?
         .ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
-    let graph = store::load_graph(&mut conn).await?;
+    let graph = access.view(store::load_graph(&mut conn).await?);
     let id = system.id.to_string();
     let edges = if below {
         graph.members(&id)
@@ -623,13 +637,18 @@ pub async fn anchors(
     Ok(groups)
 }
 
-/// The ids a system's timeline rolls up: itself and everything below it.
-pub async fn closure(ctx: &Context, slug: &str) -> Result<(System, Vec<String>), SystemError> {
+/// The ids a system's timeline rolls up: itself and everything below it
+/// that `access` may see.
+pub async fn closure(
+    ctx: &Context,
+    slug: &str,
+    access: &crate::users::access::Access,
+) -> Result<(System, Vec<String>), SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
     let system = store::by_slug(&mut conn, slug)
         .await?
         .ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
-    let graph: Graph = store::load_graph(&mut conn).await?;
+    let graph: Graph = access.view(store::load_graph(&mut conn).await?);
     let ids = graph.closure(&system.id.to_string());
     Ok((system, ids))
 }

@@ -132,7 +132,7 @@ async fn dashboard(State(ctx): State<AppState>, Page(session): Page) -> Response
         for (category, systems) in super::anchors(&ctx, visible.as_ref()).await? {
             let mut tiles = Vec::new();
             for s in systems {
-                let status = super::status::status(&ctx, s.slug.as_str()).await?;
+                let status = super::status::status(&ctx, s.slug.as_str(), &access).await?;
                 tiles.push(Tile {
                     from: origins.of(&s.instance),
                     slug: s.slug.to_string(),
@@ -320,6 +320,7 @@ async fn system_page(
             return Ok(None);
         };
         let visible = access.visible(&graph);
+        let graph = graph.restricted(visible.as_ref());
         let can_see = |sid: &str| visible.as_ref().is_none_or(|v| v.contains(sid));
         // Links of the systems above, marked with where they come from.
         let mut links: Vec<(crate::systems::model::LinkKind, LinkLine)> = system
@@ -381,7 +382,7 @@ async fn system_page(
         let subsystems = named(graph.members(&id));
         let includers = named(graph.parents(&id));
         drop(conn);
-        let status = super::status::status(&ctx, &slug).await?;
+        let status = super::status::status(&ctx, &slug, &access).await?;
         let origin = crate::federation::uses::origin_of(&ctx, &id).await?;
         // Checks and actions of a remote system belong to its primary
         // instance; here it shows the status and timeline it shares.
@@ -782,7 +783,8 @@ async fn viewable(
         return Ok(None);
     };
     let graph = super::store::load_graph(&mut conn).await?;
-    Ok(access.role_on(&graph, &id).map(|_| graph.closure(&id)))
+    let role = access.role_on(&graph, &id);
+    Ok(role.map(|_| access.view(graph).closure(&id)))
 }
 
 /// The next page of events, as list items (infinite scroll). Role: viewer.
@@ -831,11 +833,16 @@ async fn live_fragments(
     if !allowed {
         return not_found(&slug);
     }
+    let access = match Access::of(&ctx, session.principal.clone()).await {
+        Ok(access) => access,
+        Err(e) => return page_error(&e),
+    };
     let events = match crate::timeline::http::live(
         ctx.clone(),
         parsed,
         parse_filter(&ctx, &f),
         None,
+        access,
     )
     .await
     {

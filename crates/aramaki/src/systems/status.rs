@@ -151,12 +151,18 @@ impl Builder<'_> {
     }
 }
 
-pub async fn status(ctx: &Context, slug: &str) -> Result<Status, SystemError> {
+/// The status of `slug` as `access` may see it: layers out of the caller's
+/// sight are left out (they neither appear nor count towards `worst`).
+pub async fn status(
+    ctx: &Context,
+    slug: &str,
+    access: &crate::users::access::Access,
+) -> Result<Status, SystemError> {
     let mut conn = ctx.db.reader().acquire().await?;
     let system = store::by_slug(&mut conn, slug)
         .await?
         .ok_or_else(|| SystemError::NotFound(slug.to_owned()))?;
-    let graph = store::load_graph(&mut conn).await?;
+    let graph = access.view(store::load_graph(&mut conn).await?);
     let id = system.id.to_string();
     let ids = graph.closure(&id);
     let meta = store::by_ids(&mut conn, &ids)

@@ -153,7 +153,7 @@ async fn get_timeline(
             Cursor::decode(c).ok_or_else(|| Problem::bad_request(format!("invalid cursor '{c}'")))
         })
         .transpose()?;
-    let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
+    let (_, ids) = crate::systems::closure(&ctx, slug.as_str(), &access).await?;
     let mut items = store::page(ctx.db.reader(), &ids, &filter, before.as_ref(), limit + 1).await?;
     let next = if items.len() as i64 > limit {
         items.truncate(limit as usize);
@@ -199,7 +199,7 @@ async fn stream_timeline(
         ),
         None => None,
     };
-    let events = live(ctx.clone(), slug, filter, resume).await?;
+    let events = live(ctx.clone(), slug, filter, resume, access).await?;
     let stream = futures_util::StreamExt::map(events, |event| {
         let sse = SseEvent::default()
             .event("timeline")
@@ -219,10 +219,11 @@ pub async fn live(
     slug: Slug,
     filter: Filter,
     resume: Option<i64>,
+    access: Access,
 ) -> Result<impl Stream<Item = Event>, crate::systems::SystemError> {
     // Listen first, then look: nothing committed in between is missed.
     let rx = ctx.timeline.listen();
-    let (_, ids) = crate::systems::closure(&ctx, slug.as_str()).await?;
+    let (_, ids) = crate::systems::closure(&ctx, slug.as_str(), &access).await?;
     let head = store::max_seq(ctx.db.reader()).await?;
     let last = resume.unwrap_or(head);
     let tail = Tail {
@@ -230,6 +231,7 @@ pub async fn live(
         closing: ctx.timeline.closing(),
         filter,
         slug,
+        access,
         rx,
         ids: ids.into_iter().collect(),
         pending: VecDeque::new(),
@@ -248,6 +250,7 @@ struct Tail {
     closing: tokio::sync::watch::Receiver<bool>,
     filter: Filter,
     slug: Slug,
+    access: Access,
     rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
     ids: HashSet<String>,
     pending: VecDeque<Event>,
@@ -310,7 +313,9 @@ impl Tail {
 
     /// The structure changed: the set of systems below may have too.
     async fn refresh(&mut self) {
-        if let Ok((_, ids)) = crate::systems::closure(&self.ctx, self.slug.as_str()).await {
+        if let Ok((_, ids)) =
+            crate::systems::closure(&self.ctx, self.slug.as_str(), &self.access).await
+        {
             self.ids = ids.into_iter().collect();
         }
     }

@@ -1,6 +1,10 @@
 //! Who may do what where. Deny by default: a caller holds a role on a system
 //! only through their instance-wide role or a grant on that system or on a
-//! system that (transitively) includes it.
+//! system that (transitively, and explicitly) includes it. Grants never flow
+//! through selector membership: a selector is defined by one system's admin
+//! but matches systems by labels that other admins set, so letting it carry
+//! a grant would let either side give themselves rights. Only an inclusion,
+//! which needs admin on both ends, extends a grant.
 
 use std::collections::HashSet;
 
@@ -73,7 +77,7 @@ impl Access {
         if self.grants.is_empty() {
             return best;
         }
-        let mut scope: HashSet<String> = graph.ancestors(system_id).into_iter().collect();
+        let mut scope: HashSet<String> = graph.explicit_ancestors(system_id).into_iter().collect();
         scope.insert(system_id.to_owned());
         for (granted_on, role) in &self.grants {
             if scope.contains(granted_on) && best.is_none_or(|b| *role > b) {
@@ -91,10 +95,19 @@ impl Access {
         let mut out = HashSet::new();
         for (granted_on, _) in &self.grants {
             if graph.node(granted_on).is_some() {
-                out.extend(graph.closure(granted_on));
+                out.extend(graph.explicit_closure(granted_on));
             }
         }
         Some(out)
+    }
+
+    /// The structure as this caller may see it: systems out of their sight
+    /// are taken out, so members, rollups and status built on the result
+    /// show nothing of them (a selector aggregate then shows only the
+    /// matching systems the caller may see anyway).
+    pub fn view(&self, graph: Graph) -> Graph {
+        let visible = self.visible(&graph);
+        graph.restricted(visible.as_ref())
     }
 }
 
@@ -140,6 +153,48 @@ mod tests {
         let mut visible: Vec<String> = a.visible(&g).unwrap().into_iter().collect();
         visible.sort();
         assert_eq!(visible, ["host", "storage"]);
+    }
+
+    #[test]
+    fn grants_never_flow_through_selectors() {
+        let mut g = graph();
+        let labels = |pairs: &[(&str, &str)]| {
+            Labels::try_from(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .unwrap()
+        };
+        g.add_node(
+            "agg".into(),
+            Node {
+                slug: "agg".into(),
+                labels: Labels::default(),
+                selector: Some(crate::systems::model::LabelSelector::try_from("owner").unwrap()),
+            },
+        );
+        g.add_node(
+            "theirs".into(),
+            Node {
+                slug: "theirs".into(),
+                labels: labels(&[("owner", "y")]),
+                selector: None,
+            },
+        );
+        let a = access(None, &[("agg", Role::Admin), ("host", Role::Viewer)]);
+        assert_eq!(
+            a.role_on(&g, "theirs"),
+            None,
+            "matched by the selector only"
+        );
+        let mut visible: Vec<String> = a.visible(&g).unwrap().into_iter().collect();
+        visible.sort();
+        assert_eq!(visible, ["agg", "host"]);
+        let view = a.view(g.clone());
+        assert!(view.node("theirs").is_none());
+        assert_eq!(view.closure("agg"), ["agg"]);
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum UserCommand {
     Revoke { username: String, system: String },
     /// Set a new one-time password (to be changed at the next login).
     Passwd { username: String },
+    /// Lift a login lockout of a user (and forget their failed logins).
+    Unlock { username: String },
     /// Issue a new API token for a user; printed once.
     Token {
         username: String,
@@ -127,8 +129,14 @@ pub async fn run(ctx: &Context, command: UserCommand) -> Result<(), UserError> {
         UserCommand::Passwd { username } => {
             let password = generate_password()?;
             let mut tx = ctx.db.begin().await?;
-            if !store::set_password(&mut tx, &username, &hash_password(password.expose())?, true)
-                .await?
+            let until = Some(super::one_time_until(ctx));
+            if !store::set_password(
+                &mut tx,
+                &username,
+                &hash_password(password.expose())?,
+                until,
+            )
+            .await?
             {
                 return Err(UserError::NoUser(username));
             }
@@ -147,6 +155,18 @@ pub async fn run(ctx: &Context, command: UserCommand) -> Result<(), UserError> {
                 "new one-time password for {username}: {}",
                 password.expose()
             );
+        }
+        UserCommand::Unlock { username } => {
+            let mut conn = ctx.db.reader().acquire().await?;
+            store::by_username(&mut conn, &username)
+                .await?
+                .ok_or_else(|| UserError::NoUser(username.clone()))?;
+            drop(conn);
+            if super::throttle::unlock(ctx, &actor(ctx), &username).await? {
+                println!("{username} may log in again");
+            } else {
+                println!("{username} was not locked out");
+            }
         }
         UserCommand::Token { username, name } => {
             let mut conn = ctx.db.reader().acquire().await?;

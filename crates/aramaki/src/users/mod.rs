@@ -8,8 +8,10 @@ pub mod access;
 pub mod commands;
 pub mod http;
 pub mod pages;
+pub mod refusals;
 pub mod sessions;
 pub mod store;
+pub mod throttle;
 
 use std::fmt;
 
@@ -209,8 +211,9 @@ pub async fn create_user(
         must_change_password,
     };
     let hash = hash_password(password)?;
+    let one_time = must_change_password.then(|| one_time_until(ctx));
     let mut tx = ctx.db.begin().await?;
-    match store::insert_user(&mut tx, &user, &hash, to_micros(ctx.now())).await {
+    match store::insert_user(&mut tx, &user, &hash, to_micros(ctx.now()), one_time).await {
         Err(e) if crate::db::is_unique_violation(&e) => {
             return Err(UserError::Taken(username.into()))
         }
@@ -225,6 +228,12 @@ pub async fn create_user(
     audit(ctx, &mut tx, actor, "user.created", title, data).await?;
     ctx.commit(tx).await?;
     Ok(user)
+}
+
+/// When a one-time password set now stops working (microseconds).
+pub fn one_time_until(ctx: &Context) -> i64 {
+    let hours = i64::from(ctx.config.auth.one_time_password_hours);
+    to_micros(ctx.now()).saturating_add(hours * 3_600_000_000)
 }
 
 /// Records an instance-level change (accounts, tokens, sessions) on the

@@ -71,9 +71,52 @@ fn cookie(ctx: &AppState, value: &str, max_age: i64) -> String {
     format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
 }
 
-/// Role: public. Refused from other sites (login CSRF).
+/// The address a request came from, when the listener knows it; behind a
+/// trusted proxy (`auth.trusted_proxies`), the nearest untrusted address in
+/// its `X-Forwarded-For`.
+pub struct SourceAddr(pub Option<std::net::IpAddr>);
+
+impl axum::extract::FromRequestParts<AppState> for SourceAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        ctx: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let trusted = &ctx.config.auth.trusted_proxies;
+        let Some(peer) = peer.filter(|p| trusted.contains(p)) else {
+            return Ok(SourceAddr(peer));
+        };
+        let forwarded: Vec<std::net::IpAddr> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        let client = forwarded.into_iter().rev().find(|a| !trusted.contains(a));
+        Ok(SourceAddr(Some(client.unwrap_or(peer))))
+    }
+}
+
+/// Where a one-time password leads: the password page, then `next`.
+pub fn password_page_then(next: &str) -> String {
+    match local_path(next) {
+        "/" | "/account/password" => "/account/password".to_owned(),
+        other => format!("/account/password?next={}", crate::cli::encode(other)),
+    }
+}
+
+/// Role: public. Refused from other sites (login CSRF). Throttled per
+/// account and per source address.
 async fn login(
     State(ctx): State<AppState>,
+    SourceAddr(addr): SourceAddr,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
@@ -81,13 +124,25 @@ async fn login(
     if !same_origin(&headers) {
         return (StatusCode::FORBIDDEN, "cross-site login refused").into_response();
     }
-    match sessions::login(&ctx, form.username.trim(), &form.password).await {
-        Ok(Some((secret, session))) => {
+    let refused = |status: StatusCode, error: String| {
+        render(
+            status,
+            &LoginPage {
+                user: None,
+                csrf: String::new(),
+                next: next.clone(),
+                username: form.username.clone(),
+                error: Some(error),
+            },
+        )
+    };
+    match sessions::login(&ctx, form.username.trim(), &form.password, addr).await {
+        Ok(sessions::Login::Opened(secret, session)) => {
             let max_age = i64::from(ctx.config.web.session_max_hours) * 3600;
             let to = if session.must_change_password {
-                "/account/password".to_owned()
+                password_page_then(&next)
             } else {
-                next
+                next.clone()
             };
             (
                 [(SET_COOKIE, cookie(&ctx, &secret, max_age))],
@@ -95,16 +150,30 @@ async fn login(
             )
                 .into_response()
         }
-        Ok(None) => render(
+        Ok(sessions::Login::Refused) => refused(
             StatusCode::UNAUTHORIZED,
-            &LoginPage {
-                user: None,
-                csrf: String::new(),
-                next,
-                username: form.username,
-                error: Some("Wrong username or password.".into()),
-            },
+            "Wrong username or password.".into(),
         ),
+        Ok(sessions::Login::Expired) => refused(
+            StatusCode::UNAUTHORIZED,
+            "This one-time password has expired. Ask an administrator for a new one.".into(),
+        ),
+        Ok(sessions::Login::Throttled(wait)) => {
+            let why = if wait.locked {
+                "Logins are locked after too many failures"
+            } else {
+                "Too many failed logins"
+            };
+            let mut page = refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{why}; try again in {} s.", wait.retry_after),
+            );
+            if let Ok(v) = axum::http::HeaderValue::from_str(&wait.retry_after.to_string()) {
+                page.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+            page
+        }
         Err(e) => page_error(&e),
     }
 }
@@ -159,10 +228,11 @@ struct PasswordPage {
     must_change: bool,
     error: Option<String>,
     done: bool,
+    next: String,
 }
 
 /// Role: any logged-in user.
-async fn password_form(Page(session): Page) -> Response {
+async fn password_form(Page(session): Page, Query(q): Query<NextQuery>) -> Response {
     render(
         StatusCode::OK,
         &PasswordPage {
@@ -171,6 +241,7 @@ async fn password_form(Page(session): Page) -> Response {
             must_change: session.must_change_password,
             error: None,
             done: false,
+            next: local_path(q.next.as_deref().unwrap_or("")).to_owned(),
         },
     )
 }
@@ -182,6 +253,9 @@ struct PasswordForm {
     current: String,
     new: String,
     confirm: String,
+    /// Where to continue after a one-time password was replaced.
+    #[serde(default)]
+    next: String,
 }
 
 /// Role: any logged-in user.
@@ -200,6 +274,7 @@ async fn change_password(
         must_change: session.must_change_password && !done,
         error,
         done,
+        next: local_path(&form.next).to_owned(),
     };
     if form.new != form.confirm {
         return render(
@@ -208,8 +283,16 @@ async fn change_password(
         );
     }
     match sessions::change_password(&ctx, &session, &form.current, &form.new).await {
+        // After a one-time password, continue to where the user was going.
+        Ok(()) if session.must_change_password => {
+            Redirect::to(local_path(&form.next)).into_response()
+        }
         Ok(()) => render(StatusCode::OK, &page(None, true)),
         Err(PasswordError::User(e)) => page_error(&e),
+        Err(e @ PasswordError::Throttled(_)) => render(
+            StatusCode::TOO_MANY_REQUESTS,
+            &page(Some(format!("{}.", capitalise(&e.to_string()))), false),
+        ),
         Err(e) => render(
             StatusCode::UNPROCESSABLE_ENTITY,
             &page(Some(format!("{}.", capitalise(&e.to_string()))), false),

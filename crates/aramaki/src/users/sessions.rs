@@ -42,27 +42,57 @@ fn decoy_hash() -> &'static str {
     DECOY.get_or_init(|| hash_password("decoy password for timing").unwrap_or_default())
 }
 
+/// What a login attempt came to.
+#[derive(Debug)]
+pub enum Login {
+    /// A session is open; the cookie value, shown once.
+    Opened(String, Session),
+    /// Wrong username or password (the same for both).
+    Refused,
+    /// The right one-time password, but it has expired.
+    Expired,
+    /// Too many failures: try again after this wait.
+    Throttled(super::throttle::Wait),
+}
+
 /// Checks the password and opens a session; returns the cookie value once.
+/// Throttled per account and per source address (see `throttle`).
 pub async fn login(
     ctx: &Context,
     username: &str,
     password: &str,
-) -> Result<Option<(String, Session)>, UserError> {
+    addr: Option<std::net::IpAddr>,
+) -> Result<Login, UserError> {
+    // Every attempt touches the decoy first, so that the one-time cost of
+    // making it does not fall on the first unknown username only.
+    let decoy = decoy_hash();
+    let keys = super::throttle::Keys::new(username, addr);
+    if let Err(wait) = super::throttle::charge(ctx, &keys).await? {
+        return Ok(Login::Throttled(wait));
+    }
     let row = sqlx::query(
-        "SELECT id, username, display_name, role, password_hash, must_change_password, disabled_at FROM users WHERE username = $1",
+        "SELECT id, username, display_name, role, password_hash, must_change_password, password_expires_at, disabled_at FROM users WHERE username = $1",
     )
     .bind(username)
     .fetch_optional(ctx.db.reader())
     .await?;
     let Some(row) = row else {
-        let _ = verify_password(password, decoy_hash());
-        return Ok(None);
+        let _ = verify_password(password, decoy);
+        super::throttle::failed(ctx, &keys).await?;
+        return Ok(Login::Refused);
     };
     let stored: String = row.try_get("password_hash")?;
     if !verify_password(password, &stored)
         || row.try_get::<Option<i64>, _>("disabled_at")?.is_some()
     {
-        return Ok(None);
+        super::throttle::failed(ctx, &keys).await?;
+        return Ok(Login::Refused);
+    }
+    super::throttle::succeeded(ctx, &keys).await?;
+    let must_change_password = row.try_get::<i64, _>("must_change_password")? != 0;
+    let expires: Option<i64> = row.try_get("password_expires_at")?;
+    if must_change_password && expires.is_some_and(|t| t <= to_micros(ctx.now())) {
+        return Ok(Login::Expired);
     }
     let role: String = row.try_get("role")?;
     let principal = Principal {
@@ -91,8 +121,7 @@ pub async fn login(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    let must_change_password = row.try_get::<i64, _>("must_change_password")? != 0;
-    Ok(Some((
+    Ok(Login::Opened(
         secret,
         Session {
             id,
@@ -100,7 +129,7 @@ pub async fn login(
             csrf,
             must_change_password,
         },
-    )))
+    ))
 }
 
 /// The session a cookie value belongs to, if it is still valid.
@@ -110,7 +139,7 @@ pub async fn resume(ctx: &Context, secret: &str) -> Result<Option<Session>, sqlx
     }
     let row = sqlx::query(
         "SELECT s.id, s.csrf, s.last_seen_at, s.expires_at, s.ended_at, u.id AS user_id, u.username, \
-         u.display_name, u.role, u.must_change_password, u.disabled_at \
+         u.display_name, u.role, u.must_change_password, u.password_expires_at, u.disabled_at \
          FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.secret_hash = $1",
     )
     .bind(hash(secret))
@@ -123,6 +152,12 @@ pub async fn resume(ctx: &Context, secret: &str) -> Result<Option<Session>, sqlx
     let ended = row.try_get::<Option<i64>, _>("ended_at")?.is_some();
     let disabled = row.try_get::<Option<i64>, _>("disabled_at")?.is_some();
     if ended || disabled || row.try_get::<i64, _>("expires_at")? <= now || last_seen + idle <= now {
+        return Ok(None);
+    }
+    // A session opened with a one-time password ends when the password expires.
+    let must_change = row.try_get::<i64, _>("must_change_password")? != 0;
+    let one_time_until: Option<i64> = row.try_get("password_expires_at")?;
+    if must_change && one_time_until.is_some_and(|t| t <= now) {
         return Ok(None);
     }
     let id: String = row.try_get("id")?;
@@ -145,7 +180,7 @@ pub async fn resume(ctx: &Context, secret: &str) -> Result<Option<Session>, sqlx
             role: Role::parse(&role),
         },
         csrf: row.try_get("csrf")?,
-        must_change_password: row.try_get::<i64, _>("must_change_password")? != 0,
+        must_change_password: must_change,
     }))
 }
 
@@ -198,6 +233,8 @@ pub enum PasswordError {
     TooShort,
     #[error("the new password must differ from the current one")]
     Unchanged,
+    #[error("too many wrong passwords; try again in {0} s")]
+    Throttled(u64),
     #[error(transparent)]
     User(#[from] UserError),
 }
@@ -217,9 +254,21 @@ pub async fn change_password(
         .map_err(UserError::from)?
         .try_get("password_hash")
         .map_err(UserError::from)?;
+    // Guessing the current password here is throttled like logging in.
+    let keys = super::throttle::Keys::new(&session.principal.username, None);
+    if let Err(wait) = super::throttle::charge(ctx, &keys)
+        .await
+        .map_err(UserError::from)?
+    {
+        return Err(PasswordError::Throttled(wait.retry_after));
+    }
     if !verify_password(current, &stored) {
+        super::throttle::failed(ctx, &keys).await?;
         return Err(PasswordError::WrongCurrent);
     }
+    super::throttle::succeeded(ctx, &keys)
+        .await
+        .map_err(UserError::from)?;
     if new.chars().count() < 12 {
         return Err(PasswordError::TooShort);
     }
@@ -228,7 +277,7 @@ pub async fn change_password(
     }
     let hashed = hash_password(new)?;
     let mut tx = ctx.db.begin().await.map_err(UserError::from)?;
-    super::store::set_password(&mut tx, &session.principal.username, &hashed, false)
+    super::store::set_password(&mut tx, &session.principal.username, &hashed, None)
         .await
         .map_err(UserError::from)?;
     sqlx::query(

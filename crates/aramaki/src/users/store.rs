@@ -10,10 +10,11 @@ pub async fn insert_user(
     u: &User,
     password_hash: &str,
     now: i64,
+    one_time_until: Option<i64>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO users (id, username, display_name, password_hash, must_change_password, role, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO users (id, username, display_name, password_hash, must_change_password, role, created_at, password_expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(u.id.as_str())
     .bind(u.username.as_str())
@@ -22,6 +23,7 @@ pub async fn insert_user(
     .bind(i64::from(u.must_change_password))
     .bind(Role::instance_str(u.role))
     .bind(now)
+    .bind(one_time_until)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -247,18 +249,21 @@ pub async fn overview(pool: &AnyPool) -> Result<Vec<Overview>, sqlx::Error> {
     Ok(out)
 }
 
-/// Sets a user's password hash; false if there is no such user.
+/// Sets a user's password hash; false if there is no such user. With
+/// `one_time_until` (microseconds) it is a one-time password: it must be
+/// changed and stops working then.
 pub async fn set_password(
     tx: &mut Tx,
     username: &str,
     hash: &str,
-    must_change: bool,
+    one_time_until: Option<i64>,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE users SET password_hash = $1, must_change_password = $2 WHERE username = $3",
+        "UPDATE users SET password_hash = $1, must_change_password = $2, password_expires_at = $3 WHERE username = $4",
     )
     .bind(hash)
-    .bind(i64::from(must_change))
+    .bind(i64::from(one_time_until.is_some()))
+    .bind(one_time_until)
     .bind(username)
     .execute(&mut **tx)
     .await?;

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod access;
 mod actions;
 mod actions_e2e;
 mod actions_pages;

@@ -282,8 +282,9 @@ both!(
         )
         .await
         .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        assert!(r.text().await.unwrap().contains("Password changed"));
+        // A one-time password replaced, the user continues where they were going.
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()[LOCATION], "/");
         let trail = app
             .get("/api/v1/systems/aramaki/timeline?kind=user.password_changed")
             .await;

@@ -120,7 +120,13 @@ async fn check(ops: Vec<Op>, postgres: bool) {
         ..Filter::default()
     };
     for i in 0..N {
-        let (_, closure) = systems::closure(&ctx, &slug(i)).await.unwrap();
+        let (_, closure) = systems::closure(
+            &ctx,
+            &slug(i),
+            &aramaki::users::access::Access::public_reader(),
+        )
+        .await
+        .unwrap();
         let events = page(ctx.db.reader(), &closure, &filter, None, 100)
             .await
             .unwrap();
