@@ -741,7 +741,7 @@ async fn use_requests_beyond_the_quota_are_refused_signed_and_store_nothing() {
     let net = Arc::new(MemoryNet::default());
     let hosting = instance_with("hosting", &net, |c| {
         c.federation.max_use_requests_per_hour = 5;
-        c.federation.max_uses_per_peer = 8;
+        c.federation.max_open_uses_per_peer = 3;
     })
     .await;
     let mut m = Mallory::link(&net, &hosting, 54).await;
@@ -778,21 +778,24 @@ async fn use_requests_beyond_the_quota_are_refused_signed_and_store_nothing() {
     assert_eq!(count(&hosting, audited, &m.id).await, 5, "and audited");
     assert_eq!(refusals(&hosting, "quota"), 7);
 
-    // An hour later (by the instance's clock) a few more are taken, up to
-    // what is kept at all.
+    // An hour later (by the instance's clock) more are taken, as many as
+    // may be open at once (requests for a system that lives here wait).
+    hosting.system("storage", "service", json!({})).await;
     hosting
         .clock
         .advance(jiff::SignedDuration::from_secs(3_601));
     for seq in 13..=17 {
-        m.send(&hosting, seq, "use.request", request(seq as usize))
-            .await;
+        let ask = json!({"use": uuid::Uuid::now_v7().to_string(), "system": "storage", "level": "status"});
+        m.send(&hosting, seq, "use.request", ask).await;
     }
     m.acked(&hosting, 17).await;
+    let open = "SELECT COUNT(*) FROM uses WHERE peer_id = $1 AND state = 'pending'";
     assert_eq!(
-        count(&hosting, stored, &m.id).await,
-        8,
-        "at most max_uses_per_peer"
+        count(&hosting, open, &m.id).await,
+        3,
+        "at most max_open_uses_per_peer"
     );
+    assert_eq!(count(&hosting, stored, &m.id).await, 8);
     assert_eq!(refusals(&hosting, "quota"), 9);
 }
 
