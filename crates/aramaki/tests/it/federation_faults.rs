@@ -998,3 +998,52 @@ async fn envelope_ids_are_kept_until_their_envelope_expires_and_no_longer() {
     let left = "SELECT COUNT(*) FROM federation_seen WHERE issuer = $1";
     assert_eq!(count(&customer, left, &m.id).await, 0);
 }
+
+/// SQLite only, like the test above: restored, the customer has not sent
+/// anything yet, so only the hosting's cursor (beyond the customer's last
+/// number) shows that its numbering went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_instance_is_detected_by_a_cursor_beyond_its_numbers() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    peer(&hosting, &customer).await;
+    let (hosting_id, customer_id) = (
+        hosting.ctx.identity.instance_id.clone(),
+        customer.ctx.identity.instance_id.clone(),
+    );
+    hosting.system("billing", "service", json!({})).await;
+    let saved = backup(&customer, &hosting_id).await;
+    let (_, ghost) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "ghost"}))
+        .await;
+    wait_use(&customer, ghost["id"].as_str().unwrap(), "rejected").await;
+    net.cut(&customer.base);
+    eventually("the link to drop", || async {
+        (!hosting.ctx.federation.connected(&customer_id)
+            && !customer.ctx.federation.connected(&hosting_id))
+        .then_some(())
+    })
+    .await;
+    restore(&customer, &hosting_id, &saved).await;
+    net.heal(&customer.base);
+    crate::federation_links::linked(&hosting, &customer).await;
+    let p = eventually("the customer to notice", || async {
+        let p = peer_info(&customer, "hosting").await;
+        p["resync_reason"].is_string().then_some(p)
+    })
+    .await;
+    assert!(
+        p["resync_reason"]
+            .as_str()
+            .unwrap()
+            .contains("which numbered only 0"),
+        "{p}"
+    );
+    // What it sends now is not taken for a redelivery.
+    let (status, billing) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "billing"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{billing}");
+    wait_use(&hosting, billing["id"].as_str().unwrap(), "pending").await;
+}
