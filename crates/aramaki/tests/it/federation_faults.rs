@@ -1047,3 +1047,59 @@ async fn a_restored_instance_is_detected_by_a_cursor_beyond_its_numbers() {
     assert_eq!(status, StatusCode::CREATED, "{billing}");
     wait_use(&hosting, billing["id"].as_str().unwrap(), "pending").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_mirror_more_systems_here_than_allowed() {
+    let net = Arc::new(MemoryNet::default());
+    let customer = instance_with("customer", &net, |c| {
+        c.federation.max_mirrors_per_peer = 2;
+    })
+    .await;
+    let mut m = Mallory::link(&net, &customer, 57).await;
+    let (_, asked) = customer
+        .post("/api/v1/peers/mallory/uses", json!({"system": "vault"}))
+        .await;
+    let use_id = asked["id"].as_str().unwrap().to_owned();
+    m.next(&customer, "use.request").await;
+    m.send(
+        &customer,
+        1,
+        "use.accepted",
+        json!({"use": use_id, "exposure": {"level": "status"}}),
+    )
+    .await;
+    let ids: Vec<String> = (0..3).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let three = [
+        system(&ids[0], "vault", &m.id),
+        system(&ids[1], "vault-a", &m.id),
+        system(&ids[2], "vault-b", &m.id),
+    ];
+    let edges = json!([[ids[0], ids[1]], [ids[0], ids[2]]]);
+    m.send(
+        &customer,
+        2,
+        "system.snapshot",
+        snapshot(&use_id, &ids[0], &three, edges),
+    )
+    .await;
+    m.send(
+        &customer,
+        3,
+        "system.snapshot",
+        snapshot(&use_id, &ids[0], &three[..2], json!([[ids[0], ids[1]]])),
+    )
+    .await;
+    m.acked(&customer, 3).await;
+    assert_eq!(
+        refusals(&customer, "not_allowed"),
+        1,
+        "the snapshot of three is refused whole"
+    );
+    assert_eq!(
+        mirrors_of(&customer, &m.id).await,
+        vec![
+            ("vault".to_owned(), ids[0].clone()),
+            ("vault-a".to_owned(), ids[1].clone())
+        ]
+    );
+}
