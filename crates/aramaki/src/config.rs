@@ -106,10 +106,11 @@ pub struct FederationConfig {
     /// Work a peer's messages may cost per second, counted in rows they
     /// write (sustained; twice that in a burst).
     pub max_work_per_second: u32,
-    /// Use requests of one peer applied per hour, and kept at all; beyond
-    /// them a request is answered with a signed refusal and stores nothing.
+    /// Use requests of one peer applied per hour, and open (pending or
+    /// accepted) at once; beyond them a request is answered with a signed
+    /// refusal and stores nothing.
     pub max_use_requests_per_hour: u32,
-    pub max_uses_per_peer: u32,
+    pub max_open_uses_per_peer: u32,
     /// Systems mirrored from one peer, at most.
     pub max_mirrors_per_peer: u32,
 }
@@ -127,7 +128,7 @@ impl Default for FederationConfig {
             url: None,
             max_work_per_second: 5_000,
             max_use_requests_per_hour: 100,
-            max_uses_per_peer: 1_000,
+            max_open_uses_per_peer: 1_000,
             max_mirrors_per_peer: 5_000,
         }
     }
@@ -611,10 +612,10 @@ retry_max_seconds = 3600
 # Messages a peer may send per second (twice that in a burst).
 max_messages_per_second = 2000
 # What one peer may make this instance do and store: rows its messages
-# write per second, use requests applied per hour and kept, mirrors.
+# write per second, use requests applied per hour and open at once, mirrors.
 max_work_per_second = 5000
 max_use_requests_per_hour = 100
-max_uses_per_peer = 1000
+max_open_uses_per_peer = 1000
 max_mirrors_per_peer = 5000
 
 [auth]

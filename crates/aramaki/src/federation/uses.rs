@@ -1366,7 +1366,8 @@ async fn over_request_quota(
 ) -> Result<Option<String>, sqlx::Error> {
     let q = &ctx.config.federation;
     let row = sqlx::query(
-        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN created_at > $2 THEN 1 ELSE 0 END), 0) \
+        "SELECT COALESCE(SUM(CASE WHEN state IN ('pending', 'accepted') THEN 1 ELSE 0 END), 0), \
+         COALESCE(SUM(CASE WHEN created_at > $2 THEN 1 ELSE 0 END), 0) \
          FROM uses WHERE peer_id = $1 AND role = 'provider'",
     )
     .bind(peer.id.as_str())
@@ -1379,10 +1380,10 @@ async fn over_request_quota(
             "too many use requests from {}: {recent} in the last hour, at most {} (federation.max_use_requests_per_hour)",
             peer.name, q.max_use_requests_per_hour
         ))
-    } else if kept >= i64::from(q.max_uses_per_peer) {
+    } else if kept >= i64::from(q.max_open_uses_per_peer) {
         Some(format!(
-            "too many use requests from {}: {kept} kept, at most {} (federation.max_uses_per_peer)",
-            peer.name, q.max_uses_per_peer
+            "too many use requests from {}: {kept} open (pending or accepted), at most {} (federation.max_open_uses_per_peer)",
+            peer.name, q.max_open_uses_per_peer
         ))
     } else {
         None

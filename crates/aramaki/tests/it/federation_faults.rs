@@ -741,7 +741,7 @@ async fn use_requests_beyond_the_quota_are_refused_signed_and_store_nothing() {
     let net = Arc::new(MemoryNet::default());
     let hosting = instance_with("hosting", &net, |c| {
         c.federation.max_use_requests_per_hour = 5;
-        c.federation.max_uses_per_peer = 8;
+        c.federation.max_open_uses_per_peer = 3;
     })
     .await;
     let mut m = Mallory::link(&net, &hosting, 54).await;
@@ -778,21 +778,24 @@ async fn use_requests_beyond_the_quota_are_refused_signed_and_store_nothing() {
     assert_eq!(count(&hosting, audited, &m.id).await, 5, "and audited");
     assert_eq!(refusals(&hosting, "quota"), 7);
 
-    // An hour later (by the instance's clock) a few more are taken, up to
-    // what is kept at all.
+    // An hour later (by the instance's clock) more are taken, as many as
+    // may be open at once (requests for a system that lives here wait).
+    hosting.system("storage", "service", json!({})).await;
     hosting
         .clock
         .advance(jiff::SignedDuration::from_secs(3_601));
     for seq in 13..=17 {
-        m.send(&hosting, seq, "use.request", request(seq as usize))
-            .await;
+        let ask = json!({"use": uuid::Uuid::now_v7().to_string(), "system": "storage", "level": "status"});
+        m.send(&hosting, seq, "use.request", ask).await;
     }
     m.acked(&hosting, 17).await;
+    let open = "SELECT COUNT(*) FROM uses WHERE peer_id = $1 AND state = 'pending'";
     assert_eq!(
-        count(&hosting, stored, &m.id).await,
-        8,
-        "at most max_uses_per_peer"
+        count(&hosting, open, &m.id).await,
+        3,
+        "at most max_open_uses_per_peer"
     );
+    assert_eq!(count(&hosting, stored, &m.id).await, 8);
     assert_eq!(refusals(&hosting, "quota"), 9);
 }
 
@@ -994,4 +997,109 @@ async fn envelope_ids_are_kept_until_their_envelope_expires_and_no_longer() {
         .unwrap();
     let left = "SELECT COUNT(*) FROM federation_seen WHERE issuer = $1";
     assert_eq!(count(&customer, left, &m.id).await, 0);
+}
+
+/// SQLite only, like the test above: restored, the customer has not sent
+/// anything yet, so only the hosting's cursor (beyond the customer's last
+/// number) shows that its numbering went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_instance_is_detected_by_a_cursor_beyond_its_numbers() {
+    let net = Arc::new(MemoryNet::default());
+    let hosting = instance("hosting", &net).await;
+    let customer = instance("customer", &net).await;
+    peer(&hosting, &customer).await;
+    let (hosting_id, customer_id) = (
+        hosting.ctx.identity.instance_id.clone(),
+        customer.ctx.identity.instance_id.clone(),
+    );
+    hosting.system("billing", "service", json!({})).await;
+    let saved = backup(&customer, &hosting_id).await;
+    let (_, ghost) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "ghost"}))
+        .await;
+    wait_use(&customer, ghost["id"].as_str().unwrap(), "rejected").await;
+    net.cut(&customer.base);
+    eventually("the link to drop", || async {
+        (!hosting.ctx.federation.connected(&customer_id)
+            && !customer.ctx.federation.connected(&hosting_id))
+        .then_some(())
+    })
+    .await;
+    restore(&customer, &hosting_id, &saved).await;
+    net.heal(&customer.base);
+    crate::federation_links::linked(&hosting, &customer).await;
+    let p = eventually("the customer to notice", || async {
+        let p = peer_info(&customer, "hosting").await;
+        p["resync_reason"].is_string().then_some(p)
+    })
+    .await;
+    assert!(
+        p["resync_reason"]
+            .as_str()
+            .unwrap()
+            .contains("which numbered only 0"),
+        "{p}"
+    );
+    // What it sends now is not taken for a redelivery.
+    let (status, billing) = customer
+        .post("/api/v1/peers/hosting/uses", json!({"system": "billing"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{billing}");
+    wait_use(&hosting, billing["id"].as_str().unwrap(), "pending").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_mirror_more_systems_here_than_allowed() {
+    let net = Arc::new(MemoryNet::default());
+    let customer = instance_with("customer", &net, |c| {
+        c.federation.max_mirrors_per_peer = 2;
+    })
+    .await;
+    let mut m = Mallory::link(&net, &customer, 57).await;
+    let (_, asked) = customer
+        .post("/api/v1/peers/mallory/uses", json!({"system": "vault"}))
+        .await;
+    let use_id = asked["id"].as_str().unwrap().to_owned();
+    m.next(&customer, "use.request").await;
+    m.send(
+        &customer,
+        1,
+        "use.accepted",
+        json!({"use": use_id, "exposure": {"level": "status"}}),
+    )
+    .await;
+    let ids: Vec<String> = (0..3).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let three = [
+        system(&ids[0], "vault", &m.id),
+        system(&ids[1], "vault-a", &m.id),
+        system(&ids[2], "vault-b", &m.id),
+    ];
+    let edges = json!([[ids[0], ids[1]], [ids[0], ids[2]]]);
+    m.send(
+        &customer,
+        2,
+        "system.snapshot",
+        snapshot(&use_id, &ids[0], &three, edges),
+    )
+    .await;
+    m.send(
+        &customer,
+        3,
+        "system.snapshot",
+        snapshot(&use_id, &ids[0], &three[..2], json!([[ids[0], ids[1]]])),
+    )
+    .await;
+    m.acked(&customer, 3).await;
+    assert_eq!(
+        refusals(&customer, "not_allowed"),
+        1,
+        "the snapshot of three is refused whole"
+    );
+    assert_eq!(
+        mirrors_of(&customer, &m.id).await,
+        vec![
+            ("vault".to_owned(), ids[0].clone()),
+            ("vault-a".to_owned(), ids[1].clone())
+        ]
+    );
 }
