@@ -287,13 +287,7 @@ both!(
 
 /// Sends a live update over the agent's session.
 async fn live(agent: &mut SimAgent, update: ActionUpdate) {
-    use futures_util::SinkExt;
-    let text = serde_json::to_string(&AgentMessage::ActionUpdate(update)).unwrap();
-    agent
-        .ws
-        .send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
-        .await
-        .unwrap();
+    agent.say(&AgentMessage::ActionUpdate(update)).await;
 }
 
 fn update(run_id: &str, state: ActionState, output: &str) -> ActionUpdate {
@@ -651,17 +645,12 @@ both!(
         )
         .await;
         // A heartbeat round trip: the late `started` has been handled.
-        use futures_util::SinkExt;
-        let beat = serde_json::to_string(&AgentMessage::Heartbeat {
-            queue_depth: 0,
-            dropped: 0,
-        })
-        .unwrap();
         agent
-            .ws
-            .send(tokio_tungstenite::tungstenite::Message::Text(beat.into()))
-            .await
-            .unwrap();
+            .say(&AgentMessage::Heartbeat {
+                queue_depth: 0,
+                dropped: 0,
+            })
+            .await;
         loop {
             if let ServerMessage::Heartbeat = agent.next().await {
                 break;
