@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aramaki_protocol::agent::{CheckResult, CheckState, Notice, Record, RecordBody};
+use aramaki_protocol::agent::{CheckResult, CheckState, Notice, Record, RecordBody, RecordRefusal};
 use aramaki_protocol::Severity;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -52,6 +52,9 @@ enum Item {
     Records {
         agent: AgentRef,
         records: Vec<Record>,
+        /// Records of the same message that are not stored (see
+        /// [`crate::agents::nul`]); they count as handled all the same.
+        refused: Vec<RecordRefusal>,
         reply: oneshot::Sender<Result<u64, IngestError>>,
     },
     Seen {
@@ -107,13 +110,20 @@ impl Ingest {
         }
     }
 
-    /// Commits records and returns the agent's new high-water mark.
-    pub async fn records(&self, agent: AgentRef, records: Vec<Record>) -> Result<u64, IngestError> {
+    /// Commits records and returns the agent's new high-water mark, which
+    /// covers the `refused` ones too (noted on the agent's timeline).
+    pub async fn records(
+        &self,
+        agent: AgentRef,
+        records: Vec<Record>,
+        refused: Vec<RecordRefusal>,
+    ) -> Result<u64, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Item::Records {
                 agent,
                 records,
+                refused,
                 reply,
             })
             .await
@@ -203,7 +213,9 @@ async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::R
 
 fn weight(item: &Item) -> usize {
     match item {
-        Item::Records { records, .. } => records.len().max(1),
+        Item::Records {
+            records, refused, ..
+        } => (records.len() + refused.len()).max(1),
         _ => 1,
     }
 }
@@ -268,10 +280,17 @@ impl Writer {
                 Item::Records {
                     agent,
                     records,
+                    refused,
                     reply,
                 } => {
                     let acked = self.acked_of(&mut tx, &agent.id).await?;
                     let mut high = acked;
+                    let refused: Vec<RecordRefusal> =
+                        refused.into_iter().filter(|r| r.seq > acked).collect();
+                    if !refused.is_empty() {
+                        self.refused(&mut tx, &agent, &refused).await?;
+                        wrote_events = true;
+                    }
                     for record in records {
                         if record.seq <= high {
                             duplicates += 1;
@@ -281,6 +300,7 @@ impl Writer {
                         committed += 1;
                         wrote_events |= self.record(&mut tx, &agent, record, now).await?;
                     }
+                    high = refused.iter().map(|r| r.seq).fold(high, u64::max);
                     sqlx::query("UPDATE agents SET acked_seq = $2, last_seen = $3 WHERE id = $1")
                         .bind(agent.id.as_str())
                         .bind(i64::try_from(high).unwrap_or(i64::MAX))
@@ -356,6 +376,34 @@ impl Writer {
         }
         self.ctx.metrics.results(committed, duplicates);
         Ok(())
+    }
+
+    /// Notes records refused for good on the agent's system timeline.
+    async fn refused(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        refused: &[RecordRefusal],
+    ) -> Result<(), sqlx::Error> {
+        self.ctx.metrics.records_refused(refused.len() as u64);
+        let first = &refused[0];
+        tracing::warn!(agent = %agent.name, count = refused.len(), seq = first.seq, field = %first.field, "agent records refused");
+        let seqs: Vec<u64> = refused.iter().map(|r| r.seq).take(100).collect();
+        let fields: Vec<&str> = refused.iter().map(|r| r.field.as_str()).take(100).collect();
+        let event = NewEvent::internal(
+            "agent.records_refused",
+            Severity::Warning,
+            format!(
+                "Agent '{}' sent {} record(s) the server cannot store (#{}: {})",
+                agent.name,
+                refused.len(),
+                first.seq,
+                first.message
+            ),
+            serde_json::json!({"agent": agent.name, "agent_id": agent.id, "count": refused.len(), "seqs": seqs, "fields": fields}),
+        );
+        self.event(tx, agent, (&agent.system_id, &agent.system), event)
+            .await
     }
 
     /// A heartbeat or result from an agent whose keepalive had lapsed turns
