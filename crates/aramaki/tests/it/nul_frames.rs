@@ -360,3 +360,72 @@ mod a_peer_message_with_nul_is_refused_without_failing_the_batch {
         }
     }
 }
+
+both!(
+    a_nul_in_action_output_is_replaced_live_and_in_the_outcome,
+    |app| async move {
+        use aramaki_protocol::agent::{ActionState, ActionUpdate};
+        let (id, k) = enrolled(&app, "nul-act", 64).await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        app.post(
+            "/api/v1/systems/nul-act-host/actions",
+            json!({"name": "quick", "title": "Quick", "timeout": 300, "confirm_within_minutes": null}),
+        )
+        .await;
+        let (_, run) = app
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/systems/nul-act-host/actions/quick/runs",
+                Some(json!({})),
+            )
+            .await;
+        let run_id = run["id"].as_str().unwrap().to_owned();
+        loop {
+            if let ServerMessage::Action(_) = agent.next().await {
+                break;
+            }
+        }
+        let update = |state, output: &str| ActionUpdate {
+            run_id: run_id.clone(),
+            state,
+            exit_code: None,
+            output: output.into(),
+            refusal: None,
+            timeout_secs: None,
+        };
+        agent
+            .say(&AgentMessage::ActionUpdate(update(
+                ActionState::Started,
+                "",
+            )))
+            .await;
+        agent
+            .say(&AgentMessage::ActionUpdate(update(
+                ActionState::Output,
+                "chunk\0one\n",
+            )))
+            .await;
+        // Live updates are handled in order, before the records behind them.
+        agent
+            .say(&AgentMessage::Records {
+                records: vec![Record {
+                    seq: 1,
+                    body: RecordBody::Action(ActionUpdate {
+                        exit_code: Some(0),
+                        ..update(ActionState::Succeeded, "done\0")
+                    }),
+                }],
+            })
+            .await;
+        let (up_to, refused) = ack(&mut agent).await;
+        assert_eq!((up_to, refused.len()), (1, 0));
+        let shown = app.get(&format!("/api/v1/actions/runs/{run_id}")).await;
+        let target = &shown["targets"][0];
+        assert_eq!(target["state"], "succeeded", "{shown}");
+        let text = target.to_string();
+        assert!(
+            text.contains("chunk\u{FFFD}one") && text.contains("done\u{FFFD}"),
+            "{shown}"
+        );
+    }
+);
