@@ -524,10 +524,15 @@ impl Writer {
                 first_seq,
                 last_seq,
             } => {
-                sqlx::query("UPDATE agents SET dropped = dropped + $2 WHERE id = $1")
-                    .bind(agent.id.as_str())
-                    .bind(i64::try_from(count).unwrap_or(i64::MAX))
-                    .execute(&mut **tx)
+                // Saturating: an overflowing sum would fail the whole
+                // batch on PostgreSQL and turn the column REAL on SQLite.
+                sqlx::query(
+                    "UPDATE agents SET dropped = CASE WHEN dropped > $3 - $2 THEN $3 ELSE dropped + $2 END WHERE id = $1",
+                )
+                .bind(agent.id.as_str())
+                .bind(i64::try_from(count).unwrap_or(i64::MAX))
+                .bind(i64::MAX)
+                .execute(&mut **tx)
                     .await?;
                 let event = NewEvent::internal(
                     "agent.results_dropped",

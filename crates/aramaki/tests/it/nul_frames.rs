@@ -429,3 +429,36 @@ both!(
         );
     }
 );
+
+both!(
+    a_dropped_count_past_the_column_saturates_instead_of_failing_the_batch,
+    |app| async move {
+        let (id, k) = enrolled(&app, "nul-drop", 65).await;
+        let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
+        let dropped = |seq| Record {
+            seq,
+            body: RecordBody::Dropped {
+                count: u64::MAX,
+                first_seq: 1,
+                last_seq: 2,
+            },
+        };
+        agent
+            .say(&AgentMessage::Records {
+                records: vec![dropped(1), dropped(2), result(3, "load", 0, "LOAD OK")],
+            })
+            .await;
+        assert_eq!(ack(&mut agent).await.0, 3);
+        let count: i64 = sqlx::query("SELECT dropped FROM agents WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_one(app.ctx.db.reader())
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(count, i64::MAX);
+        assert_eq!(
+            observations(&app, "nul-drop-host").await["load"]["output"],
+            "LOAD OK"
+        );
+    }
+);
