@@ -462,3 +462,84 @@ both!(
         );
     }
 );
+
+/// Waits until `n` items wait for the results writer.
+async fn writer_queue(app: &TestApp, n: usize) {
+    crate::agent_e2e::eventually(
+        &format!("{n} items waiting for the results writer"),
+        || async { (app.ctx.ingest.queued() == n).then_some(()) },
+    )
+    .await;
+}
+
+both!(
+    a_record_the_database_refuses_fails_only_its_own_agent,
+    |app| async move {
+        // Stands for any record the database cannot take.
+        let poison = match app.backend {
+            Backend::Sqlite => {
+                "CREATE TRIGGER poison BEFORE INSERT ON observation_history \
+                 WHEN NEW.check_name = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+            }
+            Backend::Postgres => {
+                "ALTER TABLE observation_history ADD CONSTRAINT poison \
+                 CHECK (check_name <> 'poison')"
+            }
+        };
+        sqlx::query(poison)
+            .execute(app.ctx.db.reader())
+            .await
+            .unwrap();
+        let (a_id, a_key) = enrolled(&app, "bad-a", 66).await;
+        let (b_id, b_key) = enrolled(&app, "good-b", 67).await;
+        let (c_id, c_key) = enrolled(&app, "first-c", 68).await;
+        let mut a = SimAgent::connect(&app, &a_id, &a_key).await.unwrap();
+        let mut b = SimAgent::connect(&app, &b_id, &b_key).await.unwrap();
+        let _c = SimAgent::connect(&app, &c_id, &c_key).await.unwrap();
+        writer_queue(&app, 0).await;
+        // The writer is held up on C's heartbeat while A's and B's records
+        // queue behind it: they are then committed as one batch.
+        let hold = app.ctx.db.begin_recording().await.unwrap();
+        let c_system = app.get("/api/v1/systems/first-c-host").await;
+        app.ctx.ingest.seen(
+            aramaki::monitoring::ingest::AgentRef {
+                id: c_id.clone(),
+                name: "first-c".into(),
+                system_id: c_system["id"].as_str().unwrap().to_owned(),
+                system: "first-c-host".into(),
+            },
+            0,
+            0,
+            now(&app),
+        );
+        writer_queue(&app, 0).await;
+        a.say(&AgentMessage::Records {
+            records: vec![result(1, "poison", 0, "x")],
+        })
+        .await;
+        b.say(&AgentMessage::Records {
+            records: vec![result(1, "load", 0, "B OK")],
+        })
+        .await;
+        writer_queue(&app, 2).await;
+        hold.rollback().await.unwrap();
+        assert_eq!(ack(&mut b).await.0, 1, "B's result is not failed by A's");
+        assert_eq!(
+            observations(&app, "good-b-host").await["load"]["output"],
+            "B OK"
+        );
+        // A's record is not acknowledged: its session ends and it resends.
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            use futures_util::StreamExt;
+            loop {
+                match a.ws.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "A's session ends without an ack");
+    }
+);
