@@ -42,6 +42,29 @@ fn check_name(name: &str) -> Result<String, Rejected> {
     }
 }
 
+/// Names (the system, label keys and values) may not hold U+0000: the
+/// server could not store the result. The output may; the server keeps it
+/// with the NUL replaced.
+fn names_without_nul(result: CheckResult) -> Result<CheckResult, Rejected> {
+    let nul = |field: String| {
+        Rejected(format!(
+            "{field} contains a NUL character (U+0000), which is not allowed"
+        ))
+    };
+    if result.system.as_deref().is_some_and(|s| s.contains('\0')) {
+        return Err(nul("the system name".into()));
+    }
+    for (key, value) in &result.labels {
+        if key.contains('\0') {
+            return Err(nul("a label name".into()));
+        }
+        if value.contains('\0') {
+            return Err(nul(format!("label '{key}'")));
+        }
+    }
+    Ok(result)
+}
+
 fn status_of(v: Option<&Value>) -> Result<i32, Rejected> {
     match v {
         None => Ok(0),
@@ -94,7 +117,7 @@ pub fn from_sensu_go(body: &[u8]) -> Result<CheckResult, Rejected> {
     let system = field(&v, &["entity", "metadata", "name"])
         .and_then(Value::as_str)
         .map(str::to_owned);
-    Ok(CheckResult {
+    names_without_nul(CheckResult {
         check: check_name(name)?,
         system,
         labels,
@@ -162,7 +185,7 @@ pub fn from_sensu_1(body: &[u8]) -> Result<CheckResult, Rejected> {
         .and_then(Value::as_str)
         .ok_or_else(|| Rejected("'output' is missing".into()))?
         .to_owned();
-    Ok(CheckResult {
+    names_without_nul(CheckResult {
         check: check_name(name)?,
         system: v.get("source").and_then(Value::as_str).map(str::to_owned),
         labels: BTreeMap::new(),
@@ -350,6 +373,37 @@ mod tests {
             .contains("name"));
         assert!(from_sensu_go(br#"{"check":{"metadata":{"name":"a b"}}}"#).is_err());
         assert!(from_sensu_go(br#"{"check":{"metadata":{"name":"a"},"status":"x"}}"#).is_err());
+    }
+
+    #[test]
+    fn a_nul_in_a_name_is_refused_and_kept_in_the_output() {
+        let err = from_sensu_go(
+            br#"{"entity":{"metadata":{"name":"db\u0000-1"}},"check":{"metadata":{"name":"backup"},"output":"x"}}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("the system name contains a NUL"), "{err}");
+        let err = from_sensu_go(
+            br#"{"check":{"metadata":{"name":"backup","labels":{"env":"a\u0000b"}},"output":"x"}}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("label 'env' contains a NUL"), "{err}");
+        let err = from_sensu_go(
+            br#"{"check":{"metadata":{"name":"backup","labels":{"e\u0000nv":"a"}},"output":"x"}}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("a label name contains a NUL"), "{err}");
+        assert!(
+            from_sensu_go(br#"{"check":{"metadata":{"name":"back\u0000up"},"output":"x"}}"#)
+                .unwrap_err()
+                .0
+                .contains("must be 1 to 64")
+        );
+        let err =
+            from_sensu_1(br#"{"name":"cron","source":"web\u0000","output":"x"}"#).unwrap_err();
+        assert!(err.0.contains("the system name contains a NUL"), "{err}");
+        // Output is free text: kept, the server replaces the NUL.
+        let r = from_sensu_1(br#"{"name":"cron","status":0,"output":"a\u0000b"}"#).unwrap();
+        assert_eq!(r.output, "a\0b");
     }
 
     #[test]

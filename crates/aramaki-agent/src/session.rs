@@ -787,7 +787,12 @@ async fn exchange(
             message = socket.receive() => {
                 last_heard = tokio::time::Instant::now();
                 match message? {
-                    ServerMessage::Ack { up_to } => {
+                    ServerMessage::Ack { up_to, refused } => {
+                        // Refused records are handled too: sending them again
+                        // would be refused again, so they leave the queue.
+                        for r in &refused {
+                            tracing::warn!(seq = r.seq, field = %r.field, reason = %r.message, "the server refused a record");
+                        }
                         agent.shared.ack(up_to).map_err(transient)?;
                         if in_flight.is_some_and(|s| up_to >= s) {
                             in_flight = None;

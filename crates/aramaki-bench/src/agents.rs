@@ -143,7 +143,7 @@ async fn stream(url: String, who: Identity, agent: usize, total: u64, batch: u64
         socket.send(&AgentMessage::Records { records }).await?;
         loop {
             match socket.receive().await? {
-                ServerMessage::Ack { up_to } if up_to >= upto => break,
+                ServerMessage::Ack { up_to, .. } if up_to >= upto => break,
                 _ => continue,
             }
         }

@@ -169,8 +169,14 @@ pub enum ServerMessage {
         signature: String,
     },
     /// Every record with a sequence number up to and including `up_to` is
-    /// committed.
-    Ack { up_to: u64 },
+    /// committed, except those in `refused`: the server will not store them
+    /// (an identifier holding U+0000, say) and counts them as handled, so
+    /// the agent drops them from its queue instead of sending them again.
+    Ack {
+        up_to: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<RecordRefusal>,
+    },
     /// The complete, current set of checks for this agent (replaces the last).
     Checks { checks: Vec<CheckDefinition> },
     /// Answer to a heartbeat.
@@ -180,6 +186,16 @@ pub enum ServerMessage {
     Action(SignedAction),
     /// Stop a running action (its process group is killed).
     Cancel { run_id: String },
+}
+
+/// A record the server acknowledged without storing it, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordRefusal {
+    pub seq: u64,
+    /// The field at fault (`check`, `labels.env`, `facts`, …).
+    pub field: String,
+    pub message: String,
 }
 
 /// Records numbered from `first_seq` on by one incarnation of the agent's
@@ -751,7 +767,13 @@ mod tests {
             serde_json::from_str::<AgentMessage>(r#"{"type":"heartbeat","queue_depth":1,"x":1}"#);
         assert!(err.is_err(), "unknown fields are refused");
         let ack: ServerMessage = serde_json::from_str(r#"{"type":"ack","up_to":7}"#).unwrap();
-        assert_eq!(ack, ServerMessage::Ack { up_to: 7 });
+        assert_eq!(
+            ack,
+            ServerMessage::Ack {
+                up_to: 7,
+                refused: vec![]
+            }
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Metrics {
     header_timeouts: AtomicU64,
     body_timeouts: AtomicU64,
     frames_refused: AtomicU64,
+    records_refused: AtomicU64,
+    nul_replaced: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +121,16 @@ impl Metrics {
         self.frames_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Agent records acknowledged but not stored (a name holding U+0000).
+    pub fn records_refused(&self, n: u64) {
+        self.records_refused.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// NUL characters replaced by U+FFFD in agents' free text.
+    pub fn nul_replaced(&self, n: u64) {
+        self.nul_replaced.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Adds the agent figures: connected sessions of this process.
     pub fn render_agents(&self, out: &mut String, connected: usize) {
         let counters = [
@@ -136,6 +148,16 @@ impl Metrics {
                 "aramaki_agent_frames_refused_total",
                 "Agent session frames refused: forged, replayed or reordered.",
                 &self.frames_refused,
+            ),
+            (
+                "aramaki_agent_records_refused_total",
+                "Agent records acknowledged but not stored: a name or identifier holds U+0000.",
+                &self.records_refused,
+            ),
+            (
+                "aramaki_agent_nul_replaced_total",
+                "NUL characters (U+0000) replaced by U+FFFD in agents' output and other free text.",
+                &self.nul_replaced,
             ),
         ];
         for (name, help, value) in counters {

@@ -7,6 +7,7 @@
 pub mod commands;
 pub mod http;
 pub mod hub;
+pub mod nul;
 pub mod pages;
 pub mod socket;
 pub mod store;

@@ -143,10 +143,18 @@ impl Channel {
     }
 }
 
+/// A handshake message; one whose names hold U+0000 is malformed (they
+/// are stored: the agent's name, version and subscriptions).
 async fn receive_within(socket: &mut WebSocket) -> Option<Result<AgentMessage, String>> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, receive(socket))
+    let message = tokio::time::timeout(HANDSHAKE_TIMEOUT, receive(socket))
         .await
-        .unwrap_or(None)
+        .unwrap_or(None)?;
+    Some(message.and_then(|m| match super::nul::in_message(&m) {
+        Some(field) => Err(format!(
+            "`{field}` contains a NUL character (U+0000), which is not allowed"
+        )),
+        None => Ok(m),
+    }))
 }
 
 async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
@@ -596,13 +604,23 @@ async fn handle(
                     .await;
                 return Err("records out of order".into());
             }
+            // U+0000 is replaced in free text and refuses a record whose
+            // names hold it, before the shared batch sees it.
+            let cleaned = super::nul::records(records);
+            if cleaned.replaced > 0 {
+                ctx.metrics.nul_replaced(cleaned.replaced);
+                tracing::info!(agent = %me.name, count = cleaned.replaced, "NUL characters in agent output replaced by U+FFFD");
+            }
             let up_to = ctx
                 .ingest
-                .records(me.clone(), records)
+                .records(me.clone(), cleaned.records, cleaned.refused.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             socket
-                .send(&ServerMessage::Ack { up_to })
+                .send(&ServerMessage::Ack {
+                    up_to,
+                    refused: cleaned.refused,
+                })
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -617,8 +635,16 @@ async fn handle(
                 .await
                 .map_err(|e| e.to_string())
         }
-        AgentMessage::ActionUpdate(update) => {
+        AgentMessage::ActionUpdate(mut update) => {
             // Live progress only; the outcome arrives as a queued record.
+            match super::nul::action(&mut update) {
+                Ok(0) => {}
+                Ok(n) => ctx.metrics.nul_replaced(n),
+                Err(field) => {
+                    tracing::warn!(agent = %me.name, field, "action progress with a NUL character (U+0000) ignored");
+                    return Ok(());
+                }
+            }
             if let Err(e) = crate::actions::runs::progress(ctx, me, &update).await {
                 tracing::warn!(agent = %me.name, run = %update.run_id, error = %e, "cannot record action progress");
             }

@@ -42,6 +42,14 @@ pub async fn apply(
     for e in messages {
         let seq = e.body["seq"].as_i64().unwrap_or(0);
         let their_epoch = e.body["epoch"].as_str().unwrap_or_default();
+        let nul = nul_field(&e);
+        if let Some(field) = nul.as_deref().filter(|_| their_epoch.contains('\0')) {
+            // A numbering that cannot be stored: nothing of it applies.
+            ctx.federation
+                .refuse(&peer.name, "nul", &nul_detail(seq, field));
+            gap = true;
+            break;
+        }
         if their_epoch != epoch {
             if seq != 1 {
                 gap = true;
@@ -64,6 +72,20 @@ pub async fn apply(
         if seq != cursor + 1 {
             gap = true;
             break;
+        }
+        if let Some(field) = nul {
+            // Refused like a message that is not allowed, and passed over:
+            // the next one on the link applies.
+            ctx.federation
+                .refuse(&peer.name, "nul", &nul_detail(seq, &field));
+            cursor = seq;
+            let their_mark = e.body["mark"].as_str().unwrap_or_default();
+            mark = Some(if their_mark.contains('\0') {
+                String::new()
+            } else {
+                their_mark.to_owned()
+            });
+            continue;
         }
         if !remember(&mut tx, &e, now).await? {
             ctx.federation.refuse(
@@ -119,6 +141,17 @@ pub async fn apply(
         return Ok((start, start_epoch, gap));
     }
     Ok((cursor, epoch, gap))
+}
+
+/// The first field of an envelope holding U+0000, which PostgreSQL TEXT
+/// cannot store (SQLite would): such a message is refused on both.
+pub fn nul_field(e: &Envelope) -> Option<String> {
+    let value = serde_json::to_value(e).ok()?;
+    crate::input::nul_path(&value, &mut String::new())
+}
+
+fn nul_detail(seq: i64, field: &str) -> String {
+    format!("message {seq}: `{field}` contains a NUL character (U+0000), which is not allowed")
 }
 
 /// Says loudly that the numbering with `peer` was found broken: on the

@@ -574,6 +574,14 @@ async fn opening(
         }
     };
     let opened = open_frame(ctx, &peer, raw).await?;
+    if let Some(field) = super::inbox::nul_field(&opened.envelope) {
+        ctx.federation.refuse(
+            &peer.name,
+            "nul",
+            &format!("`{field}` contains a NUL character (U+0000), which is not allowed"),
+        );
+        return None;
+    }
     if opened.envelope.kind != kind {
         ctx.federation.refuse(
             &peer.name,

@@ -8,11 +8,12 @@
 //! the only one that writes observations, so it can keep the last verdict
 //! of each (system, check, labels) in memory instead of reading it back.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aramaki_protocol::agent::{CheckResult, CheckState, Notice, Record, RecordBody};
+use aramaki_protocol::agent::{CheckResult, CheckState, Notice, Record, RecordBody, RecordRefusal};
 use aramaki_protocol::Severity;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -52,6 +53,9 @@ enum Item {
     Records {
         agent: AgentRef,
         records: Vec<Record>,
+        /// Records of the same message that are not stored (see
+        /// [`crate::agents::nul`]); they count as handled all the same.
+        refused: Vec<RecordRefusal>,
         reply: oneshot::Sender<Result<u64, IngestError>>,
     },
     Seen {
@@ -107,13 +111,20 @@ impl Ingest {
         }
     }
 
-    /// Commits records and returns the agent's new high-water mark.
-    pub async fn records(&self, agent: AgentRef, records: Vec<Record>) -> Result<u64, IngestError> {
+    /// Commits records and returns the agent's new high-water mark, which
+    /// covers the `refused` ones too (noted on the agent's timeline).
+    pub async fn records(
+        &self,
+        agent: AgentRef,
+        records: Vec<Record>,
+        refused: Vec<RecordRefusal>,
+    ) -> Result<u64, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Item::Records {
                 agent,
                 records,
+                refused,
                 reply,
             })
             .await
@@ -138,6 +149,11 @@ impl Ingest {
             .await
             .map_err(|_| IngestError::Stopped)?;
         answer.await.map_err(|_| IngestError::Stopped)?
+    }
+
+    /// Items waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Check definitions changed: the writer reloads thresholds and TTLs.
@@ -203,14 +219,46 @@ async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::R
 
 fn weight(item: &Item) -> usize {
     match item {
-        Item::Records { records, .. } => records.len().max(1),
+        Item::Records {
+            records, refused, ..
+        } => (records.len() + refused.len()).max(1),
         _ => 1,
     }
 }
 
-enum Answer {
-    Acked(oneshot::Sender<Result<u64, IngestError>>, u64),
-    Done(oneshot::Sender<Result<(), IngestError>>),
+/// Answers every item of a batch: with its high-water mark once committed,
+/// or that nothing was.
+fn answer(batch: Vec<Item>, highs: Option<Vec<u64>>) {
+    match highs {
+        Some(highs) => {
+            for (item, high) in batch.into_iter().zip(highs) {
+                item.answer(Some(high));
+            }
+        }
+        None => batch.into_iter().for_each(|item| item.answer(None)),
+    }
+}
+
+impl Item {
+    /// Answers the sender: its agent's high-water mark (records), done
+    /// (synthetic), or that nothing was committed.
+    fn answer(self, outcome: Option<u64>) {
+        match (self, outcome) {
+            (Item::Records { reply, .. }, Some(high)) => {
+                let _ = reply.send(Ok(high));
+            }
+            (Item::Records { reply, .. }, None) => {
+                let _ = reply.send(Err(IngestError::Stopped));
+            }
+            (Item::Synthetic { reply, .. }, Some(_)) => {
+                let _ = reply.send(Ok(()));
+            }
+            (Item::Synthetic { reply, .. }, None) => {
+                let _ = reply.send(Err(IngestError::Stopped));
+            }
+            (Item::Seen { .. }, _) => {}
+        }
+    }
 }
 
 impl Writer {
@@ -218,45 +266,43 @@ impl Writer {
         if let Err(e) = self.load_rules().await {
             tracing::warn!(error = %e, "cannot load check definitions");
         }
-        let mut answers = Vec::new();
-        let outcome = self.write(batch, &mut answers).await;
-        match outcome {
-            Ok(()) => {
-                for a in answers {
-                    match a {
-                        Answer::Acked(reply, seq) => {
-                            let _ = reply.send(Ok(seq));
-                        }
-                        Answer::Done(reply) => {
-                            let _ = reply.send(Ok(()));
+        match self.write(&batch).await {
+            Ok(highs) => answer(batch, Some(highs)),
+            Err(e) if batch.len() > 1 => {
+                // One item the database refuses must not fail the others:
+                // each is committed alone, and only its own sender fails.
+                tracing::warn!(error = %e, items = batch.len(), "cannot commit a batch of results; committing each item alone");
+                self.forget();
+                for item in batch {
+                    let one = vec![item];
+                    match self.write(&one).await {
+                        Ok(highs) => answer(one, Some(highs)),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot commit results; the agent will resend");
+                            self.forget();
+                            answer(one, None);
                         }
                     }
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot commit results; agents will resend");
-                // The caches may hold what was rolled back.
-                self.acked.clear();
-                self.last.clear();
-                for a in answers {
-                    match a {
-                        Answer::Acked(reply, _) => {
-                            let _ = reply.send(Err(IngestError::Stopped));
-                        }
-                        Answer::Done(reply) => {
-                            let _ = reply.send(Err(IngestError::Stopped));
-                        }
-                    }
-                }
+                self.forget();
+                answer(batch, None);
             }
         }
     }
 
-    async fn write(
-        &mut self,
-        batch: Vec<Item>,
-        answers: &mut Vec<Answer>,
-    ) -> Result<(), sqlx::Error> {
+    /// The caches may hold what was rolled back.
+    fn forget(&mut self) {
+        self.acked.clear();
+        self.last.clear();
+    }
+
+    /// Commits `batch` in one transaction; per item, the agent's new
+    /// high-water mark (0 for items that have none).
+    async fn write(&mut self, batch: &[Item]) -> Result<Vec<u64>, sqlx::Error> {
+        let mut highs = Vec::with_capacity(batch.len());
         let mut tx = self.ctx.db.begin_recording().await?;
         let now = to_micros(self.ctx.now());
         let mut wrote_events = false;
@@ -268,10 +314,17 @@ impl Writer {
                 Item::Records {
                     agent,
                     records,
-                    reply,
+                    refused,
+                    ..
                 } => {
                     let acked = self.acked_of(&mut tx, &agent.id).await?;
                     let mut high = acked;
+                    let refused: Vec<RecordRefusal> =
+                        refused.iter().filter(|r| r.seq > acked).cloned().collect();
+                    if !refused.is_empty() {
+                        self.refused(&mut tx, agent, &refused).await?;
+                        wrote_events = true;
+                    }
                     for record in records {
                         if record.seq <= high {
                             duplicates += 1;
@@ -279,8 +332,9 @@ impl Writer {
                         }
                         high = record.seq;
                         committed += 1;
-                        wrote_events |= self.record(&mut tx, &agent, record, now).await?;
+                        wrote_events |= self.record(&mut tx, agent, record, now).await?;
                     }
+                    high = refused.iter().map(|r| r.seq).fold(high, u64::max);
                     sqlx::query("UPDATE agents SET acked_seq = $2, last_seen = $3 WHERE id = $1")
                         .bind(agent.id.as_str())
                         .bind(i64::try_from(high).unwrap_or(i64::MAX))
@@ -288,8 +342,9 @@ impl Writer {
                         .execute(&mut *tx)
                         .await?;
                     self.acked.insert(agent.id.clone(), high);
-                    seen.entry(agent.id.clone()).or_insert((agent, None, now));
-                    answers.push(Answer::Acked(reply, high));
+                    seen.entry(agent.id.clone())
+                        .or_insert((agent.clone(), None, now));
+                    highs.push(high);
                 }
                 Item::Seen {
                     agent,
@@ -300,10 +355,11 @@ impl Writer {
                     // The agent's own count of drops arrives as Dropped
                     // records; the heartbeat's copy is only informative.
                     let _ = dropped;
-                    let at = seen.get(&agent.id).map_or(at, |s| s.2.max(at));
-                    seen.insert(agent.id.clone(), (agent, Some(queue_depth), at));
+                    let at = seen.get(&agent.id).map_or(*at, |s| s.2.max(*at));
+                    seen.insert(agent.id.clone(), (agent.clone(), Some(*queue_depth), at));
+                    highs.push(0);
                 }
-                Item::Synthetic { result, reply } => {
+                Item::Synthetic { result, .. } => {
                     let agent_id = result.agent.as_ref().map(|a| a.id.clone());
                     wrote_events |= self
                         .observe(
@@ -325,7 +381,7 @@ impl Writer {
                                 .await?;
                         }
                     }
-                    answers.push(Answer::Done(reply));
+                    highs.push(0);
                 }
             }
         }
@@ -355,7 +411,35 @@ impl Writer {
             tx.commit().await?;
         }
         self.ctx.metrics.results(committed, duplicates);
-        Ok(())
+        Ok(highs)
+    }
+
+    /// Notes records refused for good on the agent's system timeline.
+    async fn refused(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        refused: &[RecordRefusal],
+    ) -> Result<(), sqlx::Error> {
+        self.ctx.metrics.records_refused(refused.len() as u64);
+        let first = &refused[0];
+        tracing::warn!(agent = %agent.name, count = refused.len(), seq = first.seq, field = %first.field, "agent records refused");
+        let seqs: Vec<u64> = refused.iter().map(|r| r.seq).take(100).collect();
+        let fields: Vec<&str> = refused.iter().map(|r| r.field.as_str()).take(100).collect();
+        let event = NewEvent::internal(
+            "agent.records_refused",
+            Severity::Warning,
+            format!(
+                "Agent '{}' sent {} record(s) the server cannot store (#{}: {})",
+                agent.name,
+                refused.len(),
+                first.seq,
+                first.message
+            ),
+            serde_json::json!({"agent": agent.name, "agent_id": agent.id, "count": refused.len(), "seqs": seqs, "fields": fields}),
+        );
+        self.event(tx, agent, (&agent.system_id, &agent.system), event)
+            .await
     }
 
     /// A heartbeat or result from an agent whose keepalive had lapsed turns
@@ -440,12 +524,12 @@ impl Writer {
         &mut self,
         tx: &mut Tx,
         agent: &AgentRef,
-        record: Record,
+        record: &Record,
         now: i64,
     ) -> Result<bool, sqlx::Error> {
-        match record.body {
-            RecordBody::Result(mut result) => {
-                let (system_id, system) = self.target(tx, agent, &mut result).await?;
+        match &record.body {
+            RecordBody::Result(result) => {
+                let (system_id, system, result) = self.target(tx, agent, result).await?;
                 self.observe(
                     tx,
                     (&system_id, &system),
@@ -456,17 +540,14 @@ impl Writer {
                 )
                 .await
             }
-            RecordBody::Pushed {
-                mut result,
-                ttl_secs,
-            } => {
-                let (system_id, system) = self.target(tx, agent, &mut result).await?;
+            RecordBody::Pushed { result, ttl_secs } => {
+                let (system_id, system, result) = self.target(tx, agent, result).await?;
                 self.observe(
                     tx,
                     (&system_id, &system),
                     Some(agent),
                     &result,
-                    (Some(record.seq), Some(ttl_secs.clamp(1, MAX_PUSHED_TTL))),
+                    (Some(record.seq), Some((*ttl_secs).clamp(1, MAX_PUSHED_TTL))),
                     now,
                 )
                 .await
@@ -476,10 +557,15 @@ impl Writer {
                 first_seq,
                 last_seq,
             } => {
-                sqlx::query("UPDATE agents SET dropped = dropped + $2 WHERE id = $1")
-                    .bind(agent.id.as_str())
-                    .bind(i64::try_from(count).unwrap_or(i64::MAX))
-                    .execute(&mut **tx)
+                // Saturating: an overflowing sum would fail the whole
+                // batch on PostgreSQL and turn the column REAL on SQLite.
+                sqlx::query(
+                    "UPDATE agents SET dropped = CASE WHEN dropped > $3 - $2 THEN $3 ELSE dropped + $2 END WHERE id = $1",
+                )
+                .bind(agent.id.as_str())
+                .bind(i64::try_from(*count).unwrap_or(i64::MAX))
+                .bind(i64::MAX)
+                .execute(&mut **tx)
                     .await?;
                 let event = NewEvent::internal(
                     "agent.results_dropped",
@@ -495,7 +581,7 @@ impl Writer {
                 Ok(true)
             }
             RecordBody::Action(update) => {
-                crate::actions::runs::finish(&self.ctx, tx, agent, &update).await
+                crate::actions::runs::finish(&self.ctx, tx, agent, update).await
             }
             RecordBody::Notice { notice, message } => {
                 let severity = match notice {
@@ -529,18 +615,18 @@ impl Writer {
     /// Where a result belongs: the agent's own system, or the system a check
     /// definition names. An agent cannot report on a system no check of its
     /// points at; such a result is kept on its own system, marked.
-    async fn target(
+    async fn target<'r>(
         &mut self,
         tx: &mut Tx,
         agent: &AgentRef,
-        result: &mut CheckResult,
-    ) -> Result<(String, String), sqlx::Error> {
-        let own = (agent.system_id.clone(), agent.system.clone());
+        result: &'r CheckResult,
+    ) -> Result<(String, String, Cow<'r, CheckResult>), sqlx::Error> {
+        let own = |result| Ok((agent.system_id.clone(), agent.system.clone(), result));
         let Some(slug) = result.system.clone() else {
-            return Ok(own);
+            return own(Cow::Borrowed(result));
         };
         if slug == agent.system {
-            return Ok(own);
+            return own(Cow::Borrowed(result));
         }
         let allowed = self
             .rules
@@ -549,11 +635,12 @@ impl Writer {
             == Some(slug.as_str());
         if allowed {
             if let Some(id) = self.system_id(tx, &slug).await? {
-                return Ok((id, slug));
+                return Ok((id, slug, Cow::Borrowed(result)));
             }
         }
-        result.labels.insert("reported_system".to_owned(), slug);
-        Ok(own)
+        let mut marked = result.clone();
+        marked.labels.insert("reported_system".to_owned(), slug);
+        own(Cow::Owned(marked))
     }
 
     async fn system_id(&mut self, tx: &mut Tx, slug: &str) -> Result<Option<String>, sqlx::Error> {

@@ -25,6 +25,7 @@ mod federation_tls;
 mod http_hardening;
 mod monitoring;
 mod monitoring_pages;
+mod nul_frames;
 mod openapi;
 mod pages;
 mod properties;

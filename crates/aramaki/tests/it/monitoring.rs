@@ -30,6 +30,8 @@ pub struct SimAgent {
     pub ws: Ws,
     pub checks: Vec<aramaki_protocol::agent::CheckDefinition>,
     pub acked: u64,
+    /// The records the last acknowledgement said were refused.
+    pub refused: Vec<aramaki_protocol::agent::RecordRefusal>,
     seal: Sealer,
     open: Opener,
     /// Every frame sent so far, as it went on the wire (to replay one).
@@ -86,6 +88,17 @@ pub async fn enroll(
     key: &SigningKey,
     name: &str,
 ) -> Result<(String, String), (Refusal, String)> {
+    enroll_as(app, token, key, name, "test").await
+}
+
+/// [`enroll`] with the agent version it reports.
+pub async fn enroll_as(
+    app: &TestApp,
+    token: &str,
+    key: &SigningKey,
+    name: &str,
+    version: &str,
+) -> Result<(String, String), (Refusal, String)> {
     let mut ws = open(app).await;
     let nonce = hex(&[5u8; 32]);
     let public_key = hex(key.verifying_key().as_bytes());
@@ -118,7 +131,7 @@ pub async fn enroll(
             token: token.to_owned(),
             public_key,
             name: name.to_owned(),
-            version: "test".into(),
+            version: version.to_owned(),
         },
     )
     .await;
@@ -218,6 +231,7 @@ impl SimAgent {
             ws,
             checks: Vec::new(),
             acked: 0,
+            refused: Vec::new(),
             seal,
             open,
             sent: Vec::new(),
@@ -253,8 +267,9 @@ impl SimAgent {
         self.say(&AgentMessage::Records { records }).await;
         loop {
             match self.next().await {
-                ServerMessage::Ack { up_to } => {
+                ServerMessage::Ack { up_to, refused } => {
                     self.acked = up_to;
+                    self.refused = refused;
                     return up_to;
                 }
                 ServerMessage::Checks { checks } => self.checks = checks,
