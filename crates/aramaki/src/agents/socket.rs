@@ -155,6 +155,8 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
         Some(Err(e)) => return refuse(&mut socket, Refusal::Malformed, &e).await,
         None => return,
     };
+    // Everything the agent said in its hello goes into the transcript.
+    let digest = aramaki_protocol::agent::hello_digest(&first);
     match first {
         AgentMessage::EnrollHello {
             protocol,
@@ -200,11 +202,12 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
                 subscriptions,
                 queue_depth,
                 spans,
+                digest,
             };
             let pending = match challenge(&ctx, &mut socket, &hello).await {
                 Ok(p) => p,
                 Err((reason, message)) => {
-                    return refuse_hello(&ctx, &mut socket, &hello.nonce, reason, &message).await
+                    return refuse_hello(&ctx, &mut socket, &hello, reason, &message).await
                 }
             };
             // From the auth step on the server has the session's keys: a
@@ -295,16 +298,17 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
     }
 }
 
-/// Refuses a `hello`, signed over the agent's nonce so that the agent can
-/// tell it from a relay's (a nonce that is not one gets a plain refusal).
+/// Refuses a `hello`, signed over the agent id, key, nonce and exchange key
+/// received, so that the agent can tell it from a relay's and from one for a
+/// relay's rewritten hello (a nonce that is not one gets a plain refusal).
 async fn refuse_hello(
     ctx: &Context,
     socket: &mut WebSocket,
-    nonce: &str,
+    hello: &Hello,
     reason: Refusal,
     message: &str,
 ) {
-    if unhex_array::<32>(nonce).is_none() {
+    if unhex_array::<32>(&hello.nonce).is_none() {
         return refuse(socket, reason, message).await;
     }
     tracing::info!(
@@ -315,7 +319,15 @@ async fn refuse_hello(
     let signature = ctx
         .identity
         .sign(&aramaki_protocol::agent::refusal_transcript(
-            nonce, reason, message,
+            &aramaki_protocol::agent::RefusedHello {
+                agent_id: &hello.agent_id,
+                agent_key: &hello.public_key,
+                agent_nonce: &hello.nonce,
+                agent_exchange: &hello.exchange,
+                hello: &hello.digest,
+            },
+            reason,
+            message,
         ));
     let _ = send(
         socket,
@@ -347,6 +359,8 @@ struct Hello {
     subscriptions: Vec<String>,
     queue_depth: u64,
     spans: Vec<aramaki_protocol::agent::QueueSpan>,
+    /// [`aramaki_protocol::agent::hello_digest`] of the hello as received.
+    digest: String,
 }
 
 type Refused = (Refusal, String);
@@ -418,6 +432,7 @@ async fn challenge(
         server_nonce: &server_nonce,
         agent_exchange: &hello.exchange,
         server_exchange: &server_exchange,
+        hello: &hello.digest,
     };
     let signature = ctx.identity.sign(&server_transcript(&facts));
     let keys = SessionKeys::derive(&shared, &session_transcript(&facts));

@@ -191,6 +191,13 @@ enum Tamper {
     /// The challenge replaced by a refusal ("revoked") of the relay's own,
     /// which would stop the agent for good if it were believed.
     FakeRevoked,
+    /// The challenge's signature replaced by one that does not verify.
+    ForgeChallenge,
+    /// The hello's key swapped for another, so that the server signs a
+    /// `key_changed` refusal over the agent's nonce, which the relay passes on.
+    ForeignRefusal,
+    /// The hello's subscriptions rewritten on the way to the server.
+    RewriteSubscriptions,
 }
 
 /// A transparent WebSocket relay in front of the server's agent endpoint,
@@ -219,9 +226,26 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                 let (mut to_agent, mut from_agent) = agent.split();
                 let (mut to_server, mut from_server) = server.split();
                 let mut down = 0usize;
+                let mut up = 0usize;
                 loop {
                     tokio::select! {
                         m = from_agent.next() => match m {
+                            Some(Ok(Message::Text(t))) => {
+                                up += 1;
+                                let mut text = t.as_str().to_owned();
+                                // Frame 0 up is the hello.
+                                if up == 1 && matches!(tamper, Tamper::ForeignRefusal | Tamper::RewriteSubscriptions) {
+                                    let mut hello: Value = serde_json::from_str(&text).unwrap();
+                                    if tamper == Tamper::ForeignRefusal {
+                                        hello["public_key"] = Value::String("ab".repeat(32));
+                                    } else {
+                                        hello["subscriptions"] = json!(["rewritten"]);
+                                    }
+                                    text = hello.to_string();
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if to_server.send(Message::Text(text.into())).await.is_err() { return; }
+                            }
                             Some(Ok(m)) => { if to_server.send(m).await.is_err() { return; } }
                             _ => return,
                         },
@@ -238,6 +262,12 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                                 // Frame 0 is the challenge, frame 1 the (sealed) welcome.
                                 if down == 1 && tamper == Tamper::FakeRevoked {
                                     text = json!({"type": "refused", "reason": "revoked", "message": "this agent was revoked by an admin"}).to_string();
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if down == 1 && tamper == Tamper::ForgeChallenge {
+                                    let mut challenge: Value = serde_json::from_str(&text).unwrap();
+                                    challenge["signature"] = Value::String("00".repeat(64));
+                                    text = challenge.to_string();
                                     done.fetch_add(1, Ordering::SeqCst);
                                 }
                                 if down == 2 && tamper == Tamper::ForgeWelcome {
@@ -388,6 +418,89 @@ async fn a_relay_cannot_inject_or_replay_frames() {
     assert!(
         agent.0.try_wait().unwrap().is_none(),
         "the agent stopped: {log}"
+    );
+}
+
+/// A relay on a plain path meddles with the handshake: a forged challenge,
+/// a refusal the server really signed for the relay's rewritten hello, and
+/// rewritten subscriptions. None stops the agent, none gets a session, and
+/// the agent connects as soon as the relay stops meddling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_stop_the_agent_or_rewrite_its_hello() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("meddled-host", "host", json!({})).await;
+    let host = AgentHost::new();
+    host.configure("\n[check_policy]\nallow_shell = true\n");
+    let rewritten = host.state().with_file_name("rewritten");
+    let (status, v) = app
+        .post(
+            "/api/v1/checks",
+            json!({"name": "relays-pick", "shell": format!("touch {}", rewritten.display()), "subscriptions": ["rewritten"], "interval": 1}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+    let (status, v) = app
+        .post(
+            "/api/v1/checks",
+            json!({"name": "ticker", "command": [DUMMY, "0", "tick"], "subscriptions": ["linux"], "interval": 1}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+    let plan = vec![
+        Tamper::Nothing, // the enrollment
+        Tamper::RewriteSubscriptions,
+        Tamper::ForgeChallenge,
+        Tamper::ForeignRefusal,
+    ];
+    let (port, tampered) = relay(app.base.replace("http://", "ws://"), plan, String::new()).await;
+    let relayed = format!("http://127.0.0.1:{port}");
+    let t = token(&app, "meddled-host", json!({})).await;
+    let (code, err) = enroll(&relayed, &t, &host.state(), "meddled");
+    assert_eq!(code, 0, "{err}");
+    let mut agent = host.run();
+
+    let ticks = |v: Value| v["items"].as_array().map_or(0, Vec::len);
+    eventually("results once the relay stops meddling", || async {
+        let now = ticks(
+            app.get("/api/v1/systems/meddled-host/observations/ticker/history?limit=1000")
+                .await,
+        );
+        (now >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(tampered.load(Ordering::SeqCst), 3);
+    let log = host.log_text();
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent stopped: {log}"
+    );
+    // The rewritten hello and the forged challenge both fail the challenge's
+    // signature; the server's refusal of the relay's hello is not ours.
+    assert_eq!(
+        log.matches("the server's challenge does not verify against the pinned key")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("a refusal not signed for this hello (key changed"),
+        "{log}"
+    );
+    assert!(
+        !rewritten.exists(),
+        "a session ran with the relay's subscriptions: {log}"
+    );
+    // Both refused challenges reach the server as the agent's reports.
+    let refused = eventually("the agent's reports of refused challenges", || async {
+        let e = events(&app, "meddled-host", "agent.frame_refused").await;
+        (e.len() >= 2).then_some(e)
+    })
+    .await;
+    assert!(
+        refused.iter().all(|e| e["data"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("refused the server's challenge"))),
+        "{refused:?}"
     );
 }
 

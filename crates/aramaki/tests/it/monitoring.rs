@@ -144,21 +144,19 @@ impl SimAgent {
         let nonce = hex(&[7u8; 32]);
         let exchange = Exchange::from_seed([8u8; 32]);
         let agent_key = hex(key.verifying_key().as_bytes());
-        send(
-            &mut ws,
-            &AgentMessage::Hello {
-                protocol: AGENT_PROTOCOL_VERSION,
-                agent_id: id.to_owned(),
-                public_key: agent_key.clone(),
-                nonce: nonce.clone(),
-                exchange: exchange.public_hex(),
-                version: "test".into(),
-                subscriptions: vec!["linux".into()],
-                queue_depth: 0,
-                spans: vec![],
-            },
-        )
-        .await;
+        let hello = AgentMessage::Hello {
+            protocol: AGENT_PROTOCOL_VERSION,
+            agent_id: id.to_owned(),
+            public_key: agent_key.clone(),
+            nonce: nonce.clone(),
+            exchange: exchange.public_hex(),
+            version: "test".into(),
+            subscriptions: vec!["linux".into()],
+            queue_depth: 0,
+            spans: vec![],
+        };
+        let hello_digest = aramaki_protocol::agent::hello_digest(&hello);
+        send(&mut ws, &hello).await;
         let (server_nonce, server_exchange, signature) = match recv(&mut ws).await {
             ServerMessage::Challenge {
                 nonce,
@@ -175,7 +173,17 @@ impl SimAgent {
                 let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
                 server_key
                     .verify(
-                        &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                        &aramaki_protocol::agent::refusal_transcript(
+                            &aramaki_protocol::agent::RefusedHello {
+                                agent_id: id,
+                                agent_key: &agent_key,
+                                agent_nonce: &nonce,
+                                agent_exchange: &exchange.public_hex(),
+                                hello: &hello_digest,
+                            },
+                            reason,
+                            &message,
+                        ),
                         &sig,
                     )
                     .expect("a refusal of a hello is signed over the agent's nonce");
@@ -194,6 +202,7 @@ impl SimAgent {
             server_nonce: &server_nonce,
             agent_exchange: &agent_exchange,
             server_exchange: &server_exchange,
+            hello: &hello_digest,
         };
         let server_key =
             VerifyingKey::from_bytes(app.ctx.identity.public_key().as_bytes()).unwrap();
