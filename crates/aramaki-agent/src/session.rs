@@ -312,16 +312,24 @@ pub async fn register_with(
     .await?;
     // The server proves the key the token names before the token leaves
     // this host: a server that cannot never sees it.
-    let server_key = match receive_within(&mut socket).await? {
+    let (server_key, server_nonce) = match receive_within(&mut socket).await? {
         ServerMessage::EnrollProof {
+            nonce: server_nonce,
             server_key,
             signature,
         } => {
-            let key = verify_enroll_proof(token, &nonce, &public_key, &server_key, &signature);
+            let key = verify_enroll_proof(
+                token,
+                &nonce,
+                &server_nonce,
+                &public_key,
+                &server_key,
+                &signature,
+            );
             if key.is_err() {
                 let _ = socket.close(None).await;
             }
-            key?
+            (key?, server_nonce)
         }
         other => {
             return Err(transient(format!(
@@ -329,11 +337,25 @@ pub async fn register_with(
             )))
         }
     };
+    // The secret itself never leaves this host: a relay that passed the
+    // proof along sees only a MAC bound to both nonces and to our key.
+    let mac = aramaki_protocol::agent::enroll_mac(
+        &aramaki_protocol::agent::token_secret_hash(&token.secret),
+        &aramaki_protocol::agent::Enrollment {
+            agent_nonce: &nonce,
+            server_nonce: &server_nonce,
+            agent_key: &public_key,
+            server_key: &hex(server_key.as_bytes()),
+            token_id: &token.id,
+            name,
+        },
+    );
     send(
         &mut socket,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
-            token: token.to_string(),
+            token_id: token.id.clone(),
+            mac,
             public_key,
             name: name.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -362,6 +384,7 @@ pub async fn register_with(
 fn verify_enroll_proof(
     token: &EnrollToken,
     nonce: &str,
+    server_nonce: &str,
     public_key: &str,
     server_key: &str,
     signature: &str,
@@ -380,7 +403,7 @@ fn verify_enroll_proof(
         .map(|b| Signature::from_bytes(&b))
         .ok_or_else(|| SessionError::WrongServer("the proof carries no valid signature".into()))?;
     key.verify(
-        &enroll_transcript(nonce, public_key, server_key),
+        &enroll_transcript(nonce, server_nonce, public_key, server_key),
         &signature,
     )
     .map_err(|_| {

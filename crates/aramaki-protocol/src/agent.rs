@@ -27,8 +27,9 @@
 //! Enrollment: agent → [`AgentMessage::EnrollHello`] (a nonce, no token);
 //! server → [`ServerMessage::EnrollProof`] (its key and a signature over
 //! [`enroll_transcript`]); the agent checks the key against the token's
-//! fingerprint and the signature, and only then sends the token in
-//! [`AgentMessage::Enroll`], answered by [`ServerMessage::Enrolled`].
+//! fingerprint and the signature, and only then proves the token (never
+//! sending its secret) in [`AgentMessage::Enroll`], answered by
+//! [`ServerMessage::Enrolled`].
 //!
 //! Then, in any order: results up ([`AgentMessage::Records`], acknowledged by
 //! [`ServerMessage::Ack`] once committed), heartbeats both ways, check
@@ -70,8 +71,14 @@ pub enum AgentMessage {
     /// token names: trade the token for a registration.
     Enroll {
         protocol: u32,
-        /// The enrollment token as printed by `aramaki agent token`.
-        token: String,
+        /// The id of the enrollment token (its visible prefix). The secret
+        /// never leaves the agent: `mac` proves it.
+        token_id: String,
+        /// [`enroll_mac`], hex: keyed by the hash of the token's secret that
+        /// the server stores, over both nonces, both keys, the token id and
+        /// the name, so that a relay that saw it can neither replay it nor
+        /// enroll another key with it.
+        mac: String,
         /// The agent's new Ed25519 public key, 64 hex digits.
         public_key: String,
         /// A name for this agent, unique per server (the host name by default).
@@ -123,6 +130,8 @@ pub enum ServerMessage {
     /// Answer to [`AgentMessage::EnrollHello`]: the server's key and its
     /// signature over [`enroll_transcript`].
     EnrollProof {
+        /// 32 random bytes, hex: the server's nonce for this enrollment.
+        nonce: String,
         server_key: String,
         signature: String,
     },
@@ -690,14 +699,57 @@ fn transcript(domain: &[u8], h: &Handshake<'_>) -> Vec<u8> {
 }
 
 /// What the server signs to prove its key to an enrolling agent, before the
-/// agent sends its token.
-pub fn enroll_transcript(agent_nonce: &str, agent_key: &str, server_key: &str) -> Vec<u8> {
+/// agent proves its token.
+pub fn enroll_transcript(
+    agent_nonce: &str,
+    server_nonce: &str,
+    agent_key: &str,
+    server_key: &str,
+) -> Vec<u8> {
     length_prefixed(&[
-        b"aramaki-agent-enroll-v2",
+        b"aramaki-agent-enroll-v3",
         agent_nonce.as_bytes(),
+        server_nonce.as_bytes(),
         agent_key.as_bytes(),
         server_key.as_bytes(),
     ])
+}
+
+/// The facts of one enrollment that the token's MAC covers.
+#[derive(Debug, Clone, Copy)]
+pub struct Enrollment<'a> {
+    pub agent_nonce: &'a str,
+    pub server_nonce: &'a str,
+    /// The agent's new public key, hex.
+    pub agent_key: &'a str,
+    pub server_key: &'a str,
+    pub token_id: &'a str,
+    pub name: &'a str,
+}
+
+/// What the server stores of a token's secret (and so the MAC key): its
+/// SHA-256, hex.
+pub fn token_secret_hash(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    crate::keys::hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// The agent's proof that it holds the token: HMAC-SHA256 keyed by
+/// [`token_secret_hash`] over the enrollment's facts, hex.
+pub fn enroll_mac(secret_hash: &str, e: &Enrollment<'_>) -> String {
+    let transcript = length_prefixed(&[
+        b"aramaki-agent-enroll-mac-v3",
+        e.agent_nonce.as_bytes(),
+        e.server_nonce.as_bytes(),
+        e.agent_key.as_bytes(),
+        e.server_key.as_bytes(),
+        e.token_id.as_bytes(),
+        e.name.as_bytes(),
+    ]);
+    crate::keys::hex(&crate::frames::hmac_sha256(
+        secret_hash.as_bytes(),
+        &[&transcript],
+    ))
 }
 
 /// The `hello` a refusal answers, as the server received it.
@@ -882,9 +934,36 @@ mod tests {
         };
         assert_ne!(server_transcript(&shifted), server_transcript(&shifted2));
         assert_ne!(
-            enroll_transcript("n", "ak", "sk"),
-            enroll_transcript("n", "a", "ksk")
+            enroll_transcript("n", "m", "ak", "sk"),
+            enroll_transcript("n", "m", "a", "ksk")
         );
+        let e = Enrollment {
+            agent_nonce: "n1",
+            server_nonce: "n2",
+            agent_key: "ak",
+            server_key: "sk",
+            token_id: "t",
+            name: "web",
+        };
+        let mac = enroll_mac("h", &e);
+        assert_ne!(mac, enroll_mac("h2", &e));
+        for other in [
+            Enrollment {
+                agent_key: "bk",
+                ..e
+            },
+            Enrollment {
+                server_nonce: "n3",
+                ..e
+            },
+            Enrollment {
+                agent_nonce: "n3",
+                ..e
+            },
+            Enrollment { name: "db", ..e },
+        ] {
+            assert_ne!(mac, enroll_mac("h", &other));
+        }
     }
 
     #[test]

@@ -242,24 +242,36 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
         return refuse(socket, Refusal::Malformed, "nonce must be 32 bytes in hex").await;
     }
     let server_key = ctx.identity.public_key_hex();
-    let signature = ctx
-        .identity
-        .sign(&enroll_transcript(nonce, public_key, &server_key));
+    let server_nonce = match super::random::<32>() {
+        Ok(b) => hex(&b),
+        Err(e) => {
+            let (reason, message) = internal(e);
+            return refuse(socket, reason, &message).await;
+        }
+    };
+    let signature = ctx.identity.sign(&enroll_transcript(
+        nonce,
+        &server_nonce,
+        public_key,
+        &server_key,
+    ));
     let proof = ServerMessage::EnrollProof {
-        server_key,
+        nonce: server_nonce.clone(),
+        server_key: server_key.clone(),
         signature: hex(&signature.to_bytes()),
     };
     if send(socket, &proof).await.is_err() {
         return;
     }
-    let (token, name, version) = match receive_within(socket).await {
+    let (token_id, mac, name, version) = match receive_within(socket).await {
         Some(Ok(AgentMessage::Enroll {
-            token,
+            token_id,
+            mac,
             public_key: enrolling,
             name,
             version,
             ..
-        })) if enrolling == public_key => (token, name, version),
+        })) if enrolling == public_key => (token_id, mac, name, version),
         Some(Ok(AgentMessage::Enroll { .. })) => {
             return refuse(
                 socket,
@@ -272,7 +284,20 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
         Some(Err(e)) => return refuse(socket, Refusal::Malformed, &e).await,
         None => return,
     };
-    match super::enroll(ctx, &token, public_key, &name, &version).await {
+    let facts = aramaki_protocol::agent::Enrollment {
+        agent_nonce: nonce,
+        server_nonce: &server_nonce,
+        agent_key: public_key,
+        server_key: &server_key,
+        token_id: &token_id,
+        name: &name,
+    };
+    let proof = super::TokenProof::Mac {
+        id: &token_id,
+        mac: &mac,
+        facts: &facts,
+    };
+    match super::enroll_with(ctx, proof, public_key, &name, &version).await {
         Ok(enrolled) => {
             let _ = send(
                 socket,

@@ -144,7 +144,8 @@ both!(
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let direct = AgentMessage::Enroll {
             protocol: aramaki_protocol::agent::AGENT_PROTOCOL_VERSION,
-            token: t.clone(),
+            token_id: t.split('_').nth(1).unwrap().to_owned(),
+            mac: "00".repeat(32),
             public_key: "ab".repeat(32),
             name: "old".into(),
             version: "test".into(),
@@ -629,16 +630,28 @@ async fn a_fake_server_never_receives_the_enrollment_token() {
     let own = {
         let (fake, fake_key) = (fake.clone(), fake_key.clone());
         move |nonce: &str, agent: &str| ServerMessage::EnrollProof {
+            nonce: "11".repeat(32),
             signature: hex(&fake
-                .sign(&enroll_transcript(nonce, agent, &fake_key))
+                .sign(&enroll_transcript(
+                    nonce,
+                    &"11".repeat(32),
+                    agent,
+                    &fake_key,
+                ))
                 .to_bytes()),
             server_key: fake_key.clone(),
         }
     };
     // The real server's key is public; the fake cannot sign for it.
     let borrowed = move |nonce: &str, agent: &str| ServerMessage::EnrollProof {
+        nonce: "11".repeat(32),
         signature: hex(&fake
-            .sign(&enroll_transcript(nonce, agent, &real_key))
+            .sign(&enroll_transcript(
+                nonce,
+                &"11".repeat(32),
+                agent,
+                &real_key,
+            ))
             .to_bytes()),
         server_key: real_key.clone(),
     };
@@ -668,6 +681,131 @@ async fn a_fake_server_never_receives_the_enrollment_token() {
         let (code, err) = enroll(&app.base, &t, &host.state(), &format!("real-{i}"));
         assert_eq!(code, 0, "{err}");
     }
+}
+
+/// A relay between an agent and the real server keeps every enrollment
+/// message it passed on: the secret is not among them, and neither the
+/// captured MAC with the relay's own key nor a replay of the whole exchange
+/// enrolls anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_enroll_with_what_it_saw() {
+    use aramaki_protocol::agent::AGENT_PROTOCOL_VERSION;
+    use aramaki_protocol::keys::hex;
+
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("watched-host", "host", json!({})).await;
+    // Reusable, so that a refusal below is not just "used already".
+    let t = token(&app, "watched-host", json!({"reusable": true})).await;
+    let secret = t.split('_').nth(2).unwrap().to_owned();
+    let url = format!(
+        "{}{}",
+        app.base.replace("http://", "ws://"),
+        aramaki_protocol::agent::CONNECT_PATH
+    );
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+    async fn talk(ws: &mut Ws, m: &AgentMessage) -> Result<(), impl std::fmt::Debug> {
+        let text = serde_json::to_string(m).unwrap();
+        ws.send(Message::Text(text.into())).await
+    }
+    async fn answer(ws: &mut Ws) -> ServerMessage {
+        loop {
+            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                break serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    }
+    // The victim's enrollment, as the relay sees it (the real agent does
+    // the same: crate::monitoring::enroll speaks its protocol).
+    let victim = crate::monitoring::key(91);
+    let victim_key = hex(victim.verifying_key().as_bytes());
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let nonce = hex(&[9u8; 32]);
+    let hello = AgentMessage::EnrollHello {
+        protocol: AGENT_PROTOCOL_VERSION,
+        nonce: nonce.clone(),
+        public_key: victim_key.clone(),
+    };
+    talk(&mut ws, &hello).await.unwrap();
+    let ServerMessage::EnrollProof {
+        nonce: server_nonce,
+        server_key,
+        ..
+    } = answer(&mut ws).await
+    else {
+        panic!("expected a proof")
+    };
+    let enroll = AgentMessage::Enroll {
+        protocol: AGENT_PROTOCOL_VERSION,
+        token_id: t.split('_').nth(1).unwrap().to_owned(),
+        mac: aramaki_protocol::agent::enroll_mac(
+            &aramaki_protocol::agent::token_secret_hash(&secret),
+            &aramaki_protocol::agent::Enrollment {
+                agent_nonce: &nonce,
+                server_nonce: &server_nonce,
+                agent_key: &victim_key,
+                server_key: &server_key,
+                token_id: t.split('_').nth(1).unwrap(),
+                name: "victim",
+            },
+        ),
+        public_key: victim_key.clone(),
+        name: "victim".into(),
+        version: "test".into(),
+    };
+    let captured = serde_json::to_string(&enroll).unwrap();
+    assert!(!captured.contains(&secret), "{captured}");
+    talk(&mut ws, &enroll).await.unwrap();
+    assert!(matches!(
+        answer(&mut ws).await,
+        ServerMessage::Enrolled { .. }
+    ));
+
+    // The relay enrolls its own key with the captured MAC ...
+    let relay_key = hex(crate::monitoring::key(92).verifying_key().as_bytes());
+    let AgentMessage::Enroll { token_id, mac, .. } = enroll.clone() else {
+        unreachable!()
+    };
+    for (key, name) in [(relay_key.clone(), "relay"), (victim_key.clone(), "victim")] {
+        // ... or replays the victim's whole enrollment (same nonce, same key).
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        talk(
+            &mut ws,
+            &AgentMessage::EnrollHello {
+                protocol: AGENT_PROTOCOL_VERSION,
+                nonce: nonce.clone(),
+                public_key: key.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            answer(&mut ws).await,
+            ServerMessage::EnrollProof { .. }
+        ));
+        let forged = AgentMessage::Enroll {
+            protocol: AGENT_PROTOCOL_VERSION,
+            token_id: token_id.clone(),
+            mac: mac.clone(),
+            public_key: key,
+            name: name.into(),
+            version: "test".into(),
+        };
+        talk(&mut ws, &forged).await.unwrap();
+        match answer(&mut ws).await {
+            ServerMessage::Refused { reason, .. } => assert_eq!(reason, Refusal::TokenInvalid),
+            other => panic!("the captured MAC enrolled {name}: {other:?}"),
+        }
+    }
+    let agents = app.get("/api/v1/agents").await;
+    let names: Vec<&str> = agents["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, ["victim"], "{agents}");
 }
 
 /// A TCP proxy in front of the server that can be switched off: "the server

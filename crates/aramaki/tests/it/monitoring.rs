@@ -98,24 +98,43 @@ pub async fn enroll(
         },
     )
     .await;
-    match recv(&mut ws).await {
+    let proof = match recv(&mut ws).await {
         ServerMessage::EnrollProof {
+            nonce: server_nonce,
             server_key,
             signature,
         } => {
             let key = VerifyingKey::from_bytes(&unhex_array::<32>(&server_key).unwrap()).unwrap();
             let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
-            key.verify(&enroll_transcript(&nonce, &public_key, &server_key), &sig)
-                .expect("the server proves its key before the token is sent");
+            key.verify(
+                &enroll_transcript(&nonce, &server_nonce, &public_key, &server_key),
+                &sig,
+            )
+            .expect("the server proves its key before the token is sent");
+            (server_nonce, server_key)
         }
         ServerMessage::Refused { reason, message } => return Err((reason, message)),
         other => panic!("unexpected {other:?}"),
-    }
+    };
+    let parsed = aramaki_protocol::agent::EnrollToken::parse(token);
+    let (token_id, secret) = parsed.map_or((String::new(), String::new()), |t| (t.id, t.secret));
+    let mac = aramaki_protocol::agent::enroll_mac(
+        &aramaki_protocol::agent::token_secret_hash(&secret),
+        &aramaki_protocol::agent::Enrollment {
+            agent_nonce: &nonce,
+            server_nonce: &proof.0,
+            agent_key: &public_key,
+            server_key: &proof.1,
+            token_id: &token_id,
+            name,
+        },
+    );
     send(
         &mut ws,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
-            token: token.to_owned(),
+            token_id,
+            mac,
             public_key,
             name: name.to_owned(),
             version: "test".into(),
