@@ -35,6 +35,11 @@ pub enum SessionError {
     /// The server is not who we pinned: never talk to it.
     #[error("server key does not match the pinned fingerprint ({0})")]
     WrongServer(String),
+    /// A session's challenge did not prove the pinned key: another server,
+    /// or anyone in the path (a relay on `ws://` can send any challenge).
+    /// Not final, or one forged frame would stop the agent for good.
+    #[error("the server did not prove the pinned key ({0}); someone in the path or another server: not taken as final")]
+    Unproven(String),
     /// A frame of the session failed its integrity check: refused, and the
     /// session ends (a new one may be tried).
     #[error("refused a frame from the server: {0}")]
@@ -51,7 +56,9 @@ impl SessionError {
         match self {
             SessionError::Refused { reason, .. } => reason.is_final(),
             SessionError::WrongServer(_) | SessionError::Local(_) => true,
-            SessionError::Transient(_) | SessionError::Integrity(_) => false,
+            SessionError::Transient(_) | SessionError::Integrity(_) | SessionError::Unproven(_) => {
+                false
+            }
         }
     }
 }
@@ -305,16 +312,24 @@ pub async fn register_with(
     .await?;
     // The server proves the key the token names before the token leaves
     // this host: a server that cannot never sees it.
-    let server_key = match receive_within(&mut socket).await? {
+    let (server_key, server_nonce) = match receive_within(&mut socket).await? {
         ServerMessage::EnrollProof {
+            nonce: server_nonce,
             server_key,
             signature,
         } => {
-            let key = verify_enroll_proof(token, &nonce, &public_key, &server_key, &signature);
+            let key = verify_enroll_proof(
+                token,
+                &nonce,
+                &server_nonce,
+                &public_key,
+                &server_key,
+                &signature,
+            );
             if key.is_err() {
                 let _ = socket.close(None).await;
             }
-            key?
+            (key?, server_nonce)
         }
         other => {
             return Err(transient(format!(
@@ -322,11 +337,25 @@ pub async fn register_with(
             )))
         }
     };
+    // The secret itself never leaves this host: a relay that passed the
+    // proof along sees only a MAC bound to both nonces and to our key.
+    let mac = aramaki_protocol::agent::enroll_mac(
+        &aramaki_protocol::agent::token_secret_hash(&token.secret),
+        &aramaki_protocol::agent::Enrollment {
+            agent_nonce: &nonce,
+            server_nonce: &server_nonce,
+            agent_key: &public_key,
+            server_key: &hex(server_key.as_bytes()),
+            token_id: &token.id,
+            name,
+        },
+    );
     send(
         &mut socket,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
-            token: token.to_string(),
+            token_id: token.id.clone(),
+            mac,
             public_key,
             name: name.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -355,6 +384,7 @@ pub async fn register_with(
 fn verify_enroll_proof(
     token: &EnrollToken,
     nonce: &str,
+    server_nonce: &str,
     public_key: &str,
     server_key: &str,
     signature: &str,
@@ -373,7 +403,7 @@ fn verify_enroll_proof(
         .map(|b| Signature::from_bytes(&b))
         .ok_or_else(|| SessionError::WrongServer("the proof carries no valid signature".into()))?;
     key.verify(
-        &enroll_transcript(nonce, public_key, server_key),
+        &enroll_transcript(nonce, server_nonce, public_key, server_key),
         &signature,
     )
     .map_err(|_| {
@@ -469,6 +499,18 @@ async fn session(agent: &mut Agent) -> Result<(), SessionError> {
             report_refused_frame(agent, "(handshake)", &e).await;
             return Err(SessionError::Integrity(e));
         }
+        Err(SessionError::Unproven(e)) => {
+            tracing::error!(error = %e, "the server's challenge does not verify against the pinned key; retrying");
+            report_notice(
+                agent,
+                format!(
+                    "agent '{}' refused the server's challenge: it does not verify against the pinned key ({e})",
+                    agent.registration.name
+                ),
+            )
+            .await;
+            return Err(SessionError::Unproven(e));
+        }
         Err(e) => return Err(e),
     };
     let Welcome {
@@ -522,12 +564,21 @@ async fn renumber_if_restored(
 /// works again (an attacker in the path cannot make it vanish).
 async fn report_refused_frame(agent: &Agent, session: &str, e: &FrameError) {
     tracing::error!(session, error = %e, "refused a frame from the server; ending the session");
-    let notice = RecordBody::Notice {
-        notice: Notice::FrameRefused,
-        message: format!(
+    report_notice(
+        agent,
+        format!(
             "agent '{}' refused a frame in session {session}: {e}",
             agent.registration.name
         ),
+    )
+    .await;
+}
+
+/// Queues a `frame_refused` notice with `message`.
+async fn report_notice(agent: &Agent, message: String) {
+    let notice = RecordBody::Notice {
+        notice: Notice::FrameRefused,
+        message,
     };
     if let Err(e) = agent.shared.push(vec![notice]).await {
         tracing::error!(error = %e, "cannot queue the report of a refused frame");
@@ -619,21 +670,21 @@ pub async fn handshake_with(
     let exchange = Exchange::from_seed(random_bytes()?);
     let agent_key = hex(me.key.verifying_key().as_bytes());
     let server_key = hex(me.server_key.as_bytes());
-    send(
-        &mut socket,
-        &AgentMessage::Hello {
-            protocol: AGENT_PROTOCOL_VERSION,
-            agent_id: id.to_owned(),
-            public_key: agent_key.clone(),
-            nonce: nonce.clone(),
-            exchange: exchange.public_hex(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            subscriptions,
-            queue_depth,
-            spans,
-        },
-    )
-    .await?;
+    let agent_exchange = exchange.public_hex();
+    let hello = AgentMessage::Hello {
+        protocol: AGENT_PROTOCOL_VERSION,
+        agent_id: id.to_owned(),
+        public_key: agent_key.clone(),
+        nonce: nonce.clone(),
+        exchange: agent_exchange.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        subscriptions,
+        queue_depth,
+        spans,
+    };
+    // Both signatures and the frame keys cover the whole hello, as sent.
+    let hello_digest = aramaki_protocol::agent::hello_digest(&hello);
+    send(&mut socket, &hello).await?;
     let answer = match receive_within(&mut socket).await {
         // Unsigned: anyone in the path could have sent it. Retried, never
         // taken as final.
@@ -656,12 +707,21 @@ pub async fn handshake_with(
             message,
             signature,
         } => {
+            // Final only if the server refused this very hello: our id, our
+            // key, our nonce and exchange key, every field as we sent it.
+            let ours = aramaki_protocol::agent::RefusedHello {
+                agent_id: id,
+                agent_key: &agent_key,
+                agent_nonce: &nonce,
+                agent_exchange: &agent_exchange,
+                hello: &hello_digest,
+            };
             let signed = unhex_array::<64>(&signature)
                 .map(|b| Signature::from_bytes(&b))
                 .is_some_and(|sig| {
                     me.server_key
                         .verify(
-                            &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                            &aramaki_protocol::agent::refusal_transcript(&ours, reason, &message),
                             &sig,
                         )
                         .is_ok()
@@ -670,14 +730,13 @@ pub async fn handshake_with(
                 SessionError::Refused { reason, message }
             } else {
                 transient(format!(
-                    "a refusal with a bad signature ({}: {message}); not taken as final",
+                    "a refusal not signed for this hello ({}: {message}); not taken as final",
                     reason.describe()
                 ))
             });
         }
         other => return Err(transient(format!("expected a challenge, got {other:?}"))),
     };
-    let agent_exchange = exchange.public_hex();
     let facts = Handshake {
         agent_id: id,
         agent_key: &agent_key,
@@ -686,22 +745,21 @@ pub async fn handshake_with(
         server_nonce: &server_nonce,
         agent_exchange: &agent_exchange,
         server_exchange: &server_exchange,
+        hello: &hello_digest,
     };
     let signature = unhex_array::<64>(&signature)
         .map(|b| Signature::from_bytes(&b))
-        .ok_or_else(|| {
-            SessionError::WrongServer("the challenge carries no valid signature".into())
-        })?;
+        .ok_or_else(|| SessionError::Unproven("the challenge carries no valid signature".into()))?;
     me.server_key
         .verify(&server_transcript(&facts), &signature)
         .map_err(|_| {
-            SessionError::WrongServer(format!(
-                "pinned {}",
+            SessionError::Unproven(format!(
+                "the challenge's signature does not verify for pinned {} over this hello",
                 aramaki_protocol::keys::fingerprint(me.server_key.as_bytes())
             ))
         })?;
     let shared = exchange.agree(&server_exchange).ok_or_else(|| {
-        SessionError::WrongServer("the server's exchange key is not a usable key".into())
+        SessionError::Unproven("the server's exchange key is not a usable key".into())
     })?;
     let keys = SessionKeys::derive(&shared, &session_transcript(&facts));
     let mine = me.key.sign(&agent_transcript(&facts));

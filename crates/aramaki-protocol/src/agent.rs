@@ -27,8 +27,9 @@
 //! Enrollment: agent → [`AgentMessage::EnrollHello`] (a nonce, no token);
 //! server → [`ServerMessage::EnrollProof`] (its key and a signature over
 //! [`enroll_transcript`]); the agent checks the key against the token's
-//! fingerprint and the signature, and only then sends the token in
-//! [`AgentMessage::Enroll`], answered by [`ServerMessage::Enrolled`].
+//! fingerprint and the signature, and only then proves the token (never
+//! sending its secret) in [`AgentMessage::Enroll`], answered by
+//! [`ServerMessage::Enrolled`].
 //!
 //! Then, in any order: results up ([`AgentMessage::Records`], acknowledged by
 //! [`ServerMessage::Ack`] once committed), heartbeats both ways, check
@@ -70,8 +71,14 @@ pub enum AgentMessage {
     /// token names: trade the token for a registration.
     Enroll {
         protocol: u32,
-        /// The enrollment token as printed by `aramaki agent token`.
-        token: String,
+        /// The id of the enrollment token (its visible prefix). The secret
+        /// never leaves the agent: `mac` proves it.
+        token_id: String,
+        /// [`enroll_mac`], hex: keyed by the hash of the token's secret that
+        /// the server stores, over both nonces, both keys, the token id and
+        /// the name, so that a relay that saw it can neither replay it nor
+        /// enroll another key with it.
+        mac: String,
         /// The agent's new Ed25519 public key, 64 hex digits.
         public_key: String,
         /// A name for this agent, unique per server (the host name by default).
@@ -123,6 +130,8 @@ pub enum ServerMessage {
     /// Answer to [`AgentMessage::EnrollHello`]: the server's key and its
     /// signature over [`enroll_transcript`].
     EnrollProof {
+        /// 32 random bytes, hex: the server's nonce for this enrollment.
+        nonce: String,
         server_key: String,
         signature: String,
     },
@@ -160,9 +169,11 @@ pub enum ServerMessage {
     /// The session or enrollment is refused; the server closes the socket.
     Refused { reason: Refusal, message: String },
     /// A refusal of a `hello`, before frames are sealed: signed over
-    /// [`refusal_transcript`] with the agent's nonce, so that a relay cannot
-    /// make an agent stop for good with a refusal of its own (the agent
-    /// takes an unsigned one as a reason to retry, never as final).
+    /// [`refusal_transcript`] with the agent id, key, nonce and exchange key
+    /// the server received, so that a relay cannot make an agent stop for
+    /// good with a refusal of its own or one the server gave to the relay's
+    /// rewritten `hello` (the agent takes anything else as a reason to
+    /// retry, never as final).
     SignedRefusal {
         reason: Refusal,
         message: String,
@@ -656,6 +667,19 @@ pub struct Handshake<'a> {
     pub server_nonce: &'a str,
     pub agent_exchange: &'a str,
     pub server_exchange: &'a str,
+    /// [`hello_digest`] of the `hello` as the server received it: binds
+    /// every field of it (subscriptions, spans, queue depth, version), not
+    /// only those above.
+    pub hello: &'a str,
+}
+
+/// SHA-256 (hex) of a message's canonical JSON text: what both sides put
+/// into the session transcript for the `hello`, so that a relay rewriting
+/// any field of it makes both signatures fail.
+pub fn hello_digest(hello: &AgentMessage) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_vec(hello).unwrap_or_default();
+    crate::keys::hex(&Sha256::digest(&text))
 }
 
 /// What the server signs: domain, both nonces, both exchange keys and the
@@ -686,26 +710,88 @@ fn transcript(domain: &[u8], h: &Handshake<'_>) -> Vec<u8> {
         h.server_nonce.as_bytes(),
         h.agent_exchange.as_bytes(),
         h.server_exchange.as_bytes(),
+        h.hello.as_bytes(),
     ])
 }
 
 /// What the server signs to prove its key to an enrolling agent, before the
-/// agent sends its token.
-pub fn enroll_transcript(agent_nonce: &str, agent_key: &str, server_key: &str) -> Vec<u8> {
+/// agent proves its token.
+pub fn enroll_transcript(
+    agent_nonce: &str,
+    server_nonce: &str,
+    agent_key: &str,
+    server_key: &str,
+) -> Vec<u8> {
     length_prefixed(&[
-        b"aramaki-agent-enroll-v2",
+        b"aramaki-agent-enroll-v3",
         agent_nonce.as_bytes(),
+        server_nonce.as_bytes(),
         agent_key.as_bytes(),
         server_key.as_bytes(),
     ])
 }
 
+/// The facts of one enrollment that the token's MAC covers.
+#[derive(Debug, Clone, Copy)]
+pub struct Enrollment<'a> {
+    pub agent_nonce: &'a str,
+    pub server_nonce: &'a str,
+    /// The agent's new public key, hex.
+    pub agent_key: &'a str,
+    pub server_key: &'a str,
+    pub token_id: &'a str,
+    pub name: &'a str,
+}
+
+/// What the server stores of a token's secret (and so the MAC key): its
+/// SHA-256, hex.
+pub fn token_secret_hash(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    crate::keys::hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// The agent's proof that it holds the token: HMAC-SHA256 keyed by
+/// [`token_secret_hash`] over the enrollment's facts, hex.
+pub fn enroll_mac(secret_hash: &str, e: &Enrollment<'_>) -> String {
+    let transcript = length_prefixed(&[
+        b"aramaki-agent-enroll-mac-v3",
+        e.agent_nonce.as_bytes(),
+        e.server_nonce.as_bytes(),
+        e.agent_key.as_bytes(),
+        e.server_key.as_bytes(),
+        e.token_id.as_bytes(),
+        e.name.as_bytes(),
+    ]);
+    crate::keys::hex(&crate::frames::hmac_sha256(
+        secret_hash.as_bytes(),
+        &[&transcript],
+    ))
+}
+
+/// The `hello` a refusal answers, as the server received it.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusedHello<'a> {
+    pub agent_id: &'a str,
+    pub agent_key: &'a str,
+    pub agent_nonce: &'a str,
+    pub agent_exchange: &'a str,
+    /// [`hello_digest`] of the whole `hello`.
+    pub hello: &'a str,
+}
+
 /// What the server signs to refuse a `hello` (see
-/// [`ServerMessage::SignedRefusal`]).
-pub fn refusal_transcript(agent_nonce: &str, reason: Refusal, message: &str) -> Vec<u8> {
+/// [`ServerMessage::SignedRefusal`]): the agent id, key, nonce and exchange
+/// key the server received, so that a refusal the server gave to a relay's
+/// rewritten `hello` (another id, another key, the agent's nonce copied) is
+/// no refusal of the agent's own.
+pub fn refusal_transcript(h: &RefusedHello<'_>, reason: Refusal, message: &str) -> Vec<u8> {
     length_prefixed(&[
-        b"aramaki-agent-refusal-v2",
-        agent_nonce.as_bytes(),
+        b"aramaki-agent-refusal-v3",
+        h.agent_id.as_bytes(),
+        h.agent_key.as_bytes(),
+        h.agent_nonce.as_bytes(),
+        h.agent_exchange.as_bytes(),
+        h.hello.as_bytes(),
         reason.describe().as_bytes(),
         message.as_bytes(),
     ])
@@ -838,6 +924,7 @@ mod tests {
             server_nonce: "n2",
             agent_exchange: "x1",
             server_exchange: "x2",
+            hello: "h",
         };
         let s = server_transcript(&h);
         assert_ne!(s, agent_transcript(&h));
@@ -853,6 +940,10 @@ mod tests {
             ..h
         };
         assert_ne!(s, server_transcript(&other_exchange));
+        let other_hello = Handshake { hello: "h2", ..h };
+        assert_ne!(s, server_transcript(&other_hello));
+        assert_ne!(agent_transcript(&h), agent_transcript(&other_hello));
+        assert_ne!(session_transcript(&h), session_transcript(&other_hello));
         let shifted = Handshake {
             agent_id: "ab",
             agent_key: "k",
@@ -865,9 +956,96 @@ mod tests {
         };
         assert_ne!(server_transcript(&shifted), server_transcript(&shifted2));
         assert_ne!(
-            enroll_transcript("n", "ak", "sk"),
-            enroll_transcript("n", "a", "ksk")
+            enroll_transcript("n", "m", "ak", "sk"),
+            enroll_transcript("n", "m", "a", "ksk")
         );
+        let e = Enrollment {
+            agent_nonce: "n1",
+            server_nonce: "n2",
+            agent_key: "ak",
+            server_key: "sk",
+            token_id: "t",
+            name: "web",
+        };
+        let mac = enroll_mac("h", &e);
+        assert_ne!(mac, enroll_mac("h2", &e));
+        for other in [
+            Enrollment {
+                agent_key: "bk",
+                ..e
+            },
+            Enrollment {
+                server_nonce: "n3",
+                ..e
+            },
+            Enrollment {
+                agent_nonce: "n3",
+                ..e
+            },
+            Enrollment { name: "db", ..e },
+        ] {
+            assert_ne!(mac, enroll_mac("h", &other));
+        }
+    }
+
+    #[test]
+    fn hello_digests_cover_every_field() {
+        let hello = AgentMessage::Hello {
+            protocol: AGENT_PROTOCOL_VERSION,
+            agent_id: "a".into(),
+            public_key: "k".into(),
+            nonce: "n".into(),
+            exchange: "x".into(),
+            version: "1".into(),
+            subscriptions: vec!["linux".into()],
+            queue_depth: 3,
+            spans: vec![],
+        };
+        let d = hello_digest(&hello);
+        assert_eq!(d.len(), 64);
+        // The same message parsed back (as the server sees it) digests alike.
+        let text = serde_json::to_string(&hello).unwrap();
+        let parsed: AgentMessage = serde_json::from_str(&text).unwrap();
+        assert_eq!(hello_digest(&parsed), d);
+        let rewritten: AgentMessage =
+            serde_json::from_str(&text.replace(r#"["linux"]"#, r#"["db"]"#)).unwrap();
+        assert_ne!(hello_digest(&rewritten), d, "subscriptions are covered");
+        let deeper: AgentMessage =
+            serde_json::from_str(&text.replace(r#""queue_depth":3"#, r#""queue_depth":4"#))
+                .unwrap();
+        assert_ne!(hello_digest(&deeper), d, "the queue depth is covered");
+    }
+
+    #[test]
+    fn refusals_are_bound_to_the_hello_received() {
+        let mine = RefusedHello {
+            agent_id: "a",
+            agent_key: "k",
+            agent_nonce: "n",
+            agent_exchange: "x",
+            hello: "h",
+        };
+        let t = refusal_transcript(&mine, Refusal::KeyChanged, "m");
+        for other in [
+            RefusedHello {
+                agent_id: "b",
+                ..mine
+            },
+            RefusedHello {
+                agent_key: "k2",
+                ..mine
+            },
+            RefusedHello {
+                agent_exchange: "x2",
+                ..mine
+            },
+            RefusedHello {
+                hello: "h2",
+                ..mine
+            },
+        ] {
+            assert_ne!(t, refusal_transcript(&other, Refusal::KeyChanged, "m"));
+        }
     }
 
     #[test]

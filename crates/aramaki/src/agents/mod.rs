@@ -237,15 +237,69 @@ pub async fn enroll(
     let token = EnrollToken::parse(token).ok_or_else(|| {
         AgentError::refused(Refusal::TokenInvalid, "this is not an enrollment token")
     })?;
+    enroll_with(
+        ctx,
+        TokenProof::Secret {
+            id: &token.id,
+            secret: &token.secret,
+        },
+        public_key,
+        name,
+        version,
+    )
+    .await
+}
+
+/// How an enrolling party shows it holds a token.
+pub enum TokenProof<'a> {
+    /// The secret itself (an admin's in-process enrollment).
+    Secret { id: &'a str, secret: &'a str },
+    /// An agent over the socket: the token id and a MAC keyed by the stored
+    /// hash of the secret over this enrollment's facts (the secret never
+    /// crosses the wire).
+    Mac {
+        id: &'a str,
+        mac: &'a str,
+        facts: &'a aramaki_protocol::agent::Enrollment<'a>,
+    },
+}
+
+impl TokenProof<'_> {
+    fn id(&self) -> &str {
+        match self {
+            TokenProof::Secret { id, .. } | TokenProof::Mac { id, .. } => id,
+        }
+    }
+
+    /// Compared in constant time.
+    fn holds(&self, secret_hash: &str) -> bool {
+        let (given, expected) = match self {
+            TokenProof::Secret { secret, .. } => (hash_secret(secret), secret_hash.to_owned()),
+            TokenProof::Mac { mac, facts, .. } => (
+                (*mac).to_owned(),
+                aramaki_protocol::agent::enroll_mac(secret_hash, facts),
+            ),
+        };
+        bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+    }
+}
+
+/// [`enroll`] with a proof of the token.
+pub async fn enroll_with(
+    ctx: &Context,
+    token: TokenProof<'_>,
+    public_key: &str,
+    name: &str,
+    version: &str,
+) -> Result<Enrolled, AgentError> {
     parse_key(public_key)?;
     validate_agent_name(name)?;
     let now = to_micros(ctx.now());
     let mut tx = ctx.db.begin_recording().await?;
-    let row = store::token(&mut tx, &token.id)
+    let row = store::token(&mut tx, token.id())
         .await?
         .ok_or_else(|| AgentError::refused(Refusal::TokenInvalid, "no such enrollment token"))?;
-    let given = hash_secret(&token.secret);
-    if !bool::from(given.as_bytes().ct_eq(row.secret_hash.as_bytes())) {
+    if !token.holds(&row.secret_hash) {
         return Err(AgentError::refused(
             Refusal::TokenInvalid,
             "no such enrollment token",

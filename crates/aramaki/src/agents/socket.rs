@@ -163,6 +163,8 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
         Some(Err(e)) => return refuse(&mut socket, Refusal::Malformed, &e).await,
         None => return,
     };
+    // Everything the agent said in its hello goes into the transcript.
+    let digest = aramaki_protocol::agent::hello_digest(&first);
     match first {
         AgentMessage::EnrollHello {
             protocol,
@@ -208,11 +210,12 @@ async fn session(ctx: Arc<Context>, mut socket: WebSocket) {
                 subscriptions,
                 queue_depth,
                 spans,
+                digest,
             };
             let pending = match challenge(&ctx, &mut socket, &hello).await {
                 Ok(p) => p,
                 Err((reason, message)) => {
-                    return refuse_hello(&ctx, &mut socket, &hello.nonce, reason, &message).await
+                    return refuse_hello(&ctx, &mut socket, &hello, reason, &message).await
                 }
             };
             // From the auth step on the server has the session's keys: a
@@ -247,24 +250,36 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
         return refuse(socket, Refusal::Malformed, "nonce must be 32 bytes in hex").await;
     }
     let server_key = ctx.identity.public_key_hex();
-    let signature = ctx
-        .identity
-        .sign(&enroll_transcript(nonce, public_key, &server_key));
+    let server_nonce = match super::random::<32>() {
+        Ok(b) => hex(&b),
+        Err(e) => {
+            let (reason, message) = internal(e);
+            return refuse(socket, reason, &message).await;
+        }
+    };
+    let signature = ctx.identity.sign(&enroll_transcript(
+        nonce,
+        &server_nonce,
+        public_key,
+        &server_key,
+    ));
     let proof = ServerMessage::EnrollProof {
-        server_key,
+        nonce: server_nonce.clone(),
+        server_key: server_key.clone(),
         signature: hex(&signature.to_bytes()),
     };
     if send(socket, &proof).await.is_err() {
         return;
     }
-    let (token, name, version) = match receive_within(socket).await {
+    let (token_id, mac, name, version) = match receive_within(socket).await {
         Some(Ok(AgentMessage::Enroll {
-            token,
+            token_id,
+            mac,
             public_key: enrolling,
             name,
             version,
             ..
-        })) if enrolling == public_key => (token, name, version),
+        })) if enrolling == public_key => (token_id, mac, name, version),
         Some(Ok(AgentMessage::Enroll { .. })) => {
             return refuse(
                 socket,
@@ -277,7 +292,20 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
         Some(Err(e)) => return refuse(socket, Refusal::Malformed, &e).await,
         None => return,
     };
-    match super::enroll(ctx, &token, public_key, &name, &version).await {
+    let facts = aramaki_protocol::agent::Enrollment {
+        agent_nonce: nonce,
+        server_nonce: &server_nonce,
+        agent_key: public_key,
+        server_key: &server_key,
+        token_id: &token_id,
+        name: &name,
+    };
+    let proof = super::TokenProof::Mac {
+        id: &token_id,
+        mac: &mac,
+        facts: &facts,
+    };
+    match super::enroll_with(ctx, proof, public_key, &name, &version).await {
         Ok(enrolled) => {
             let _ = send(
                 socket,
@@ -303,16 +331,17 @@ async fn enrollment(ctx: &Context, socket: &mut WebSocket, nonce: &str, public_k
     }
 }
 
-/// Refuses a `hello`, signed over the agent's nonce so that the agent can
-/// tell it from a relay's (a nonce that is not one gets a plain refusal).
+/// Refuses a `hello`, signed over the agent id, key, nonce and exchange key
+/// received, so that the agent can tell it from a relay's and from one for a
+/// relay's rewritten hello (a nonce that is not one gets a plain refusal).
 async fn refuse_hello(
     ctx: &Context,
     socket: &mut WebSocket,
-    nonce: &str,
+    hello: &Hello,
     reason: Refusal,
     message: &str,
 ) {
-    if unhex_array::<32>(nonce).is_none() {
+    if unhex_array::<32>(&hello.nonce).is_none() {
         return refuse(socket, reason, message).await;
     }
     tracing::info!(
@@ -323,7 +352,15 @@ async fn refuse_hello(
     let signature = ctx
         .identity
         .sign(&aramaki_protocol::agent::refusal_transcript(
-            nonce, reason, message,
+            &aramaki_protocol::agent::RefusedHello {
+                agent_id: &hello.agent_id,
+                agent_key: &hello.public_key,
+                agent_nonce: &hello.nonce,
+                agent_exchange: &hello.exchange,
+                hello: &hello.digest,
+            },
+            reason,
+            message,
         ));
     let _ = send(
         socket,
@@ -355,6 +392,8 @@ struct Hello {
     subscriptions: Vec<String>,
     queue_depth: u64,
     spans: Vec<aramaki_protocol::agent::QueueSpan>,
+    /// [`aramaki_protocol::agent::hello_digest`] of the hello as received.
+    digest: String,
 }
 
 type Refused = (Refusal, String);
@@ -426,6 +465,7 @@ async fn challenge(
         server_nonce: &server_nonce,
         agent_exchange: &hello.exchange,
         server_exchange: &server_exchange,
+        hello: &hello.digest,
     };
     let signature = ctx.identity.sign(&server_transcript(&facts));
     let keys = SessionKeys::derive(&shared, &session_transcript(&facts));

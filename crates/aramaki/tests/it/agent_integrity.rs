@@ -144,7 +144,8 @@ both!(
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let direct = AgentMessage::Enroll {
             protocol: aramaki_protocol::agent::AGENT_PROTOCOL_VERSION,
-            token: t.clone(),
+            token_id: t.split('_').nth(1).unwrap().to_owned(),
+            mac: "00".repeat(32),
             public_key: "ab".repeat(32),
             name: "old".into(),
             version: "test".into(),
@@ -191,6 +192,13 @@ enum Tamper {
     /// The challenge replaced by a refusal ("revoked") of the relay's own,
     /// which would stop the agent for good if it were believed.
     FakeRevoked,
+    /// The challenge's signature replaced by one that does not verify.
+    ForgeChallenge,
+    /// The hello's key swapped for another, so that the server signs a
+    /// `key_changed` refusal over the agent's nonce, which the relay passes on.
+    ForeignRefusal,
+    /// The hello's subscriptions rewritten on the way to the server.
+    RewriteSubscriptions,
 }
 
 /// A transparent WebSocket relay in front of the server's agent endpoint,
@@ -219,9 +227,26 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                 let (mut to_agent, mut from_agent) = agent.split();
                 let (mut to_server, mut from_server) = server.split();
                 let mut down = 0usize;
+                let mut up = 0usize;
                 loop {
                     tokio::select! {
                         m = from_agent.next() => match m {
+                            Some(Ok(Message::Text(t))) => {
+                                up += 1;
+                                let mut text = t.as_str().to_owned();
+                                // Frame 0 up is the hello.
+                                if up == 1 && matches!(tamper, Tamper::ForeignRefusal | Tamper::RewriteSubscriptions) {
+                                    let mut hello: Value = serde_json::from_str(&text).unwrap();
+                                    if tamper == Tamper::ForeignRefusal {
+                                        hello["public_key"] = Value::String("ab".repeat(32));
+                                    } else {
+                                        hello["subscriptions"] = json!(["rewritten"]);
+                                    }
+                                    text = hello.to_string();
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if to_server.send(Message::Text(text.into())).await.is_err() { return; }
+                            }
                             Some(Ok(m)) => { if to_server.send(m).await.is_err() { return; } }
                             _ => return,
                         },
@@ -238,6 +263,12 @@ async fn relay(backend: String, plan: Vec<Tamper>, script: String) -> (u16, Arc<
                                 // Frame 0 is the challenge, frame 1 the (sealed) welcome.
                                 if down == 1 && tamper == Tamper::FakeRevoked {
                                     text = json!({"type": "refused", "reason": "revoked", "message": "this agent was revoked by an admin"}).to_string();
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if down == 1 && tamper == Tamper::ForgeChallenge {
+                                    let mut challenge: Value = serde_json::from_str(&text).unwrap();
+                                    challenge["signature"] = Value::String("00".repeat(64));
+                                    text = challenge.to_string();
                                     done.fetch_add(1, Ordering::SeqCst);
                                 }
                                 if down == 2 && tamper == Tamper::ForgeWelcome {
@@ -391,6 +422,89 @@ async fn a_relay_cannot_inject_or_replay_frames() {
     );
 }
 
+/// A relay on a plain path meddles with the handshake: a forged challenge,
+/// a refusal the server really signed for the relay's rewritten hello, and
+/// rewritten subscriptions. None stops the agent, none gets a session, and
+/// the agent connects as soon as the relay stops meddling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_stop_the_agent_or_rewrite_its_hello() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("meddled-host", "host", json!({})).await;
+    let host = AgentHost::new();
+    host.configure("\n[check_policy]\nallow_shell = true\n");
+    let rewritten = host.state().with_file_name("rewritten");
+    let (status, v) = app
+        .post(
+            "/api/v1/checks",
+            json!({"name": "relays-pick", "shell": format!("touch {}", rewritten.display()), "subscriptions": ["rewritten"], "interval": 1}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+    let (status, v) = app
+        .post(
+            "/api/v1/checks",
+            json!({"name": "ticker", "command": [DUMMY, "0", "tick"], "subscriptions": ["linux"], "interval": 1}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+    let plan = vec![
+        Tamper::Nothing, // the enrollment
+        Tamper::RewriteSubscriptions,
+        Tamper::ForgeChallenge,
+        Tamper::ForeignRefusal,
+    ];
+    let (port, tampered) = relay(app.base.replace("http://", "ws://"), plan, String::new()).await;
+    let relayed = format!("http://127.0.0.1:{port}");
+    let t = token(&app, "meddled-host", json!({})).await;
+    let (code, err) = enroll(&relayed, &t, &host.state(), "meddled");
+    assert_eq!(code, 0, "{err}");
+    let mut agent = host.run();
+
+    let ticks = |v: Value| v["items"].as_array().map_or(0, Vec::len);
+    eventually("results once the relay stops meddling", || async {
+        let now = ticks(
+            app.get("/api/v1/systems/meddled-host/observations/ticker/history?limit=1000")
+                .await,
+        );
+        (now >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(tampered.load(Ordering::SeqCst), 3);
+    let log = host.log_text();
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent stopped: {log}"
+    );
+    // The rewritten hello and the forged challenge both fail the challenge's
+    // signature; the server's refusal of the relay's hello is not ours.
+    assert_eq!(
+        log.matches("the server's challenge does not verify against the pinned key")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("a refusal not signed for this hello (key changed"),
+        "{log}"
+    );
+    assert!(
+        !rewritten.exists(),
+        "a session ran with the relay's subscriptions: {log}"
+    );
+    // Both refused challenges reach the server as the agent's reports.
+    let refused = eventually("the agent's reports of refused challenges", || async {
+        let e = events(&app, "meddled-host", "agent.frame_refused").await;
+        (e.len() >= 2).then_some(e)
+    })
+    .await;
+    assert!(
+        refused.iter().all(|e| e["data"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("refused the server's challenge"))),
+        "{refused:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_policy_decides_what_checks_execute() {
     let app = TestApp::start(Backend::Sqlite).await;
@@ -516,16 +630,28 @@ async fn a_fake_server_never_receives_the_enrollment_token() {
     let own = {
         let (fake, fake_key) = (fake.clone(), fake_key.clone());
         move |nonce: &str, agent: &str| ServerMessage::EnrollProof {
+            nonce: "11".repeat(32),
             signature: hex(&fake
-                .sign(&enroll_transcript(nonce, agent, &fake_key))
+                .sign(&enroll_transcript(
+                    nonce,
+                    &"11".repeat(32),
+                    agent,
+                    &fake_key,
+                ))
                 .to_bytes()),
             server_key: fake_key.clone(),
         }
     };
     // The real server's key is public; the fake cannot sign for it.
     let borrowed = move |nonce: &str, agent: &str| ServerMessage::EnrollProof {
+        nonce: "11".repeat(32),
         signature: hex(&fake
-            .sign(&enroll_transcript(nonce, agent, &real_key))
+            .sign(&enroll_transcript(
+                nonce,
+                &"11".repeat(32),
+                agent,
+                &real_key,
+            ))
             .to_bytes()),
         server_key: real_key.clone(),
     };
@@ -555,6 +681,131 @@ async fn a_fake_server_never_receives_the_enrollment_token() {
         let (code, err) = enroll(&app.base, &t, &host.state(), &format!("real-{i}"));
         assert_eq!(code, 0, "{err}");
     }
+}
+
+/// A relay between an agent and the real server keeps every enrollment
+/// message it passed on: the secret is not among them, and neither the
+/// captured MAC with the relay's own key nor a replay of the whole exchange
+/// enrolls anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_enroll_with_what_it_saw() {
+    use aramaki_protocol::agent::AGENT_PROTOCOL_VERSION;
+    use aramaki_protocol::keys::hex;
+
+    let app = TestApp::start(Backend::Sqlite).await;
+    app.system("watched-host", "host", json!({})).await;
+    // Reusable, so that a refusal below is not just "used already".
+    let t = token(&app, "watched-host", json!({"reusable": true})).await;
+    let secret = t.split('_').nth(2).unwrap().to_owned();
+    let url = format!(
+        "{}{}",
+        app.base.replace("http://", "ws://"),
+        aramaki_protocol::agent::CONNECT_PATH
+    );
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+    async fn talk(ws: &mut Ws, m: &AgentMessage) -> Result<(), impl std::fmt::Debug> {
+        let text = serde_json::to_string(m).unwrap();
+        ws.send(Message::Text(text.into())).await
+    }
+    async fn answer(ws: &mut Ws) -> ServerMessage {
+        loop {
+            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                break serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    }
+    // The victim's enrollment, as the relay sees it (the real agent does
+    // the same: crate::monitoring::enroll speaks its protocol).
+    let victim = crate::monitoring::key(91);
+    let victim_key = hex(victim.verifying_key().as_bytes());
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let nonce = hex(&[9u8; 32]);
+    let hello = AgentMessage::EnrollHello {
+        protocol: AGENT_PROTOCOL_VERSION,
+        nonce: nonce.clone(),
+        public_key: victim_key.clone(),
+    };
+    talk(&mut ws, &hello).await.unwrap();
+    let ServerMessage::EnrollProof {
+        nonce: server_nonce,
+        server_key,
+        ..
+    } = answer(&mut ws).await
+    else {
+        panic!("expected a proof")
+    };
+    let enroll = AgentMessage::Enroll {
+        protocol: AGENT_PROTOCOL_VERSION,
+        token_id: t.split('_').nth(1).unwrap().to_owned(),
+        mac: aramaki_protocol::agent::enroll_mac(
+            &aramaki_protocol::agent::token_secret_hash(&secret),
+            &aramaki_protocol::agent::Enrollment {
+                agent_nonce: &nonce,
+                server_nonce: &server_nonce,
+                agent_key: &victim_key,
+                server_key: &server_key,
+                token_id: t.split('_').nth(1).unwrap(),
+                name: "victim",
+            },
+        ),
+        public_key: victim_key.clone(),
+        name: "victim".into(),
+        version: "test".into(),
+    };
+    let captured = serde_json::to_string(&enroll).unwrap();
+    assert!(!captured.contains(&secret), "{captured}");
+    talk(&mut ws, &enroll).await.unwrap();
+    assert!(matches!(
+        answer(&mut ws).await,
+        ServerMessage::Enrolled { .. }
+    ));
+
+    // The relay enrolls its own key with the captured MAC ...
+    let relay_key = hex(crate::monitoring::key(92).verifying_key().as_bytes());
+    let AgentMessage::Enroll { token_id, mac, .. } = enroll.clone() else {
+        unreachable!()
+    };
+    for (key, name) in [(relay_key.clone(), "relay"), (victim_key.clone(), "victim")] {
+        // ... or replays the victim's whole enrollment (same nonce, same key).
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        talk(
+            &mut ws,
+            &AgentMessage::EnrollHello {
+                protocol: AGENT_PROTOCOL_VERSION,
+                nonce: nonce.clone(),
+                public_key: key.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            answer(&mut ws).await,
+            ServerMessage::EnrollProof { .. }
+        ));
+        let forged = AgentMessage::Enroll {
+            protocol: AGENT_PROTOCOL_VERSION,
+            token_id: token_id.clone(),
+            mac: mac.clone(),
+            public_key: key,
+            name: name.into(),
+            version: "test".into(),
+        };
+        talk(&mut ws, &forged).await.unwrap();
+        match answer(&mut ws).await {
+            ServerMessage::Refused { reason, .. } => assert_eq!(reason, Refusal::TokenInvalid),
+            other => panic!("the captured MAC enrolled {name}: {other:?}"),
+        }
+    }
+    let agents = app.get("/api/v1/agents").await;
+    let names: Vec<&str> = agents["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, ["victim"], "{agents}");
 }
 
 /// A TCP proxy in front of the server that can be switched off: "the server

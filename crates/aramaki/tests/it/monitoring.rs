@@ -111,24 +111,43 @@ pub async fn enroll_as(
         },
     )
     .await;
-    match recv(&mut ws).await {
+    let proof = match recv(&mut ws).await {
         ServerMessage::EnrollProof {
+            nonce: server_nonce,
             server_key,
             signature,
         } => {
             let key = VerifyingKey::from_bytes(&unhex_array::<32>(&server_key).unwrap()).unwrap();
             let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
-            key.verify(&enroll_transcript(&nonce, &public_key, &server_key), &sig)
-                .expect("the server proves its key before the token is sent");
+            key.verify(
+                &enroll_transcript(&nonce, &server_nonce, &public_key, &server_key),
+                &sig,
+            )
+            .expect("the server proves its key before the token is sent");
+            (server_nonce, server_key)
         }
         ServerMessage::Refused { reason, message } => return Err((reason, message)),
         other => panic!("unexpected {other:?}"),
-    }
+    };
+    let parsed = aramaki_protocol::agent::EnrollToken::parse(token);
+    let (token_id, secret) = parsed.map_or((String::new(), String::new()), |t| (t.id, t.secret));
+    let mac = aramaki_protocol::agent::enroll_mac(
+        &aramaki_protocol::agent::token_secret_hash(&secret),
+        &aramaki_protocol::agent::Enrollment {
+            agent_nonce: &nonce,
+            server_nonce: &proof.0,
+            agent_key: &public_key,
+            server_key: &proof.1,
+            token_id: &token_id,
+            name,
+        },
+    );
     send(
         &mut ws,
         &AgentMessage::Enroll {
             protocol: AGENT_PROTOCOL_VERSION,
-            token: token.to_owned(),
+            token_id,
+            mac,
             public_key,
             name: name.to_owned(),
             version: version.to_owned(),
@@ -157,21 +176,19 @@ impl SimAgent {
         let nonce = hex(&[7u8; 32]);
         let exchange = Exchange::from_seed([8u8; 32]);
         let agent_key = hex(key.verifying_key().as_bytes());
-        send(
-            &mut ws,
-            &AgentMessage::Hello {
-                protocol: AGENT_PROTOCOL_VERSION,
-                agent_id: id.to_owned(),
-                public_key: agent_key.clone(),
-                nonce: nonce.clone(),
-                exchange: exchange.public_hex(),
-                version: "test".into(),
-                subscriptions: vec!["linux".into()],
-                queue_depth: 0,
-                spans: vec![],
-            },
-        )
-        .await;
+        let hello = AgentMessage::Hello {
+            protocol: AGENT_PROTOCOL_VERSION,
+            agent_id: id.to_owned(),
+            public_key: agent_key.clone(),
+            nonce: nonce.clone(),
+            exchange: exchange.public_hex(),
+            version: "test".into(),
+            subscriptions: vec!["linux".into()],
+            queue_depth: 0,
+            spans: vec![],
+        };
+        let hello_digest = aramaki_protocol::agent::hello_digest(&hello);
+        send(&mut ws, &hello).await;
         let (server_nonce, server_exchange, signature) = match recv(&mut ws).await {
             ServerMessage::Challenge {
                 nonce,
@@ -188,7 +205,17 @@ impl SimAgent {
                 let sig = Signature::from_bytes(&unhex_array::<64>(&signature).unwrap());
                 server_key
                     .verify(
-                        &aramaki_protocol::agent::refusal_transcript(&nonce, reason, &message),
+                        &aramaki_protocol::agent::refusal_transcript(
+                            &aramaki_protocol::agent::RefusedHello {
+                                agent_id: id,
+                                agent_key: &agent_key,
+                                agent_nonce: &nonce,
+                                agent_exchange: &exchange.public_hex(),
+                                hello: &hello_digest,
+                            },
+                            reason,
+                            &message,
+                        ),
                         &sig,
                     )
                     .expect("a refusal of a hello is signed over the agent's nonce");
@@ -207,6 +234,7 @@ impl SimAgent {
             server_nonce: &server_nonce,
             agent_exchange: &agent_exchange,
             server_exchange: &server_exchange,
+            hello: &hello_digest,
         };
         let server_key =
             VerifyingKey::from_bytes(app.ctx.identity.public_key().as_bytes()).unwrap();
