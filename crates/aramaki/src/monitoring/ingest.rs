@@ -151,7 +151,6 @@ impl Ingest {
 struct Rule {
     occurrences: u32,
     ttl_secs: Option<u32>,
-    system: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +168,14 @@ struct Writer {
     acked: HashMap<String, u64>,
     last: HashMap<(String, String, String), Option<Last>>,
     slugs: HashMap<String, Option<String>>,
+    /// Every check definition, for judging results on other systems.
+    checks: Vec<super::Check>,
+    /// Per batch: each agent's checks bound to other systems, as
+    /// (check, system) pairs (see `target`).
+    reach: HashMap<String, Vec<(String, String)>>,
+    /// (agent, check, system) of refused results already recorded as an
+    /// event since the writer started: a flood is one event.
+    refused: std::collections::HashSet<(String, String, String)>,
 }
 
 async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::Receiver<bool>) {
@@ -179,6 +186,9 @@ async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::R
         acked: HashMap::new(),
         last: HashMap::new(),
         slugs: HashMap::new(),
+        checks: Vec::new(),
+        reach: HashMap::new(),
+        refused: std::collections::HashSet::new(),
     };
     loop {
         let first = tokio::select! {
@@ -218,6 +228,8 @@ impl Writer {
         if let Err(e) = self.load_rules().await {
             tracing::warn!(error = %e, "cannot load check definitions");
         }
+        // Subscriptions and inclusions may have changed since the last batch.
+        self.reach.clear();
         let mut answers = Vec::new();
         let outcome = self.write(batch, &mut answers).await;
         match outcome {
@@ -238,6 +250,7 @@ impl Writer {
                 // The caches may hold what was rolled back.
                 self.acked.clear();
                 self.last.clear();
+                self.refused.clear();
                 for a in answers {
                     match a {
                         Answer::Acked(reply, _) => {
@@ -405,18 +418,18 @@ impl Writer {
         let mut conn = self.ctx.db.reader().acquire().await?;
         let checks = store::checks(&mut conn).await?;
         self.rules = checks
-            .into_iter()
+            .iter()
             .map(|c| {
                 (
                     c.spec.name.clone(),
                     Rule {
                         occurrences: c.spec.occurrences,
                         ttl_secs: c.spec.ttl,
-                        system: c.spec.system.map(|s| s.to_string()),
                     },
                 )
             })
             .collect();
+        self.checks = checks;
         self.rules_version = version;
         Ok(())
     }
@@ -444,8 +457,10 @@ impl Writer {
         now: i64,
     ) -> Result<bool, sqlx::Error> {
         match record.body {
-            RecordBody::Result(mut result) => {
-                let (system_id, system) = self.target(tx, agent, &mut result).await?;
+            RecordBody::Result(result) => {
+                let Some((system_id, system)) = self.target(tx, agent, &result).await? else {
+                    return self.refuse(tx, agent, &result).await;
+                };
                 self.observe(
                     tx,
                     (&system_id, &system),
@@ -456,11 +471,10 @@ impl Writer {
                 )
                 .await
             }
-            RecordBody::Pushed {
-                mut result,
-                ttl_secs,
-            } => {
-                let (system_id, system) = self.target(tx, agent, &mut result).await?;
+            RecordBody::Pushed { result, ttl_secs } => {
+                let Some((system_id, system)) = self.target(tx, agent, &result).await? else {
+                    return self.refuse(tx, agent, &result).await;
+                };
                 self.observe(
                     tx,
                     (&system_id, &system),
@@ -526,34 +540,96 @@ impl Writer {
         }
     }
 
-    /// Where a result belongs: the agent's own system, or the system a check
-    /// definition names. An agent cannot report on a system no check of its
-    /// points at; such a result is kept on its own system, marked.
+    /// Where a result belongs: the agent's own system, or the system of a
+    /// check bound to it that goes to this agent (`checks_for`). None: the
+    /// agent may not report on the system it names.
     async fn target(
         &mut self,
         tx: &mut Tx,
         agent: &AgentRef,
-        result: &mut CheckResult,
-    ) -> Result<(String, String), sqlx::Error> {
+        result: &CheckResult,
+    ) -> Result<Option<(String, String)>, sqlx::Error> {
         let own = (agent.system_id.clone(), agent.system.clone());
-        let Some(slug) = result.system.clone() else {
-            return Ok(own);
+        let Some(slug) = result.system.as_deref() else {
+            return Ok(Some(own));
         };
         if slug == agent.system {
-            return Ok(own);
+            return Ok(Some(own));
+        }
+        if !self.reach.contains_key(&agent.id) {
+            let reach = self.reach_of(tx, &agent.id).await?;
+            self.reach.insert(agent.id.clone(), reach);
         }
         let allowed = self
-            .rules
-            .get(&result.check)
-            .and_then(|r| r.system.as_deref())
-            == Some(slug.as_str());
+            .reach
+            .get(&agent.id)
+            .is_some_and(|r| r.iter().any(|(c, s)| *c == result.check && s == slug));
         if allowed {
-            if let Some(id) = self.system_id(tx, &slug).await? {
-                return Ok((id, slug));
+            if let Some(id) = self.system_id(tx, slug).await? {
+                return Ok(Some((id, slug.to_owned())));
             }
         }
-        result.labels.insert("reported_system".to_owned(), slug);
-        Ok(own)
+        Ok(None)
+    }
+
+    /// The (check, system) pairs of the checks bound to a system that go
+    /// to the agent as it is registered now.
+    async fn reach_of(
+        &mut self,
+        tx: &mut Tx,
+        agent_id: &str,
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let Some(agent) = crate::agents::store::agent_by_id(tx, agent_id).await? else {
+            return Ok(Vec::new());
+        };
+        if agent.revoked {
+            return Ok(Vec::new());
+        }
+        let graph = crate::systems::store::load_graph(tx).await?;
+        let subs = super::agent_subscriptions(&agent);
+        let bound = super::bound_systems(&agent, &graph);
+        Ok(self
+            .checks
+            .iter()
+            .filter(|c| super::check_applies(&subs, &bound, c))
+            .filter_map(|c| {
+                c.spec
+                    .system
+                    .as_ref()
+                    .map(|s| (c.spec.name.clone(), s.to_string()))
+            })
+            .collect())
+    }
+
+    /// A result on a system the agent may not report on: not written, but
+    /// acknowledged (a retry cannot fix it), and the first of its kind is a
+    /// security event on the agent's own system.
+    async fn refuse(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        result: &CheckResult,
+    ) -> Result<bool, sqlx::Error> {
+        let slug = result.system.clone().unwrap_or_default();
+        let key = (agent.id.clone(), result.check.clone(), slug.clone());
+        tracing::warn!(agent = %agent.name, check = %result.check, system = %slug, "refused a result for a system the agent may not report on");
+        if !self.refused.insert(key) {
+            return Ok(false);
+        }
+        let check: String = result.check.chars().take(200).collect();
+        let slug: String = slug.chars().take(200).collect();
+        let event = NewEvent::internal(
+            "agent.result_refused",
+            Severity::Critical,
+            format!(
+                "Refused a result of '{check}' for system '{slug}' from agent '{}': no check bound to that system goes to this agent",
+                agent.name
+            ),
+            serde_json::json!({"agent": agent.name, "agent_id": agent.id, "check": check, "system": slug}),
+        );
+        self.event(tx, agent, (&agent.system_id, &agent.system), event)
+            .await?;
+        Ok(true)
     }
 
     async fn system_id(&mut self, tx: &mut Tx, slug: &str) -> Result<Option<String>, sqlx::Error> {
