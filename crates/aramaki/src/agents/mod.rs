@@ -489,6 +489,46 @@ pub async fn revoke_token(ctx: &Context, actor: &Actor, id: &str) -> Result<(), 
     Ok(())
 }
 
+/// A `hello` declared `system:` or `agent:` subscriptions that name another
+/// system or agent (a host reaching for another tenant's checks): they are
+/// ignored, and this records it once per hello as a security event on the
+/// agent's own system.
+pub async fn subscriptions_ignored(
+    ctx: &Context,
+    agent: &crate::monitoring::ingest::AgentRef,
+    ignored: &[String],
+) {
+    tracing::warn!(agent = %agent.name, ?ignored, "ignored subscriptions naming another system or agent");
+    let event = timeline::NewEvent::internal(
+        "agent.subscriptions_ignored",
+        aramaki_protocol::Severity::Critical,
+        format!(
+            "Agent '{}' declared subscriptions naming another system or agent ({}); they were ignored",
+            agent.name,
+            ignored.join(", ")
+        ),
+        serde_json::json!({"agent": agent.name, "agent_id": agent.id, "ignored": ignored}),
+    );
+    let recorded = async {
+        let mut tx = ctx.db.begin_recording().await?;
+        timeline::append(
+            ctx,
+            &mut tx,
+            &Actor::agent(&agent.id, &agent.name),
+            Target {
+                id: &agent.system_id,
+                slug: &agent.system,
+            },
+            event,
+        )
+        .await?;
+        ctx.commit(tx).await
+    };
+    if let Err(e) = recorded.await {
+        tracing::error!(agent = %agent.name, error = %e, "cannot record ignored subscriptions");
+    }
+}
+
 /// A frame of an agent's session failed its integrity check (forged,
 /// replayed or reordered between agent and server): a security event on the
 /// agent's system and a counter in the metrics. The session is then ended.

@@ -550,12 +550,22 @@ async fn serve(
         system_id: agent.system_id.clone(),
         system: agent.system.clone(),
     };
+    // An agent declares its plain subscriptions; `system:` and `agent:`
+    // entries naming another system or agent are not its to declare.
+    let (subscriptions, ignored): (Vec<String>, Vec<String>) = hello
+        .subscriptions
+        .iter()
+        .cloned()
+        .partition(|s| crate::monitoring::own_subscription(agent, s));
+    if !ignored.is_empty() {
+        super::subscriptions_ignored(ctx, &me, &ignored).await;
+    }
     let mut tx = ctx.db.begin().await.map_err(|e| e.to_string())?;
     store::session_started(
         &mut tx,
         &agent.id,
         &hello.version,
-        &hello.subscriptions,
+        &subscriptions,
         i64::try_from(hello.queue_depth).unwrap_or(i64::MAX),
         to_micros(ctx.now()),
     )
@@ -569,14 +579,18 @@ async fn serve(
         .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     let agent = Agent {
-        subscriptions: hello.subscriptions.clone(),
+        subscriptions,
         ..agent.clone()
     };
-    let checks = {
+    let (checks, graph) = {
         let mut conn = ctx.db.reader().acquire().await.map_err(|e| e.to_string())?;
-        crate::monitoring::store::checks(&mut conn)
+        let checks = crate::monitoring::store::checks(&mut conn)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let graph = crate::systems::store::load_graph(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        (checks, graph)
     };
     ctx.ingest
         .seen(me.clone(), hello.queue_depth, 0, to_micros(ctx.now()));
@@ -585,7 +599,7 @@ async fn serve(
         .send(&ServerMessage::Welcome {
             acked: u64::try_from(agent.acked_seq).unwrap_or(0),
             heartbeat_secs,
-            checks: crate::monitoring::checks_for(&agent, &checks),
+            checks: crate::monitoring::checks_for(&agent, &checks, &graph),
             incarnations,
         })
         .await

@@ -8,7 +8,6 @@
 //! the only one that writes observations, so it can keep the last verdict
 //! of each (system, check, labels) in memory instead of reading it back.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -167,7 +166,6 @@ impl Ingest {
 struct Rule {
     occurrences: u32,
     ttl_secs: Option<u32>,
-    system: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +183,14 @@ struct Writer {
     acked: HashMap<String, u64>,
     last: HashMap<(String, String, String), Option<Last>>,
     slugs: HashMap<String, Option<String>>,
+    /// Every check definition, for judging results on other systems.
+    checks: Vec<super::Check>,
+    /// Per batch: each agent's checks bound to other systems, as
+    /// (check, system) pairs (see `target`).
+    reach: HashMap<String, Vec<(String, String)>>,
+    /// (agent, check, system) of refused results already recorded as an
+    /// event since the writer started: a flood is one event.
+    refused: std::collections::HashSet<(String, String, String)>,
 }
 
 async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::Receiver<bool>) {
@@ -195,6 +201,9 @@ async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Item>, mut stop: watch::R
         acked: HashMap::new(),
         last: HashMap::new(),
         slugs: HashMap::new(),
+        checks: Vec::new(),
+        reach: HashMap::new(),
+        refused: std::collections::HashSet::new(),
     };
     loop {
         let first = tokio::select! {
@@ -266,6 +275,8 @@ impl Writer {
         if let Err(e) = self.load_rules().await {
             tracing::warn!(error = %e, "cannot load check definitions");
         }
+        // Subscriptions and inclusions may have changed since the last batch.
+        self.reach.clear();
         match self.write(&batch).await {
             Ok(highs) => answer(batch, Some(highs)),
             Err(e) if batch.len() > 1 => {
@@ -297,6 +308,7 @@ impl Writer {
     fn forget(&mut self) {
         self.acked.clear();
         self.last.clear();
+        self.refused.clear();
     }
 
     /// Commits `batch` in one transaction; per item, the agent's new
@@ -489,18 +501,18 @@ impl Writer {
         let mut conn = self.ctx.db.reader().acquire().await?;
         let checks = store::checks(&mut conn).await?;
         self.rules = checks
-            .into_iter()
+            .iter()
             .map(|c| {
                 (
                     c.spec.name.clone(),
                     Rule {
                         occurrences: c.spec.occurrences,
                         ttl_secs: c.spec.ttl,
-                        system: c.spec.system.map(|s| s.to_string()),
                     },
                 )
             })
             .collect();
+        self.checks = checks;
         self.rules_version = version;
         Ok(())
     }
@@ -529,24 +541,28 @@ impl Writer {
     ) -> Result<bool, sqlx::Error> {
         match &record.body {
             RecordBody::Result(result) => {
-                let (system_id, system, result) = self.target(tx, agent, result).await?;
+                let Some((system_id, system)) = self.target(tx, agent, result).await? else {
+                    return self.refuse(tx, agent, result).await;
+                };
                 self.observe(
                     tx,
                     (&system_id, &system),
                     Some(agent),
-                    &result,
+                    result,
                     (Some(record.seq), None),
                     now,
                 )
                 .await
             }
             RecordBody::Pushed { result, ttl_secs } => {
-                let (system_id, system, result) = self.target(tx, agent, result).await?;
+                let Some((system_id, system)) = self.target(tx, agent, result).await? else {
+                    return self.refuse(tx, agent, result).await;
+                };
                 self.observe(
                     tx,
                     (&system_id, &system),
                     Some(agent),
-                    &result,
+                    result,
                     (Some(record.seq), Some((*ttl_secs).clamp(1, MAX_PUSHED_TTL))),
                     now,
                 )
@@ -612,35 +628,96 @@ impl Writer {
         }
     }
 
-    /// Where a result belongs: the agent's own system, or the system a check
-    /// definition names. An agent cannot report on a system no check of its
-    /// points at; such a result is kept on its own system, marked.
-    async fn target<'r>(
+    /// Where a result belongs: the agent's own system, or the system of a
+    /// check bound to it that goes to this agent (`checks_for`). None: the
+    /// agent may not report on the system it names.
+    async fn target(
         &mut self,
         tx: &mut Tx,
         agent: &AgentRef,
-        result: &'r CheckResult,
-    ) -> Result<(String, String, Cow<'r, CheckResult>), sqlx::Error> {
-        let own = |result| Ok((agent.system_id.clone(), agent.system.clone(), result));
-        let Some(slug) = result.system.clone() else {
-            return own(Cow::Borrowed(result));
+        result: &CheckResult,
+    ) -> Result<Option<(String, String)>, sqlx::Error> {
+        let own = (agent.system_id.clone(), agent.system.clone());
+        let Some(slug) = result.system.as_deref() else {
+            return Ok(Some(own));
         };
         if slug == agent.system {
-            return own(Cow::Borrowed(result));
+            return Ok(Some(own));
+        }
+        if !self.reach.contains_key(&agent.id) {
+            let reach = self.reach_of(tx, &agent.id).await?;
+            self.reach.insert(agent.id.clone(), reach);
         }
         let allowed = self
-            .rules
-            .get(&result.check)
-            .and_then(|r| r.system.as_deref())
-            == Some(slug.as_str());
+            .reach
+            .get(&agent.id)
+            .is_some_and(|r| r.iter().any(|(c, s)| *c == result.check && s == slug));
         if allowed {
-            if let Some(id) = self.system_id(tx, &slug).await? {
-                return Ok((id, slug, Cow::Borrowed(result)));
+            if let Some(id) = self.system_id(tx, slug).await? {
+                return Ok(Some((id, slug.to_owned())));
             }
         }
-        let mut marked = result.clone();
-        marked.labels.insert("reported_system".to_owned(), slug);
-        own(Cow::Owned(marked))
+        Ok(None)
+    }
+
+    /// The (check, system) pairs of the checks bound to a system that go
+    /// to the agent as it is registered now.
+    async fn reach_of(
+        &mut self,
+        tx: &mut Tx,
+        agent_id: &str,
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let Some(agent) = crate::agents::store::agent_by_id(tx, agent_id).await? else {
+            return Ok(Vec::new());
+        };
+        if agent.revoked {
+            return Ok(Vec::new());
+        }
+        let graph = crate::systems::store::load_graph(tx).await?;
+        let subs = super::agent_subscriptions(&agent);
+        let bound = super::bound_systems(&agent, &graph);
+        Ok(self
+            .checks
+            .iter()
+            .filter(|c| super::check_applies(&subs, &bound, c))
+            .filter_map(|c| {
+                c.spec
+                    .system
+                    .as_ref()
+                    .map(|s| (c.spec.name.clone(), s.to_string()))
+            })
+            .collect())
+    }
+
+    /// A result on a system the agent may not report on: not written, but
+    /// acknowledged (a retry cannot fix it), and the first of its kind is a
+    /// security event on the agent's own system.
+    async fn refuse(
+        &mut self,
+        tx: &mut Tx,
+        agent: &AgentRef,
+        result: &CheckResult,
+    ) -> Result<bool, sqlx::Error> {
+        let slug = result.system.clone().unwrap_or_default();
+        let key = (agent.id.clone(), result.check.clone(), slug.clone());
+        tracing::warn!(agent = %agent.name, check = %result.check, system = %slug, "refused a result for a system the agent may not report on");
+        if !self.refused.insert(key) {
+            return Ok(false);
+        }
+        let check: String = result.check.chars().take(200).collect();
+        let slug: String = slug.chars().take(200).collect();
+        let event = NewEvent::internal(
+            "agent.result_refused",
+            Severity::Critical,
+            format!(
+                "Refused a result of '{check}' for system '{slug}' from agent '{}': no check bound to that system goes to this agent",
+                agent.name
+            ),
+            serde_json::json!({"agent": agent.name, "agent_id": agent.id, "check": check, "system": slug}),
+        );
+        self.event(tx, agent, (&agent.system_id, &agent.system), event)
+            .await?;
+        Ok(true)
     }
 
     async fn system_id(&mut self, tx: &mut Tx, slug: &str) -> Result<Option<String>, sqlx::Error> {

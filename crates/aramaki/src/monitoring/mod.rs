@@ -218,21 +218,79 @@ pub async fn delete_check(ctx: &Context, actor: &Actor, name: &str) -> Result<()
     Ok(())
 }
 
-/// The subscriptions an agent answers to: its own plus `agent:<name>` and
-/// `system:<slug>`.
+/// Whether a subscription the agent declared is its to declare: a
+/// `system:` or `agent:` entry may name only its own system or itself; a
+/// plain one (`linux`) is always its own.
+pub fn own_subscription(agent: &Agent, sub: &str) -> bool {
+    if let Some(slug) = sub.strip_prefix("system:") {
+        return slug == agent.system;
+    }
+    if let Some(who) = sub.strip_prefix("agent:") {
+        return who == agent.name || who == agent.id;
+    }
+    true
+}
+
+/// The subscriptions an agent answers to: the plain ones it declared plus
+/// `agent:<name>`, `agent:<id>` and `system:<slug>` of its own. A
+/// `system:` or `agent:` entry naming another is ignored, also one stored
+/// before this rule (an older database or a backup).
 pub fn agent_subscriptions(agent: &Agent) -> Vec<String> {
-    let mut subs = agent.subscriptions.clone();
+    let mut subs: Vec<String> = agent
+        .subscriptions
+        .iter()
+        .filter(|s| own_subscription(agent, s))
+        .cloned()
+        .collect();
     subs.push(format!("agent:{}", agent.name));
+    subs.push(format!("agent:{}", agent.id));
     subs.push(format!("system:{}", agent.system));
     subs
 }
 
-/// The published checks whose subscriptions meet the agent's.
-pub fn checks_for(agent: &Agent, checks: &[Check]) -> Vec<CheckDefinition> {
+/// The slugs of the systems a check bound to a system may run for on this
+/// agent: its own system and every system that includes it explicitly.
+pub fn bound_systems(agent: &Agent, graph: &crate::systems::graph::Graph) -> Vec<String> {
+    let mut slugs = vec![agent.system.clone()];
+    slugs.extend(
+        graph
+            .explicit_ancestors(&agent.system_id)
+            .iter()
+            .map(|id| graph.slug(id).to_owned()),
+    );
+    slugs
+}
+
+/// Whether the check goes to the agent: published and its subscriptions
+/// meet the agent's. A check bound to a system goes through a plain
+/// subscription (`linux`) only to agents on that system or on one it
+/// includes explicitly; any other agent (a poller of a proxy check) must be
+/// named by an `agent:` or `system:` subscription of the check.
+pub fn check_applies(subs: &[String], bound: &[String], check: &Check) -> bool {
+    if !check.spec.publish {
+        return false;
+    }
+    let on_its_system = check
+        .spec
+        .system
+        .as_ref()
+        .is_none_or(|slug| bound.iter().any(|b| b == slug.as_str()));
+    check.spec.subscriptions.iter().any(|s| {
+        subs.contains(s) && (on_its_system || s.starts_with("agent:") || s.starts_with("system:"))
+    })
+}
+
+/// The published checks that go to the agent (see [`check_applies`]).
+pub fn checks_for(
+    agent: &Agent,
+    checks: &[Check],
+    graph: &crate::systems::graph::Graph,
+) -> Vec<CheckDefinition> {
     let subs = agent_subscriptions(agent);
+    let bound = bound_systems(agent, graph);
     checks
         .iter()
-        .filter(|c| c.spec.publish && c.spec.subscriptions.iter().any(|s| subs.contains(s)))
+        .filter(|c| check_applies(&subs, &bound, c))
         .map(|c| c.spec.definition())
         .collect()
 }
@@ -249,12 +307,15 @@ pub async fn push_checks(ctx: &Context) {
     let Ok(all) = store::checks(&mut conn).await else {
         return;
     };
+    let Ok(graph) = crate::systems::store::load_graph(&mut conn).await else {
+        return;
+    };
     for id in connected {
         if let Ok(Some(agent)) = crate::agents::store::agent_by_id(&mut conn, &id).await {
             ctx.agents.send(
                 &id,
                 ServerMessage::Checks {
-                    checks: checks_for(&agent, &all),
+                    checks: checks_for(&agent, &all, &graph),
                 },
             );
         }

@@ -11,6 +11,7 @@ mod actions_e2e;
 mod actions_pages;
 mod agent_e2e;
 mod agent_integrity;
+mod agent_trust;
 mod auth;
 mod bad_input;
 mod binary;

@@ -172,6 +172,16 @@ impl SimAgent {
         id: &str,
         key: &SigningKey,
     ) -> Result<SimAgent, (Refusal, String)> {
+        SimAgent::connect_subscribed(app, id, key, &["linux"]).await
+    }
+
+    /// Opens a session whose hello declares `subscriptions`.
+    pub async fn connect_subscribed(
+        app: &TestApp,
+        id: &str,
+        key: &SigningKey,
+        subscriptions: &[&str],
+    ) -> Result<SimAgent, (Refusal, String)> {
         let mut ws = open(app).await;
         let nonce = hex(&[7u8; 32]);
         let exchange = Exchange::from_seed([8u8; 32]);
@@ -183,7 +193,7 @@ impl SimAgent {
             nonce: nonce.clone(),
             exchange: exchange.public_hex(),
             version: "test".into(),
-            subscriptions: vec!["linux".into()],
+            subscriptions: subscriptions.iter().map(|s| s.to_string()).collect(),
             queue_depth: 0,
             spans: vec![],
         };
@@ -375,7 +385,7 @@ async fn disconnected(app: &TestApp, agent_id: &str) {
     panic!("the server still counts agent {agent_id} as connected");
 }
 
-async fn timeline_kinds(app: &TestApp, system: &str, kind: &str) -> Vec<Value> {
+pub async fn timeline_kinds(app: &TestApp, system: &str, kind: &str) -> Vec<Value> {
     let v = app
         .get(&format!(
             "/api/v1/systems/{system}/timeline?kind={kind}&limit=100"
@@ -1078,7 +1088,7 @@ both!(
         app.system("secret-db", "host", json!({})).await;
         app.post(
         "/api/v1/checks",
-        json!({"name": "router-ping", "command": ["/bin/true"], "subscriptions": ["linux"], "interval": 60, "system": "router-7"}),
+        json!({"name": "router-ping", "command": ["/bin/true"], "subscriptions": ["agent:poller-1"], "interval": 60, "system": "router-7"}),
     )
     .await;
         let mut agent = SimAgent::connect(&app, &id, &k).await.unwrap();
@@ -1099,22 +1109,27 @@ both!(
         };
         agent.send(vec![proxied, sneaky, dropped]).await;
 
-        // A check definition naming the system makes it a proxy check.
+        // A check definition naming the system, sent to this agent, makes it
+        // a proxy check.
         let router = app.get("/api/v1/systems/router-7/observations").await;
         assert_eq!(router["items"][0]["check"], "router-ping");
         assert_eq!(router["items"][0]["state"], "critical");
-        // An agent cannot report on a system no check of its points at.
+        // An agent cannot report on a system no check of its points at: the
+        // result is refused (and acknowledged), written nowhere.
         let secret = app.get("/api/v1/systems/secret-db/observations").await;
         assert_eq!(secret["items"].as_array().unwrap().len(), 0);
         let own = app.get("/api/v1/systems/poller-1-host/observations").await;
-        let disk = own["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["check"] == "disk")
-            .unwrap()
-            .clone();
-        assert_eq!(disk["labels"]["reported_system"], "secret-db");
+        assert!(
+            own["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|o| o["check"] != "disk"),
+            "{own}"
+        );
+        let refused = timeline_kinds(&app, "poller-1-host", "agent.result_refused").await;
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0]["data"]["system"], "secret-db");
         // Drops are counted and told on the timeline.
         let events = timeline_kinds(&app, "poller-1-host", "agent.results_dropped").await;
         assert_eq!(events.len(), 1);
