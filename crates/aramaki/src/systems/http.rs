@@ -448,8 +448,25 @@ async fn exclude_subsystem(
     let parent = path_slug(&slug)?;
     let child = path_slug(&child)?;
     authorize(&ctx, &access, parent.as_str(), Role::Admin).await?;
+    // A child out of the caller's sight is answered like a missing one, so
+    // that exclude cannot probe which slugs exist.
+    authorize_for(
+        &ctx,
+        &access,
+        child.as_str(),
+        Role::Viewer,
+        "system.exclude",
+    )
+    .await
+    .map_err(|_| Problem::not_found(not_a_subsystem(parent.as_str(), child.as_str())))?;
     super::exclude(&ctx, &access.actor(), parent.as_str(), child.as_str()).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What exclude answers for a child the caller may not see, whether or not
+/// it exists.
+pub fn not_a_subsystem(parent: &str, child: &str) -> String {
+    format!("no subsystem '{child}' of '{parent}' (not found or not included)")
 }
 
 /// The system's own state and, recursively, each layer below it. Role: viewer.
