@@ -230,8 +230,13 @@ async fn recent_runs(
     authorize(&ctx, &access, slug.as_str(), Role::Viewer).await?;
     let action = find(&ctx, slug.as_str(), &name).await?;
     let mut conn = ctx.db.reader().acquire().await?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    let items = store::runs_of(&mut conn, &action.id, 20).await?;
     Ok(Json(RunList {
-        items: store::runs_of(&mut conn, &action.id, 20).await?,
+        items: items
+            .into_iter()
+            .map(|run| run.seen_by(&access, &graph))
+            .collect(),
     }))
 }
 
@@ -244,16 +249,17 @@ async fn show_run(
     Caller(access): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Run>, Problem> {
-    let run = {
-        let mut conn = ctx.db.reader().acquire().await?;
-        store::run(&mut conn, &id)
-            .await?
-            .ok_or_else(|| ActionError::UnknownRun(id.clone()))?
-    };
-    authorize(&ctx, &access, &run.system, Role::Viewer)
+    let mut conn = ctx.db.reader().acquire().await?;
+    let run = store::run(&mut conn, &id)
+        .await?
+        .ok_or_else(|| ActionError::UnknownRun(id.clone()))?;
+    drop(conn);
+    crate::systems::http::authorize_id(&ctx, &access, &run.system_id, Role::Viewer, "run.read")
         .await
         .map_err(|_| Problem::from(ActionError::UnknownRun(id)))?;
-    Ok(Json(run))
+    let mut conn = ctx.db.reader().acquire().await?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    Ok(Json(run.seen_by(&access, &graph)))
 }
 
 /// Cancel a run: its agents kill the process groups; the canceller is

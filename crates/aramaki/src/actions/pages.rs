@@ -77,9 +77,15 @@ async fn visible_run(
         store::run(&mut conn, id).await?
     };
     let Some(run) = run else { return Ok(None) };
-    Ok(role_on(ctx, session, &run.system)
-        .await?
-        .map(|(access, _, role)| (run, access, role)))
+    // By the run's system id (a slug may since name another system), and
+    // only the targets the viewer may see.
+    let access = Access::of(ctx, session.principal.clone()).await?;
+    let mut conn = ctx.db.reader().acquire().await?;
+    let graph = crate::systems::store::load_graph(&mut conn).await?;
+    let role = graph
+        .node(&run.system_id)
+        .and_then(|_| access.role_on(&graph, &run.system_id));
+    Ok(role.map(|role| (run.seen_by(&access, &graph), access, role)))
 }
 
 /// One input of a run form, with the value as typed and its error.

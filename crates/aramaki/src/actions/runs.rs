@@ -32,6 +32,8 @@ pub struct Run {
     pub id: String,
     pub action: String,
     pub system: String,
+    #[serde(skip)]
+    pub system_id: String,
     pub actor: Actor,
     pub params: BTreeMap<String, String>,
     /// Set when the run was started outside its windows.
@@ -98,6 +100,9 @@ pub fn group_answers(targets: &[RunTarget]) -> Vec<Answer> {
 pub struct RunTarget {
     pub agent_id: String,
     pub agent: String,
+    /// The system the agent is bound to: who may see it may see this target.
+    #[serde(skip)]
+    pub system_id: String,
     /// sent, running, succeeded, failed, cancelled, timed_out, refused, unreachable
     pub state: String,
     pub exit_code: Option<i32>,
@@ -394,6 +399,7 @@ pub async fn start(
         id: run_id.clone(),
         action: action.spec.name.clone(),
         system: action.system.clone(),
+        system_id: action.system_id.clone(),
         actor: actor.clone(),
         params: params.clone(),
         override_reason: override_reason.clone(),
@@ -411,6 +417,7 @@ pub async fn start(
                 RunTarget {
                     agent_id: a.id.clone(),
                     agent: a.name.clone(),
+                    system_id: a.system_id.clone(),
                     state: if connected { "sent" } else { "unreachable" }.into(),
                     exit_code: None,
                     output: String::new(),
@@ -516,7 +523,9 @@ pub async fn progress(
     update: &ActionUpdate,
 ) -> Result<(), sqlx::Error> {
     let mut tx = ctx.db.begin().await?;
-    match update.state {
+    // Only an agent that is a target of this run may speak for it: anything
+    // else is neither stored nor shown to the run's viewers.
+    let matched = match update.state {
         ActionState::Started => {
             // The outcome (through the queue) may have come first: then
             // only the timeout is news.
@@ -525,16 +534,22 @@ pub async fn progress(
                 .bind(agent.id.as_str())
                 .bind(update.timeout_secs.map(i64::from))
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected()
+                > 0
         }
         ActionState::Output => {
             append_output(&mut tx, &update.run_id, &agent.id, &update.output).await?
         }
-        _ => {}
-    }
+        _ => false,
+    };
     tx.commit().await?;
-    ctx.agents
-        .output(&update.run_id, &agent.name, &update.output);
+    if matched {
+        ctx.agents
+            .output(&update.run_id, &agent.name, &update.output);
+    } else {
+        tracing::warn!(agent = %agent.name, run = %update.run_id, "progress for a run this agent is not a target of: ignored");
+    }
     Ok(())
 }
 
@@ -543,7 +558,7 @@ async fn append_output(
     run_id: &str,
     agent_id: &str,
     chunk: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     use sqlx::Row;
     let row =
         sqlx::query("SELECT output FROM action_run_targets WHERE run_id = $1 AND agent_id = $2")
@@ -551,7 +566,7 @@ async fn append_output(
             .bind(agent_id)
             .fetch_optional(&mut **tx)
             .await?;
-    let Some(row) = row else { return Ok(()) };
+    let Some(row) = row else { return Ok(false) };
     let mut output: String = row.try_get(0)?;
     let room = OUTPUT_LIMIT.saturating_sub(output.len());
     let mut cut = room.min(chunk.len());
@@ -566,7 +581,7 @@ async fn append_output(
         .bind(chunk.len() as i64)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Refusals an agent makes of a request the server signed for it and it
@@ -667,15 +682,19 @@ async fn record_refused_request(
     agent: &AgentRef,
     update: &ActionUpdate,
 ) -> Result<(), sqlx::Error> {
-    let run = store::run(tx, &update.run_id).await?;
+    // Describe the run only to the owners of one of its targets: the
+    // agent's timeline must not tell them about other tenants' runs.
+    let run = store::run(tx, &update.run_id)
+        .await?
+        .filter(|run| run.targets.iter().any(|t| t.agent_id == agent.id));
     let title = match &run {
         Some(run) => format!(
             "Security: agent '{}' refused a replayed or altered request for run {} of '{}' ({}): {}",
             agent.name, run.id, run.action, run.state, update.output
         ),
         None => format!(
-            "Security: agent '{}' refused an action request this server did not make: {}",
-            agent.name, update.output
+            "Security: agent '{}' refused a request for run {} that this server did not send it: {}",
+            agent.name, update.run_id, update.output
         ),
     };
     let event = NewEvent::internal(
@@ -804,6 +823,19 @@ async fn run_finished(ctx: &Context, tx: &mut Tx, run_id: &str) -> Result<bool, 
     Ok(true)
 }
 
+impl Run {
+    /// The run as `access` may see it: only the targets whose agents are
+    /// bound to systems the caller may see (seeing the run's system is not
+    /// enough: its targets may lie beyond the caller's grants).
+    pub fn seen_by(mut self, access: &Access, graph: &crate::systems::graph::Graph) -> Run {
+        if let Some(visible) = access.visible(graph) {
+            self.targets.retain(|t| visible.contains(&t.system_id));
+            self.answers = group_answers(&self.targets);
+        }
+        self
+    }
+}
+
 /// Asks the agents of a running run to stop it.
 pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run, ActionError> {
     let mut conn = ctx.db.reader().acquire().await?;
@@ -811,10 +843,10 @@ pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run,
         .await?
         .ok_or_else(|| ActionError::UnknownRun(run_id.to_owned()))?;
     let graph = crate::systems::store::load_graph(&mut conn).await?;
-    let (system_id, _) = crate::agents::store::system_by_slug(&mut conn, &run.system)
-        .await?
-        .unwrap_or_default();
-    let role = access.role_on(&graph, &system_id);
+    // By id: a slug names whichever live system holds it now.
+    let role = graph
+        .node(&run.system_id)
+        .and_then(|_| access.role_on(&graph, &run.system_id));
     if role.is_none() || access.principal().is_none() {
         // Runs of systems the caller cannot see do not exist for them.
         return Err(ActionError::UnknownRun(run_id.to_owned()));
@@ -875,7 +907,7 @@ pub async fn cancel(ctx: &Context, access: &Access, run_id: &str) -> Result<Run,
             &mut tx,
             &actor,
             Target {
-                id: &system_id,
+                id: &run.system_id,
                 slug: &run.system,
             },
             event,
@@ -954,6 +986,7 @@ mod tests {
             .map(|(agent, output)| RunTarget {
                 agent_id: (*agent).to_owned(),
                 agent: (*agent).to_owned(),
+                system_id: String::new(),
                 state: "succeeded".into(),
                 exit_code: Some(0),
                 output: (*output).to_owned(),

@@ -170,6 +170,7 @@ fn run_from(r: &AnyRow, targets: Vec<RunTarget>) -> Result<Run, sqlx::Error> {
         id: r.try_get("id")?,
         action: r.try_get("name")?,
         system: r.try_get("slug")?,
+        system_id: r.try_get("system_id")?,
         actor: serde_json::from_str(&actor).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         params: serde_json::from_str(&params).unwrap_or_default(),
         override_reason: r.try_get("override_reason")?,
@@ -193,14 +194,14 @@ fn seconds(v: Option<i64>) -> Option<u32> {
     v.and_then(|n| u32::try_from(n).ok())
 }
 
-const RUN_COLUMNS: &str = "r.id, a.name, s.slug, r.actor, r.params, r.override_reason, r.state, r.started_at, r.finished_at, r.timeout_secs, r.cancelled_by, r.cancelled_at";
+const RUN_COLUMNS: &str = "r.id, a.name, s.slug, r.system_id, r.actor, r.params, r.override_reason, r.state, r.started_at, r.finished_at, r.timeout_secs, r.cancelled_by, r.cancelled_at";
 
 pub async fn targets(
     conn: &mut AnyConnection,
     run_id: &str,
 ) -> Result<Vec<RunTarget>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT t.agent_id, g.name, t.state, t.exit_code, t.output, t.output_size, t.message, t.finished_at, t.timeout_secs \
+        "SELECT t.agent_id, g.name, g.system_id, t.state, t.exit_code, t.output, t.output_size, t.message, t.finished_at, t.timeout_secs \
          FROM action_run_targets t JOIN agents g ON g.id = t.agent_id WHERE t.run_id = $1 ORDER BY g.name",
     )
     .bind(run_id)
@@ -211,6 +212,7 @@ pub async fn targets(
             Ok(RunTarget {
                 agent_id: r.try_get("agent_id")?,
                 agent: r.try_get("name")?,
+                system_id: r.try_get("system_id")?,
                 state: r.try_get("state")?,
                 exit_code: r.try_get::<Option<i64>, _>("exit_code")?.map(|c| c as i32),
                 output: r.try_get("output")?,

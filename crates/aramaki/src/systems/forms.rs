@@ -588,6 +588,19 @@ async fn exclude(
         return refused;
     }
     let result = async {
+        let access = crate::users::access::Access::of(&ctx, session.principal.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        // A child out of sight reads like a missing one: no slug probing.
+        super::http::authorize_for(
+            &ctx,
+            &access,
+            &child,
+            crate::users::Role::Viewer,
+            "system.exclude",
+        )
+        .await
+        .map_err(|_| super::http::not_a_subsystem(&slug, &child))?;
         super::exclude(&ctx, &session.principal.actor(), &slug, &child)
             .await
             .map_err(|e| e.to_string())?;

@@ -104,6 +104,39 @@ pub async fn authorize_for(
     refused
 }
 
+/// Like [`authorize_for`], for the live system with this id: for what
+/// belongs to one system for good (an event, a run), since a slug names
+/// whichever live system holds it now (a deleted system's slug can be taken
+/// by another). A deleted or unknown system is refused like one out of
+/// sight. Refusals are recorded under the id.
+pub async fn authorize_id(
+    ctx: &Context,
+    access: &Access,
+    system_id: &str,
+    needed: Role,
+    kind: &str,
+) -> Result<(), Problem> {
+    if access.everywhere(needed) {
+        return Ok(());
+    }
+    let mut conn = ctx.db.reader().acquire().await?;
+    let graph = super::store::load_graph(&mut conn).await?;
+    drop(conn);
+    let refused = match graph
+        .node(system_id)
+        .and_then(|_| access.role_on(&graph, system_id))
+    {
+        None => Err(SystemError::NotFound(system_id.to_owned()).into()),
+        Some(_) if access.principal().is_none() => Err(needs_token()),
+        Some(role) if role < needed => Err(forbidden(format!(
+            "this needs the {needed} role on this system"
+        ))),
+        Some(_) => return Ok(()),
+    };
+    crate::users::refusals::record(ctx, access, kind, system_id).await;
+    refused
+}
+
 /// A cycle refused for a caller who sees only part of the estate names the
 /// systems out of their sight as `…`: the refusal stands (the structure is
 /// one), but it must not tell them what lies beyond their grants.
@@ -415,8 +448,25 @@ async fn exclude_subsystem(
     let parent = path_slug(&slug)?;
     let child = path_slug(&child)?;
     authorize(&ctx, &access, parent.as_str(), Role::Admin).await?;
+    // A child out of the caller's sight is answered like a missing one, so
+    // that exclude cannot probe which slugs exist.
+    authorize_for(
+        &ctx,
+        &access,
+        child.as_str(),
+        Role::Viewer,
+        "system.exclude",
+    )
+    .await
+    .map_err(|_| Problem::not_found(not_a_subsystem(parent.as_str(), child.as_str())))?;
     super::exclude(&ctx, &access.actor(), parent.as_str(), child.as_str()).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What exclude answers for a child the caller may not see, whether or not
+/// it exists.
+pub fn not_a_subsystem(parent: &str, child: &str) -> String {
+    format!("no subsystem '{child}' of '{parent}' (not found or not included)")
 }
 
 /// The system's own state and, recursively, each layer below it. Role: viewer.

@@ -817,6 +817,7 @@ async fn events_fragment(
 async fn live_fragments(
     State(ctx): State<AppState>,
     Page(session): Page,
+    headers: axum::http::HeaderMap,
     axum::extract::Path(slug): axum::extract::Path<String>,
     axum::extract::Query(f): axum::extract::Query<TimelineFilter>,
 ) -> Response {
@@ -843,6 +844,9 @@ async fn live_fragments(
         parse_filter(&ctx, &f),
         None,
         access,
+        crate::timeline::http::Watcher::Session(
+            crate::ui::session_cookie(&headers).unwrap_or_default(),
+        ),
     )
     .await
     {

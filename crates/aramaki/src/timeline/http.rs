@@ -199,7 +199,15 @@ async fn stream_timeline(
         ),
         None => None,
     };
-    let events = live(ctx.clone(), slug, filter, resume, access).await?;
+    let watcher = match headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        Some(token) => Watcher::Token(token.trim().to_owned()),
+        None => Watcher::Public,
+    };
+    let events = live(ctx.clone(), slug, filter, resume, access, watcher).await?;
     let stream = futures_util::StreamExt::map(events, |event| {
         let sse = SseEvent::default()
             .event("timeline")
@@ -211,15 +219,54 @@ async fn stream_timeline(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// How a live stream's watcher proved who they are, so that the stream can
+/// ask again: a grant revoked, a token revoked, a logout or a disabled
+/// account ends or narrows a stream that is already open.
+pub enum Watcher {
+    /// An anonymous reader under `api.public_read`.
+    Public,
+    /// An API token (the bearer value).
+    Token(String),
+    /// A browser session (the cookie's value).
+    Session(String),
+}
+
+impl Watcher {
+    /// The watcher's roles now, or `None` when they may no longer watch.
+    async fn access(&self, ctx: &Context) -> Result<Option<Access>, sqlx::Error> {
+        let principal = match self {
+            Watcher::Public if ctx.config.api.public_read => {
+                return Ok(Some(Access::public_reader()))
+            }
+            Watcher::Public => return Ok(None),
+            Watcher::Token(token) => crate::users::authenticate(ctx, token).await?,
+            Watcher::Session(secret) => crate::users::sessions::resume(ctx, secret)
+                .await?
+                .filter(|s| !s.must_change_password)
+                .map(|s| s.principal),
+        };
+        match principal {
+            Some(p) => Ok(Some(Access::of(ctx, p).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// How often (by the Context's clock) an open stream asks again who is
+/// watching, besides on every `user.*` or `token.*` event.
+const RECHECK_SECS: i64 = 30;
+
 /// The live tail of a system's timeline: events committed from now on (or
 /// after `resume`, a sequence number), filtered, each once. The caller has
-/// checked access already.
+/// checked access already; `watcher` is how they proved who they are, asked
+/// again while the stream is open.
 pub async fn live(
     ctx: Arc<Context>,
     slug: Slug,
     filter: Filter,
     resume: Option<i64>,
     access: Access,
+    watcher: Watcher,
 ) -> Result<impl Stream<Item = Event>, crate::systems::SystemError> {
     // Listen first, then look: nothing committed in between is missed.
     let rx = ctx.timeline.listen();
@@ -231,7 +278,9 @@ pub async fn live(
         closing: ctx.timeline.closing(),
         filter,
         slug,
+        checked_at: ctx.now(),
         access,
+        watcher,
         rx,
         ids: ids.into_iter().collect(),
         pending: VecDeque::new(),
@@ -251,6 +300,8 @@ struct Tail {
     filter: Filter,
     slug: Slug,
     access: Access,
+    watcher: Watcher,
+    checked_at: Timestamp,
     rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
     ids: HashSet<String>,
     pending: VecDeque<Event>,
@@ -266,6 +317,9 @@ impl Tail {
                 self.catch_up().await;
             }
             if let Some(e) = self.pending.pop_front() {
+                if !self.still_allowed(false).await {
+                    return None;
+                }
                 self.last = self.last.max(e.sequence);
                 if self.filter.matches(&e) {
                     return Some(e);
@@ -281,6 +335,10 @@ impl Tail {
             };
             match received {
                 Ok(e) => {
+                    let about_callers = e.kind.starts_with("user.") || e.kind.starts_with("token.");
+                    if !self.still_allowed(about_callers).await {
+                        return None;
+                    }
                     if e.kind.starts_with("system.") {
                         self.refresh().await;
                     }
@@ -309,6 +367,40 @@ impl Tail {
             }
             Err(e) => tracing::warn!(error = %e, "live tail: cannot replay from the store"),
         }
+    }
+
+    /// Asks again who is watching — now when `now` (an event about users or
+    /// tokens), else once every [`RECHECK_SECS`] by the Context's clock — and
+    /// narrows the stream to their current roles. False when they may no
+    /// longer watch this system (the stream ends; a database error ends it
+    /// too, rather than stream on unchecked).
+    async fn still_allowed(&mut self, now: bool) -> bool {
+        let at = self.ctx.now();
+        let due = self
+            .checked_at
+            .checked_add(SignedDuration::from_secs(RECHECK_SECS))
+            .map_or(true, |t| t <= at);
+        if !now && !due {
+            return true;
+        }
+        self.checked_at = at;
+        let access = match self.watcher.access(&self.ctx).await {
+            Ok(Some(access)) => access,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, "live tail: cannot check who is watching");
+                return false;
+            }
+        };
+        if authorize(&self.ctx, &access, self.slug.as_str(), Role::Viewer)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.access = access;
+        self.refresh().await;
+        true
     }
 
     /// The structure changed: the set of systems below may have too.
@@ -665,7 +757,7 @@ async fn get_event(
         .await?
         .ok_or_else(|| Problem::not_found(format!("no event {id}")))?;
     // An event on a system the caller may not see does not exist for them.
-    authorize(&ctx, &access, &event.system, Role::Viewer)
+    crate::systems::http::authorize_id(&ctx, &access, &event.system_id, Role::Viewer, "event.read")
         .await
         .map_err(|_| Problem::not_found(format!("no event {id}")))?;
     Ok(Json(event))

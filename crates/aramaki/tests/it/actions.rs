@@ -701,3 +701,197 @@ both!(
         assert_eq!(v["targets"][0]["state"], "lost");
     }
 );
+
+both!(
+    a_run_shows_only_the_targets_its_viewer_may_see,
+    |app| async move {
+        // "w-host" aggregates every web host by selector; "t1-host" is
+        // another customer's web host, out of w-host's admin's grants.
+        let (status, v) = app
+            .post(
+                "/api/v1/systems",
+                json!({"slug": "w-host", "title": "W", "category": "host", "selector": "role=web"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        app.system("t1-host", "host", json!({"role": "web"})).await;
+        enrolled(&app, "w", 111).await;
+        enrolled(&app, "t1", 112).await;
+        let (status, v) = app
+            .post(
+                "/api/v1/systems/w-host/actions",
+                json!({"name": "probe", "title": "Probe", "include_subsystems": true}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let (status, run) = app
+            .call(
+                Method::POST,
+                "/api/v1/systems/w-host/actions/probe/runs",
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        let agents = |run: &serde_json::Value| -> Vec<String> {
+            run["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["agent"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            agents(&run),
+            ["t1", "w"],
+            "the instance admin ran it on both"
+        );
+
+        let wadmin = app
+            .user_with_grants("wadmin", &[("w-host", aramaki::users::Role::Admin)])
+            .await;
+        let path = format!("/api/v1/actions/runs/{}", run["id"].as_str().unwrap());
+        let (status, shown) = app.call_as(&wadmin, Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{shown}");
+        assert_eq!(agents(&shown), ["w"], "{shown}");
+        let (status, list) = app
+            .call_as(
+                &wadmin,
+                Method::GET,
+                "/api/v1/systems/w-host/actions/probe/runs",
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        assert_eq!(agents(&list["items"][0]), ["w"], "{list}");
+        assert!(!list.to_string().contains("t1"), "{list}");
+    }
+);
+
+both!(
+    a_system_that_takes_a_deleted_systems_slug_does_not_inherit_its_events_or_runs,
+    |app| async move {
+        app.system("old", "host", json!({})).await;
+        app.system("mine", "host", json!({})).await;
+        enrolled(&app, "old", 113).await; // binds an agent to "old-host"
+        let (status, v) = app
+            .post(
+                "/api/v1/systems/old-host/actions",
+                json!({"name": "probe", "title": "Probe"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let (status, run) = app
+            .call(
+                Method::POST,
+                "/api/v1/systems/old-host/actions/probe/runs",
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        let event = app
+            .event("old-host", "note", "the old host's secret", json!({}))
+            .await;
+        let (status, v) = app
+            .call(Method::DELETE, "/api/v1/systems/old-host", None)
+            .await;
+        assert!(status.is_success(), "delete: {status} {v}");
+
+        let bob = app
+            .user_with_grants("bob", &[("mine", aramaki::users::Role::Admin)])
+            .await;
+        let (status, v) = app
+            .call_as(
+                &bob,
+                Method::PATCH,
+                "/api/v1/systems/mine",
+                Some(json!({"slug": "old-host"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "rename: {v}");
+        let (status, v) = app
+            .call_as(
+                &bob,
+                Method::GET,
+                &format!("/api/v1/events/{}", event["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+        let run_path = format!("/api/v1/actions/runs/{}", run["id"].as_str().unwrap());
+        let (status, v) = app.call_as(&bob, Method::GET, &run_path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+        let (status, v) = app
+            .call_as(
+                &bob,
+                Method::POST,
+                &format!("{run_path}/cancel"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+        // The instance admin still reads both.
+        let (status, _) = app.call(Method::GET, &run_path, None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+);
+
+both!(
+    an_agent_cannot_speak_for_a_run_it_is_not_a_target_of,
+    |app| async move {
+        let (id_a, k_a) = enrolled(&app, "own", 114).await;
+        let (id_b, k_b) = enrolled(&app, "intruder", 115).await;
+        let mut a = SimAgent::connect(&app, &id_a, &k_a).await.unwrap();
+        let mut b = SimAgent::connect(&app, &id_b, &k_b).await.unwrap();
+        let (status, v) = app
+            .post(
+                "/api/v1/systems/own-host/actions",
+                json!({"name": "secret-deploy", "title": "Deploy", "timeout": 600}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let (status, run) = app
+            .call(
+                Method::POST,
+                "/api/v1/systems/own-host/actions/secret-deploy/runs",
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        let run_id = run["id"].as_str().unwrap().to_owned();
+        next_request(&mut a).await;
+
+        let mut watch = app.ctx.agents.watch_output();
+        live(&mut b, update(&run_id, ActionState::Output, "INJECTED")).await;
+        // A record through b's queue: acknowledged only after the live
+        // update before it on the same session was handled.
+        b.send(vec![Record {
+            seq: 1,
+            body: RecordBody::Action(refusal(&run_id, Some("replayed"), "seen before")),
+        }])
+        .await;
+        live(&mut a, update(&run_id, ActionState::Output, "genuine")).await;
+        let first = tokio::time::timeout(std::time::Duration::from_secs(20), watch.recv())
+            .await
+            .expect("live output within 20 s")
+            .unwrap();
+        assert_eq!(
+            (first.agent.as_str(), first.chunk.as_str()),
+            ("own", "genuine")
+        );
+        let shown = app.get(&format!("/api/v1/actions/runs/{run_id}")).await;
+        assert!(!shown.to_string().contains("INJECTED"), "{shown}");
+
+        // The refusal on the intruder's timeline names the run id it sent, nothing more.
+        let events = security_events(&app, "intruder-host").await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["data"]["run"], run_id.as_str());
+        assert_eq!(events[0]["data"]["known_run"], false, "{}", events[0]);
+        assert!(events[0]["data"]["action"].is_null(), "{}", events[0]);
+        assert!(events[0]["data"]["run_state"].is_null(), "{}", events[0]);
+        assert!(
+            !events[0].to_string().contains("secret-deploy"),
+            "{}",
+            events[0]
+        );
+    }
+);

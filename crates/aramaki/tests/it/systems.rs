@@ -510,3 +510,51 @@ both!(
         assert_eq!(app.get("/api/v1/systems/dc1/status").await["worst"], "ok");
     }
 );
+
+both!(
+    excluding_answers_alike_for_missing_and_unseen_children,
+    |app| async move {
+        app.system("par", "service", json!({})).await;
+        app.system("kid", "service", json!({})).await;
+        app.system("hidden", "service", json!({})).await;
+        app.include("par", "kid").await;
+        let admin = app
+            .user_with_grants("paradmin", &[("par", aramaki::users::Role::Admin)])
+            .await;
+        let exclude = |child: &'static str| {
+            let app = &app;
+            let admin = admin.clone();
+            async move {
+                app.call_as(
+                    &admin,
+                    Method::DELETE,
+                    &format!("/api/v1/systems/par/subsystems/{child}"),
+                    None,
+                )
+                .await
+            }
+        };
+        let (missing, m) = exclude("nope").await;
+        let (unseen, u) = exclude("hidden").await;
+        assert_eq!(missing, StatusCode::NOT_FOUND, "{m}");
+        assert_eq!(
+            unseen,
+            StatusCode::NOT_FOUND,
+            "an existing system out of sight: {u}"
+        );
+        assert_eq!(m["code"], u["code"]);
+        assert_eq!(
+            m["detail"].as_str().unwrap().replace("nope", "X"),
+            u["detail"].as_str().unwrap().replace("hidden", "X")
+        );
+        // What the caller sees still excludes, and says so when it is not included.
+        let (status, v) = exclude("kid").await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+        let (status, v) = exclude("kid").await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "kid is no longer below par: {v}"
+        );
+    }
+);

@@ -579,3 +579,133 @@ both!(a_batch_is_recorded_all_or_none, |app| async move {
         ["shop 3.1"]
     );
 });
+
+/// Reads a server-sent event stream one `data:` payload at a time.
+struct SseReader {
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    buf: String,
+}
+
+impl SseReader {
+    fn new(resp: reqwest::Response) -> SseReader {
+        assert_eq!(resp.status(), StatusCode::OK);
+        SseReader {
+            stream: resp.bytes_stream().map(|r| r.map(|b| b.to_vec())).boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next payload, or `None` once the server ended the stream; waits
+    /// at most 20 s for either.
+    async fn next(&mut self) -> Option<serde_json::Value> {
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                if let Some(d) = block.lines().find_map(|l| l.strip_prefix("data:")) {
+                    return Some(serde_json::from_str(d.trim()).unwrap());
+                }
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(20), self.stream.next())
+                .await
+                .expect("an event or the end of the stream within 20 s");
+            match chunk {
+                Some(Ok(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
+both!(
+    a_live_stream_ends_when_its_watcher_loses_the_right_to_watch,
+    |app| async move {
+        use aramaki::users::{self, Role};
+        diamond(&app).await;
+        let open = |token: String| {
+            let app = &app;
+            async move {
+                SseReader::new(
+                    app.http
+                        .get(app.url("/api/v1/systems/dc1/timeline/stream"))
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                        .unwrap(),
+                )
+            }
+        };
+
+        // A grant revoked: the open stream ends before the next event.
+        let granted = app
+            .user_with_grants("granted", &[("dc1", Role::Viewer)])
+            .await;
+        let mut stream = open(granted).await;
+        app.event("host-a", "note", "while granted", json!({}))
+            .await;
+        assert_eq!(stream.next().await.unwrap()["title"], "while granted");
+        users::revoke(&app.ctx, &crate::support::tester(), "granted", "dc1")
+            .await
+            .unwrap();
+        app.event("host-a", "note", "after the revocation", json!({}))
+            .await;
+        // Not even the revocation itself (an event on dc1) reaches them.
+        let rest = stream.next().await;
+        assert!(rest.is_none(), "a revoked viewer still streams: {rest:?}");
+
+        // A token revoked through the API.
+        let user = users::create_user(
+            &app.ctx,
+            &crate::support::tester(),
+            "tokened",
+            "Tokened",
+            Some(Role::Viewer),
+            "a long test password",
+            false,
+        )
+        .await
+        .unwrap();
+        let (token_id, token) = users::create_token_expiring(
+            &app.ctx,
+            &crate::support::tester(),
+            &user.id,
+            "stream",
+            None,
+        )
+        .await
+        .unwrap();
+        let mut stream = open(token.expose().to_owned()).await;
+        app.event("dc1", "note", "with a token", json!({})).await;
+        assert_eq!(stream.next().await.unwrap()["title"], "with a token");
+        let (status, _) = app
+            .call(Method::DELETE, &format!("/api/v1/tokens/{token_id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        app.event("dc1", "note", "after the token", json!({})).await;
+        assert!(
+            stream.next().await.is_none(),
+            "a revoked token still streams"
+        );
+
+        // A token that expires says nothing on the timeline: the stream asks
+        // again by the clock.
+        let expires = aramaki::db::to_micros(app.ctx.now()) + 60_000_000;
+        let (_, token) = users::create_token_expiring(
+            &app.ctx,
+            &crate::support::tester(),
+            &user.id,
+            "short",
+            Some(expires),
+        )
+        .await
+        .unwrap();
+        let mut stream = open(token.expose().to_owned()).await;
+        app.event("dc1", "note", "before expiry", json!({})).await;
+        assert_eq!(stream.next().await.unwrap()["title"], "before expiry");
+        app.clock.advance(jiff::SignedDuration::from_secs(120));
+        app.event("dc1", "note", "after expiry", json!({})).await;
+        assert!(
+            stream.next().await.is_none(),
+            "an expired token still streams"
+        );
+    }
+);
