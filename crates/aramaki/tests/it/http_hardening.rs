@@ -173,6 +173,47 @@ both!(
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        // A raw NUL byte, and a body that is not UTF-8 (which axum's Form
+        // would quietly turn into U+FFFD), are refused too, naming the field.
+        for (body, problem) in [
+            (
+                &b"title=a\0b&body=fine"[..],
+                "form field `title` contains a NUL",
+            ),
+            (
+                &b"title=ok&body=caf\xe9"[..],
+                "form field `body` is not valid UTF-8",
+            ),
+            (
+                &b"title=ok&body=caf%E9"[..],
+                "form field `body` is not valid UTF-8",
+            ),
+            (
+                &b"body=\xff&title=a%00b"[..],
+                "form field `body` is not valid UTF-8",
+            ),
+        ] {
+            let mut raw = format!("csrf={csrf}&").into_bytes();
+            raw.extend_from_slice(body);
+            let resp = crate::pages::browser()
+                .post(app.url("/systems/shop/notes"))
+                .header(COOKIE, &cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(raw)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+            let html = resp.text().await.unwrap();
+            assert!(html.contains(problem), "{html}");
+        }
+        // And in a query string.
+        let (status, p) = app
+            .call(Method::GET, "/api/v1/systems?q=caf%E9", None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{p}");
+        assert_eq!(p["field"], "q");
+        assert!(p["detail"].as_str().unwrap().contains("UTF-8"), "{p}");
         assert_eq!(app.counts().await, before, "nothing with a NUL was written");
         // The same form without the NUL is accepted: the check did not eat the body.
         let resp = crate::pages::browser()
