@@ -84,7 +84,13 @@ impl App {
         let router = crate::web::app(self.ctx.clone());
         // One budget of connections for both listeners: they share the
         // process's file descriptors.
-        let slots = Arc::new(Slots::new(connection_limit(&self.ctx)));
+        let limit = connection_limit(&self.ctx);
+        let web = &self.ctx.config.web;
+        let long = web
+            .max_long_lived_connections
+            .unwrap_or(limit / 4 * 3)
+            .clamp(1, limit.max(1));
+        let slots = Arc::new(Slots::new(limit, long, web.max_long_lived_per_source));
         if let Some(tcp) = self.peers {
             serve_peers(
                 self.ctx.clone(),
@@ -162,7 +168,7 @@ where
         };
         // Reap finished connection tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
-        let Some(slot) = slots.take(&ctx) else {
+        let Some(slot) = slots.take(&ctx, peer.ip()) else {
             ctx.metrics.connection_refused(false);
             drop(io);
             continue;
@@ -262,6 +268,29 @@ struct Slots {
     limit: usize,
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, Arc<Slot>>>,
+    /// Long-lived connections (WebSockets, event streams) are never closed
+    /// for a newcomer, so they have a smaller budget of their own, in all
+    /// and per source: filling it leaves room for ordinary requests.
+    long_limit: usize,
+    long_per_source: usize,
+    long: Mutex<LongLived>,
+}
+
+#[derive(Default)]
+struct LongLived {
+    total: usize,
+    by_source: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// The source a peer counts as: IPv4 (also IPv4-mapped) as itself, IPv6 by
+/// its /64, which one host can fill with addresses of its own.
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into()
+        }
+        v4 => v4,
+    }
 }
 
 struct Slot {
@@ -271,20 +300,26 @@ struct Slot {
     busy: AtomicUsize,
     /// Upgraded to a WebSocket: in use until it closes.
     upgraded: std::sync::atomic::AtomicBool,
+    /// Counted as long-lived, against `source`, until it closes.
+    long: std::sync::atomic::AtomicBool,
+    source: std::net::IpAddr,
     evict: tokio::sync::Notify,
 }
 
 impl Slots {
-    fn new(limit: usize) -> Slots {
+    fn new(limit: usize, long_limit: usize, long_per_source: usize) -> Slots {
         Slots {
             limit,
             next: AtomicU64::new(0),
             open: Mutex::new(BTreeMap::new()),
+            long_limit,
+            long_per_source,
+            long: Mutex::new(LongLived::default()),
         }
     }
 
     /// A slot for a new connection, closing the oldest idle one at the limit.
-    fn take(self: &Arc<Self>, ctx: &Context) -> Option<Arc<Slot>> {
+    fn take(self: &Arc<Self>, ctx: &Context, peer: std::net::IpAddr) -> Option<Arc<Slot>> {
         let mut open = self.open.lock().ok()?;
         if open.len() >= self.limit {
             let idle = open
@@ -303,6 +338,8 @@ impl Slots {
             slots: Arc::downgrade(self),
             busy: AtomicUsize::new(0),
             upgraded: std::sync::atomic::AtomicBool::new(false),
+            long: std::sync::atomic::AtomicBool::new(false),
+            source: source_of(peer),
             evict: tokio::sync::Notify::new(),
         });
         open.insert(id, slot.clone());
@@ -312,8 +349,41 @@ impl Slots {
 }
 
 impl Slot {
+    /// Counts this connection as long-lived, if its source and the budget
+    /// have room; false if it must be refused.
+    fn admit_long(&self) -> bool {
+        if self.long.load(Ordering::SeqCst) {
+            return true;
+        }
+        let Some(slots) = self.slots.upgrade() else {
+            return false;
+        };
+        let Ok(mut long) = slots.long.lock() else {
+            return false;
+        };
+        let here = long.by_source.get(&self.source).copied().unwrap_or(0);
+        if long.total >= slots.long_limit || here >= slots.long_per_source {
+            return false;
+        }
+        long.total += 1;
+        long.by_source.insert(self.source, here + 1);
+        self.long.store(true, Ordering::SeqCst);
+        true
+    }
+
     fn release(&self, ctx: &Context) {
         if let Some(slots) = self.slots.upgrade() {
+            if self.long.swap(false, Ordering::SeqCst) {
+                if let Ok(mut long) = slots.long.lock() {
+                    long.total = long.total.saturating_sub(1);
+                    if let Some(n) = long.by_source.get_mut(&self.source) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            long.by_source.remove(&self.source);
+                        }
+                    }
+                }
+            }
             if let Ok(mut open) = slots.open.lock() {
                 if open.remove(&self.id).is_some() {
                     ctx.metrics.connection_closed();
@@ -371,7 +441,26 @@ where
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
-            if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+            let upgrade = response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS;
+            let stream = response
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            if (upgrade || stream) && !slot.admit_long() {
+                // Dropping the 101 or the stream ends the session before it starts.
+                let mut refused = axum::response::IntoResponse::into_response(crate::web::Problem::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many WebSockets and event streams are open, from this source or in all; try again later",
+                ));
+                refused.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                return Ok(refused);
+            }
+            if upgrade {
                 slot.upgraded.store(true, Ordering::SeqCst);
             }
             Ok(response.map(|body| axum::body::Body::new(BusyBody { body, _busy: busy })))
