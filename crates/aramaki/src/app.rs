@@ -229,6 +229,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// files besides the database's and its own: the limit must refuse a
 /// connection before `accept` runs out of descriptors.
 fn connection_limit(ctx: &Context) -> usize {
+    raise_open_files_limit();
     let configured = ctx.config.web.max_connections;
     let reserved = 64 + usize::try_from(ctx.config.database.max_connections).unwrap_or(64) * 2;
     let Some(files) = open_files_limit() else {
@@ -245,6 +246,40 @@ fn connection_limit(ctx: &Context) -> usize {
         room
     } else {
         configured
+    }
+}
+
+/// The most the soft limit on open files is raised to.
+const MAX_OPEN_FILES: libc::rlim_t = 1 << 20;
+
+/// Raises the soft limit on open files to the hard limit (at most
+/// [`MAX_OPEN_FILES`]): many systems start services with a soft limit of
+/// 1024, which would cut the connection budget far below what the hard
+/// limit allows.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct passed, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let target = limit.rlim_max.min(MAX_OPEN_FILES);
+    if limit.rlim_cur >= target {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct passed, which we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max,
+            "could not raise the open-file limit"
+        );
     }
 }
 
@@ -556,6 +591,33 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
 #[cfg(test)]
 mod tests {
     use super::open_files_in;
+
+    fn soft_and_hard() -> (libc::rlim_t, libc::rlim_t) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into a struct we own.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        (limit.rlim_cur, limit.rlim_max)
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        let (soft, hard) = soft_and_hard();
+        // One below what it is now: nothing else in the process notices.
+        let lower = libc::rlimit {
+            rlim_cur: soft.min(super::MAX_OPEN_FILES) - 1,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads a struct we own.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lower) }, 0);
+        super::raise_open_files_limit();
+        assert_eq!(soft_and_hard(), (hard.min(super::MAX_OPEN_FILES), hard));
+    }
 
     #[test]
     fn the_open_file_limit_is_read_from_proc() {
