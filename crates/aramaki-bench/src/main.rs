@@ -118,6 +118,11 @@ fn config(database_url: Option<String>) -> Config {
     let mut c = Config::default();
     c.database.url = database_url;
     c.log.filter = "warn".into();
+    // Every simulated agent connects from 127.0.0.1: lift the per-source
+    // and long-lived caps (the open-file limit still applies).
+    c.web.max_connections = 16_384;
+    c.web.max_long_lived_connections = Some(16_000);
+    c.web.max_long_lived_per_source = 16_000;
     c
 }
 

@@ -84,7 +84,13 @@ impl App {
         let router = crate::web::app(self.ctx.clone());
         // One budget of connections for both listeners: they share the
         // process's file descriptors.
-        let slots = Arc::new(Slots::new(connection_limit(&self.ctx)));
+        let limit = connection_limit(&self.ctx);
+        let web = &self.ctx.config.web;
+        let long = web
+            .max_long_lived_connections
+            .unwrap_or(limit / 4 * 3)
+            .clamp(1, limit.max(1));
+        let slots = Arc::new(Slots::new(limit, long, web.max_long_lived_per_source));
         if let Some(tcp) = self.peers {
             serve_peers(
                 self.ctx.clone(),
@@ -162,7 +168,7 @@ where
         };
         // Reap finished connection tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
-        let Some(slot) = slots.take(&ctx) else {
+        let Some(slot) = slots.take(&ctx, peer.ip()) else {
             ctx.metrics.connection_refused(false);
             drop(io);
             continue;
@@ -223,6 +229,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// files besides the database's and its own: the limit must refuse a
 /// connection before `accept` runs out of descriptors.
 fn connection_limit(ctx: &Context) -> usize {
+    raise_open_files_limit();
     let configured = ctx.config.web.max_connections;
     let reserved = 64 + usize::try_from(ctx.config.database.max_connections).unwrap_or(64) * 2;
     let Some(files) = open_files_limit() else {
@@ -239,6 +246,40 @@ fn connection_limit(ctx: &Context) -> usize {
         room
     } else {
         configured
+    }
+}
+
+/// The most the soft limit on open files is raised to.
+const MAX_OPEN_FILES: libc::rlim_t = 1 << 20;
+
+/// Raises the soft limit on open files to the hard limit (at most
+/// [`MAX_OPEN_FILES`]): many systems start services with a soft limit of
+/// 1024, which would cut the connection budget far below what the hard
+/// limit allows.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct passed, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let target = limit.rlim_max.min(MAX_OPEN_FILES);
+    if limit.rlim_cur >= target {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct passed, which we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max,
+            "could not raise the open-file limit"
+        );
     }
 }
 
@@ -262,6 +303,29 @@ struct Slots {
     limit: usize,
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, Arc<Slot>>>,
+    /// Long-lived connections (WebSockets, event streams) are never closed
+    /// for a newcomer, so they have a smaller budget of their own, in all
+    /// and per source: filling it leaves room for ordinary requests.
+    long_limit: usize,
+    long_per_source: usize,
+    long: Mutex<LongLived>,
+}
+
+#[derive(Default)]
+struct LongLived {
+    total: usize,
+    by_source: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// The source a peer counts as: IPv4 (also IPv4-mapped) as itself, IPv6 by
+/// its /64, which one host can fill with addresses of its own.
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into()
+        }
+        v4 => v4,
+    }
 }
 
 struct Slot {
@@ -271,20 +335,26 @@ struct Slot {
     busy: AtomicUsize,
     /// Upgraded to a WebSocket: in use until it closes.
     upgraded: std::sync::atomic::AtomicBool,
+    /// Counted as long-lived, against `source`, until it closes.
+    long: std::sync::atomic::AtomicBool,
+    source: std::net::IpAddr,
     evict: tokio::sync::Notify,
 }
 
 impl Slots {
-    fn new(limit: usize) -> Slots {
+    fn new(limit: usize, long_limit: usize, long_per_source: usize) -> Slots {
         Slots {
             limit,
             next: AtomicU64::new(0),
             open: Mutex::new(BTreeMap::new()),
+            long_limit,
+            long_per_source,
+            long: Mutex::new(LongLived::default()),
         }
     }
 
     /// A slot for a new connection, closing the oldest idle one at the limit.
-    fn take(self: &Arc<Self>, ctx: &Context) -> Option<Arc<Slot>> {
+    fn take(self: &Arc<Self>, ctx: &Context, peer: std::net::IpAddr) -> Option<Arc<Slot>> {
         let mut open = self.open.lock().ok()?;
         if open.len() >= self.limit {
             let idle = open
@@ -303,6 +373,8 @@ impl Slots {
             slots: Arc::downgrade(self),
             busy: AtomicUsize::new(0),
             upgraded: std::sync::atomic::AtomicBool::new(false),
+            long: std::sync::atomic::AtomicBool::new(false),
+            source: source_of(peer),
             evict: tokio::sync::Notify::new(),
         });
         open.insert(id, slot.clone());
@@ -312,8 +384,41 @@ impl Slots {
 }
 
 impl Slot {
+    /// Counts this connection as long-lived, if its source and the budget
+    /// have room; false if it must be refused.
+    fn admit_long(&self) -> bool {
+        if self.long.load(Ordering::SeqCst) {
+            return true;
+        }
+        let Some(slots) = self.slots.upgrade() else {
+            return false;
+        };
+        let Ok(mut long) = slots.long.lock() else {
+            return false;
+        };
+        let here = long.by_source.get(&self.source).copied().unwrap_or(0);
+        if long.total >= slots.long_limit || here >= slots.long_per_source {
+            return false;
+        }
+        long.total += 1;
+        long.by_source.insert(self.source, here + 1);
+        self.long.store(true, Ordering::SeqCst);
+        true
+    }
+
     fn release(&self, ctx: &Context) {
         if let Some(slots) = self.slots.upgrade() {
+            if self.long.swap(false, Ordering::SeqCst) {
+                if let Ok(mut long) = slots.long.lock() {
+                    long.total = long.total.saturating_sub(1);
+                    if let Some(n) = long.by_source.get_mut(&self.source) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            long.by_source.remove(&self.source);
+                        }
+                    }
+                }
+            }
             if let Ok(mut open) = slots.open.lock() {
                 if open.remove(&self.id).is_some() {
                     ctx.metrics.connection_closed();
@@ -371,7 +476,26 @@ where
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
-            if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+            let upgrade = response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS;
+            let stream = response
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            if (upgrade || stream) && !slot.admit_long() {
+                // Dropping the 101 or the stream ends the session before it starts.
+                let mut refused = axum::response::IntoResponse::into_response(crate::web::Problem::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many WebSockets and event streams are open, from this source or in all; try again later",
+                ));
+                refused.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                return Ok(refused);
+            }
+            if upgrade {
                 slot.upgraded.store(true, Ordering::SeqCst);
             }
             Ok(response.map(|body| axum::body::Body::new(BusyBody { body, _busy: busy })))
@@ -467,6 +591,33 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
 #[cfg(test)]
 mod tests {
     use super::open_files_in;
+
+    fn soft_and_hard() -> (libc::rlim_t, libc::rlim_t) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into a struct we own.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        (limit.rlim_cur, limit.rlim_max)
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        let (soft, hard) = soft_and_hard();
+        // One below what it is now: nothing else in the process notices.
+        let lower = libc::rlimit {
+            rlim_cur: soft.min(super::MAX_OPEN_FILES) - 1,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads a struct we own.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lower) }, 0);
+        super::raise_open_files_limit();
+        assert_eq!(soft_and_hard(), (hard.min(super::MAX_OPEN_FILES), hard));
+    }
 
     #[test]
     fn the_open_file_limit_is_read_from_proc() {

@@ -256,6 +256,18 @@ pub struct WebConfig {
     /// file descriptor limit, so that the limit, not `accept`, says no.
     #[serde(default = "default_web_max_connections")]
     pub max_connections: usize,
+    /// Of those, how many may be long-lived (WebSockets, event streams),
+    /// which are never closed for a newcomer; the rest stays for ordinary
+    /// requests. Unset: three quarters of `max_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_long_lived_connections: Option<usize>,
+    /// Long-lived connections one source address (an IPv6 /64) may hold.
+    #[serde(default = "default_long_lived_per_source")]
+    pub max_long_lived_per_source: usize,
+}
+
+fn default_long_lived_per_source() -> usize {
+    256
 }
 
 fn default_header_read_timeout() -> u64 {
@@ -267,7 +279,7 @@ fn default_body_read_timeout() -> u64 {
 }
 
 fn default_web_max_connections() -> usize {
-    512
+    8192
 }
 
 impl Default for WebConfig {
@@ -279,6 +291,8 @@ impl Default for WebConfig {
             header_read_timeout_secs: default_header_read_timeout(),
             body_read_timeout_secs: default_body_read_timeout(),
             max_connections: default_web_max_connections(),
+            max_long_lived_connections: None,
+            max_long_lived_per_source: default_long_lived_per_source(),
         }
     }
 }
@@ -398,6 +412,15 @@ impl Config {
             (
                 "max_connections",
                 u64::try_from(w.max_connections).unwrap_or(u64::MAX),
+            ),
+            (
+                "max_long_lived_connections",
+                w.max_long_lived_connections
+                    .map_or(1, |n| u64::try_from(n).unwrap_or(u64::MAX)),
+            ),
+            (
+                "max_long_lived_per_source",
+                u64::try_from(w.max_long_lived_per_source).unwrap_or(u64::MAX),
             ),
         ] {
             if value == 0 {
@@ -577,7 +600,13 @@ body_read_timeout_secs = 30
 # Connections served at once, agents' WebSockets included; at the limit an
 # idle one is closed to make room (or, if none is idle, the new one is refused).
 # Keep it well below the process's file descriptor limit (ulimit -n).
-max_connections = 512
+max_connections = 8192
+# Long-lived connections (WebSockets, event streams) are never closed for a
+# newcomer, so they get a budget of their own, three quarters of the above
+# unless set; the rest is kept for ordinary requests (pages, /health).
+# max_long_lived_connections = 6144
+# ... and at most this many from one source address (an IPv6 /64).
+max_long_lived_per_source = 256
 
 [log]
 # "human" or "json".
@@ -718,17 +747,20 @@ mod tests {
             config.web.header_read_timeout_secs, 10,
             "older files keep working"
         );
-        assert_eq!(config.web.max_connections, 512);
+        assert_eq!(config.web.max_connections, 8192);
         for key in [
             "header_read_timeout_secs",
             "body_read_timeout_secs",
             "max_connections",
+            "max_long_lived_connections",
+            "max_long_lived_per_source",
         ] {
             std::fs::write(&path, format!("[web]\nsession_idle_minutes = 60\nsession_max_hours = 24\nsecure_cookies = false\n{key} = 0\n")).unwrap();
             let err = Config::load(&path, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("`web.{key}`")), "{key}: {err}");
             assert_eq!(err.matches("`web.").count(), 1, "names only {key}: {err}");
         }
+        std::fs::write(&path, "[web]\nsession_idle_minutes = 60\nsession_max_hours = 24\nsecure_cookies = false\nmax_connections = 0\n").unwrap();
         let env = vec![("ARAMAKI_WEB__MAX_CONNECTIONS".to_owned(), "64".to_owned())];
         assert_eq!(Config::load(&path, &env).unwrap().web.max_connections, 64);
     }

@@ -7,8 +7,9 @@
 //!   would otherwise accept `["slug","title","service"]` by position and skip
 //!   the unknown-field check. Errors name the field path (`labels.env`,
 //!   `links[0].url`).
-//! - URL-encoded text (query strings, form bodies) is checked for an encoded
-//!   NUL (`%00`), naming the parameter.
+//! - URL-encoded text (query strings, form bodies) is decoded name by name
+//!   and value by value: U+0000 (`%00` or a raw byte) and invalid UTF-8 are
+//!   refused, naming the parameter.
 
 use std::cell::RefCell;
 
@@ -111,41 +112,60 @@ fn push_key(path: &mut String, key: &str) {
     path.push_str(key);
 }
 
-/// The name of the first URL-encoded parameter (`a=b&c=d`) whose name or
-/// value decodes to a string holding U+0000. Only `%00` decodes to NUL (a
-/// raw NUL byte cannot be part of a URL or survive HTTP parsing as text).
-pub fn encoded_nul(encoded: &str) -> Option<String> {
-    encoded.split('&').find_map(|pair| {
-        if !pair.contains("%00") {
-            return None;
-        }
-        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        Some(decode_lossy(name).replace('\0', "\\u0000"))
-    })
+/// Why URL-encoded text (a query string or a form body) was refused, with
+/// the name of the parameter it concerns.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodedError {
+    #[error("`{0}` contains a NUL character (U+0000), which is not allowed")]
+    Nul(String),
+    #[error("`{0}` is not valid UTF-8")]
+    NotUtf8(String),
 }
 
-/// Percent-decoding for naming a parameter in an error message.
-fn decode_lossy(s: &str) -> String {
-    let bytes = s.as_bytes();
+/// Checks every name and value of URL-encoded text (`a=b&c=d`) as it will be
+/// decoded: none may hold U+0000 (encoded as `%00` or sent as a raw byte)
+/// and all must be UTF-8 (axum's `Form` and `Query` would otherwise replace
+/// invalid bytes with U+FFFD without a word).
+pub fn check_encoded(encoded: &[u8]) -> Result<(), EncodedError> {
+    for pair in encoded.split(|b| *b == b'&') {
+        let mut halves = pair.splitn(2, |b| *b == b'=');
+        let name = percent_decode(halves.next().unwrap_or_default());
+        let value = percent_decode(halves.next().unwrap_or_default());
+        let shown = || String::from_utf8_lossy(&name).replace('\0', "\\u0000");
+        if name.contains(&0) || value.contains(&0) {
+            return Err(EncodedError::Nul(shown()));
+        }
+        if std::str::from_utf8(&name).is_err() || std::str::from_utf8(&value).is_err() {
+            return Err(EncodedError::NotUtf8(shown()));
+        }
+    }
+    Ok(())
+}
+
+/// Percent-decoding as `application/x-www-form-urlencoded` does it (`+` is a
+/// space; a `%` not followed by two hex digits stays as it is).
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
+    let mut rest = bytes;
+    let hex = |b: u8| (b as char).to_digit(16);
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        match b {
+            b'%' => match tail {
+                [h, l, after @ ..] => match (hex(*h), hex(*l)) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        rest = after;
+                    }
+                    _ => out.push(b'%'),
+                },
                 _ => out.push(b'%'),
             },
             b'+' => out.push(b' '),
             b => out.push(b),
         }
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// A deserializer over a JSON value that refuses sequences for structs and
@@ -530,9 +550,37 @@ mod tests {
 
     #[test]
     fn encoded_nul_names_the_parameter() {
-        assert_eq!(encoded_nul("a=1&text=x%00y").as_deref(), Some("text"));
-        assert_eq!(encoded_nul("a%20b=%00").as_deref(), Some("a b"));
-        assert_eq!(encoded_nul("a=%2500&b=%25%30%30"), None);
-        assert_eq!(encoded_nul("a=1&b=2"), None);
+        let nul = |name: &str| Err(EncodedError::Nul(name.to_owned()));
+        assert_eq!(check_encoded(b"a=1&text=x%00y"), nul("text"));
+        assert_eq!(check_encoded(b"a%20b=%00"), nul("a b"));
+        assert_eq!(check_encoded(b"a+b=%00"), nul("a b"));
+        assert_eq!(check_encoded(b"a=%2500&b=%25%30%30&c=%"), Ok(()));
+        assert_eq!(check_encoded(b"a=1&b=2&c&=&&"), Ok(()));
+    }
+
+    #[test]
+    fn raw_nul_and_invalid_utf8_are_refused() {
+        assert_eq!(
+            check_encoded(b"a=1&title=x\0y"),
+            Err(EncodedError::Nul("title".into()))
+        );
+        assert_eq!(
+            check_encoded(b"ti\0tle=x"),
+            Err(EncodedError::Nul("ti\\u0000tle".into()))
+        );
+        assert_eq!(
+            check_encoded(b"a=1&body=caf\xe9"),
+            Err(EncodedError::NotUtf8("body".into()))
+        );
+        assert_eq!(
+            check_encoded(b"a=1&body=caf%E9"),
+            Err(EncodedError::NotUtf8("body".into()))
+        );
+        // The first parameter that is wrong is named.
+        assert_eq!(
+            check_encoded(b"a=%FF&b=%00"),
+            Err(EncodedError::NotUtf8("a".into()))
+        );
+        assert_eq!(check_encoded("caf\u{e9}=%C3%A9".as_bytes()), Ok(()));
     }
 }

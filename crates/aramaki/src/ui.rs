@@ -183,7 +183,10 @@ pub fn assets() -> Router<AppState> {
 
 /// Keeps a `next` parameter on this site: a path, never another host.
 pub fn local_path(next: &str) -> &str {
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+    // Browsers drop tabs and newlines from a URL and read `\` as `/`, so
+    // `/\t/evil.example` and `/\\evil.example` both mean `//evil.example`.
+    let odd = next.contains('\\') || next.chars().any(|c| c.is_control());
+    if next.starts_with('/') && !next.starts_with("//") && !odd {
         next
     } else {
         "/"
@@ -213,6 +216,26 @@ mod tests {
         assert_eq!(local_path("https://evil.example"), "/");
         assert_eq!(local_path("//evil.example"), "/");
         assert_eq!(local_path("/\\evil.example"), "/");
+        for tricky in [
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r/evil.example",
+            "\t//evil.example",
+            "/\u{0}/evil.example",
+            "/\u{7f}/evil.example",
+            "/\u{85}/evil.example",
+            "\\\\evil.example",
+            "/\\/evil.example",
+            "/%5C/x\\y",
+            " //evil.example",
+            "///evil.example",
+            "",
+            "evil.example",
+            "javascript:alert(1)",
+        ] {
+            assert_eq!(local_path(tricky), "/", "{tricky:?}");
+        }
+        assert_eq!(local_path("/systems?q=a%09b#x"), "/systems?q=a%09b#x");
     }
 
     #[test]

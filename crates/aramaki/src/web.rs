@@ -212,17 +212,22 @@ where
     }
 }
 
-/// Refuses U+0000 in a path parameter, a query parameter or a form field
-/// before any handler sees it (JSON bodies are checked by [`ApiJson`]):
+/// Refuses U+0000 in a path parameter, a query parameter or a form field,
+/// and invalid UTF-8 in the latter two, before any handler sees it (JSON bodies are checked by [`ApiJson`]):
 /// PostgreSQL cannot store it and SQLite would, so both refuse it here.
 async fn refuse_nul(State(ctx): State<AppState>, req: Request, next: Next) -> Response {
     let api = req.uri().path().starts_with("/api/");
     if req.uri().path().contains("%00") {
         let name = path_parameter_with_nul(&req);
-        return nul_refused(api, StatusCode::BAD_REQUEST, "path parameter", &name);
+        let e = crate::input::EncodedError::Nul(name);
+        return nul_refused(api, StatusCode::BAD_REQUEST, "path parameter", &e);
     }
-    if let Some(name) = req.uri().query().and_then(crate::input::encoded_nul) {
-        return nul_refused(api, StatusCode::BAD_REQUEST, "query parameter", &name);
+    if let Some(Err(e)) = req
+        .uri()
+        .query()
+        .map(|q| crate::input::check_encoded(q.as_bytes()))
+    {
+        return nul_refused(api, StatusCode::BAD_REQUEST, "query parameter", &e);
     }
     let form = req
         .headers()
@@ -242,11 +247,8 @@ async fn refuse_nul(State(ctx): State<AppState>, req: Request, next: Next) -> Re
         Ok(bytes) => bytes,
         Err(e) => return body_problem(&e).into_response(),
     };
-    if let Some(name) = std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(crate::input::encoded_nul)
-    {
-        return nul_refused(api, StatusCode::UNPROCESSABLE_ENTITY, "form field", &name);
+    if let Err(e) = crate::input::check_encoded(&bytes) {
+        return nul_refused(api, StatusCode::UNPROCESSABLE_ENTITY, "form field", &e);
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
@@ -270,11 +272,17 @@ fn path_parameter_with_nul(req: &Request) -> String {
         .unwrap_or_else(|| "path".to_owned())
 }
 
-fn nul_refused(api: bool, status: StatusCode, what: &str, name: &str) -> Response {
-    let detail = format!("{what} `{name}` contains a NUL character (U+0000), which is not allowed");
+fn nul_refused(
+    api: bool,
+    status: StatusCode,
+    what: &str,
+    e: &crate::input::EncodedError,
+) -> Response {
+    let (crate::input::EncodedError::Nul(name) | crate::input::EncodedError::NotUtf8(name)) = e;
+    let detail = format!("{what} {e}");
     if api {
         Problem::new(status, "invalid", detail)
-            .with("field", name.into())
+            .with("field", name.clone().into())
             .into_response()
     } else {
         let escaped = detail

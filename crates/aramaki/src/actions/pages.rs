@@ -430,10 +430,16 @@ async fn define_action(
         };
         render(StatusCode::UNPROCESSABLE_ENTITY, &page)
     };
-    let spec: super::model::ActionSpec = match serde_json::from_str(&input.spec) {
-        Ok(spec) => spec,
-        Err(e) => return again(format!("the definition is not valid: {e}")),
-    };
+    // The same strict reading as the API's JSON bodies: no U+0000, no
+    // arrays in place of objects, errors that name the field.
+    let spec: super::model::ActionSpec =
+        match serde_json::from_str::<serde_json::Value>(&input.spec)
+            .map_err(|e| e.to_string())
+            .and_then(|value| crate::input::from_value(value).map_err(|e| e.to_string()))
+        {
+            Ok(spec) => spec,
+            Err(e) => return again(format!("the definition is not valid: {e}")),
+        };
     match super::save(&ctx, &access.actor(), &slug, spec, true).await {
         Ok((action, _)) => go_to(
             &headers,

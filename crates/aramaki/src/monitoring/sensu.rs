@@ -572,6 +572,16 @@ impl Leftovers<'_> {
         });
     }
 
+    /// Lists a field whose value must not be printed, showing `shown`.
+    fn add_withheld(&mut self, field: &str, shown: &str, why: &str) {
+        self.list.push(Unmapped {
+            resource: self.resource.to_owned(),
+            field: field.to_owned(),
+            value: shown.to_owned(),
+            why: why.to_owned(),
+        });
+    }
+
     /// Lists a field unless it holds Sensu's zero value.
     fn unless_default(&mut self, field: &str, value: &Value) {
         if !is_zero(value) {
@@ -820,8 +830,10 @@ fn convert(
     if let Some(v) = take(&mut spec, "env_vars") {
         let items = match v {
             Value::Array(items) => items,
-            other => {
-                left.add("spec.env_vars", &other, "not a list of KEY=VALUE");
+            // Environment values are often secrets: the report shows at
+            // most a variable's name, never its value.
+            _ => {
+                left.add_withheld("spec.env_vars", "…", "not a list of KEY=VALUE");
                 Vec::new()
             }
         };
@@ -833,11 +845,17 @@ fn convert(
                         notes.push(format!("env_vars sets {k} twice: the last value is kept"));
                     }
                 }
-                None => left.add(
-                    &format!("spec.env_vars[{i}]"),
-                    item,
-                    "not KEY=VALUE with a valid variable name",
-                ),
+                None => {
+                    let shown = pair.map_or_else(
+                        || "…".to_owned(),
+                        |(k, _)| format!("{}=…", short(&Value::String(k.to_owned()))),
+                    );
+                    left.add_withheld(
+                        &format!("spec.env_vars[{i}]"),
+                        &shown,
+                        "not KEY=VALUE with a valid variable name",
+                    )
+                }
             }
         }
     }
@@ -1306,6 +1324,44 @@ mod tests {
         assert!(text.contains(&import.errors[0]));
         assert!(text.contains("would create"));
         assert!(text.contains("dry run"));
+    }
+
+    #[test]
+    fn env_values_are_never_in_the_report() {
+        let text = r#"{"type":"CheckConfig","api_version":"core/v2","metadata":{"name":"c","namespace":"default"},
+            "spec":{"command":"true","interval":10,"publish":true,"subscriptions":["a"],"timeout":5,
+            "env_vars":["GOOD=fine","1DB_PASSWORD=hunter2","NOEQUALSs3cret",{"K":"t0ken"}]}}"#;
+        let import = parse_dump(text).unwrap();
+        let env: Vec<(&str, &str)> = import
+            .unmapped
+            .iter()
+            .filter(|u| u.field.starts_with("spec.env_vars"))
+            .map(|u| (u.field.as_str(), u.value.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("spec.env_vars[1]", "\"1DB_PASSWORD\"=…"),
+                ("spec.env_vars[2]", "…"),
+                ("spec.env_vars[3]", "…"),
+            ]
+        );
+        let printed = report(&import, &plan(&[], &import), true);
+        assert!(
+            printed.contains("spec.env_vars[1] = \"1DB_PASSWORD\"=…"),
+            "{printed}"
+        );
+        for secret in ["hunter2", "s3cret", "t0ken"] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        let text = text.replace(
+            r#"["GOOD=fine","1DB_PASSWORD=hunter2","NOEQUALSs3cret",{"K":"t0ken"}]"#,
+            r#""DB_PASSWORD=hunter2""#,
+        );
+        let import = parse_dump(&text).unwrap();
+        let printed = report(&import, &plan(&[], &import), true);
+        assert!(printed.contains("spec.env_vars = …"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
     }
 
     #[test]

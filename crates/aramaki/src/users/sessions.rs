@@ -71,7 +71,7 @@ pub async fn login(
         return Ok(Login::Throttled(wait));
     }
     let row = sqlx::query(
-        "SELECT id, username, display_name, role, password_hash, must_change_password, password_expires_at, disabled_at FROM users WHERE username = $1",
+        "SELECT id, username, display_name, role, password_hash, must_change_password, password_expires_at, created_at, disabled_at FROM users WHERE username = $1",
     )
     .bind(username)
     .fetch_optional(ctx.db.reader())
@@ -91,7 +91,8 @@ pub async fn login(
     super::throttle::succeeded(ctx, &keys).await?;
     let must_change_password = row.try_get::<i64, _>("must_change_password")? != 0;
     let expires: Option<i64> = row.try_get("password_expires_at")?;
-    if must_change_password && expires.is_some_and(|t| t <= to_micros(ctx.now())) {
+    let created: i64 = row.try_get("created_at")?;
+    if one_time_expired(ctx, must_change_password, expires, created) {
         return Ok(Login::Expired);
     }
     let role: String = row.try_get("role")?;
@@ -132,6 +133,16 @@ pub async fn login(
     ))
 }
 
+/// Whether a one-time password no longer opens anything. One set before
+/// expiry times were recorded (`password_expires_at` NULL) counts from the
+/// account's creation: never-expiring is not a state a one-time password
+/// can be in.
+fn one_time_expired(ctx: &Context, must_change: bool, until: Option<i64>, created: i64) -> bool {
+    let hours = i64::from(ctx.config.auth.one_time_password_hours);
+    let until = until.unwrap_or_else(|| created.saturating_add(hours * 3_600_000_000));
+    must_change && until <= to_micros(ctx.now())
+}
+
 /// The session a cookie value belongs to, if it is still valid.
 pub async fn resume(ctx: &Context, secret: &str) -> Result<Option<Session>, sqlx::Error> {
     if secret.is_empty() || secret.len() > 128 {
@@ -139,7 +150,7 @@ pub async fn resume(ctx: &Context, secret: &str) -> Result<Option<Session>, sqlx
     }
     let row = sqlx::query(
         "SELECT s.id, s.csrf, s.last_seen_at, s.expires_at, s.ended_at, u.id AS user_id, u.username, \
-         u.display_name, u.role, u.must_change_password, u.password_expires_at, u.disabled_at \
+         u.display_name, u.role, u.must_change_password, u.password_expires_at, u.created_at AS user_created_at, u.disabled_at \
          FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.secret_hash = $1",
     )
     .bind(hash(secret))
@@ -157,7 +168,8 @@ pub async fn resume(ctx: &Context, secret: &str) -> Result<Option<Session>, sqlx
     // A session opened with a one-time password ends when the password expires.
     let must_change = row.try_get::<i64, _>("must_change_password")? != 0;
     let one_time_until: Option<i64> = row.try_get("password_expires_at")?;
-    if must_change && one_time_until.is_some_and(|t| t <= now) {
+    let created: i64 = row.try_get("user_created_at")?;
+    if one_time_expired(ctx, must_change, one_time_until, created) {
         return Ok(None);
     }
     let id: String = row.try_get("id")?;

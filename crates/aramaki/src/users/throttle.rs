@@ -33,12 +33,27 @@ impl Keys {
         let name: String = username.chars().take(64).collect();
         Keys {
             user: format!("user:{name}"),
-            addr: addr.map(|a| format!("addr:{a}")),
+            addr: addr.map(|a| format!("addr:{}", source(a))),
         }
     }
 
     fn all(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.user.as_str()).chain(self.addr.as_deref())
+    }
+}
+
+/// The source an address is throttled as: an IPv4 address as itself (also
+/// when it arrives IPv4-mapped, `::ffff:a.b.c.d`), an IPv6 address by its
+/// /64 — one site or one customer gets a whole /64, so counting single IPv6
+/// addresses would give an attacker 2^64 fresh counters.
+fn source(addr: std::net::IpAddr) -> String {
+    use std::net::IpAddr;
+    match addr.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            format!("{}/64", std::net::Ipv6Addr::from(net))
+        }
     }
 }
 
@@ -218,4 +233,32 @@ pub async fn unlock(ctx: &Context, actor: &Actor, username: &str) -> Result<bool
     .await?;
     ctx.commit(tx).await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(addr: &str) -> Option<String> {
+        Keys::new("ada", Some(addr.parse().unwrap())).addr
+    }
+
+    #[test]
+    fn addresses_are_keyed_by_their_source() {
+        assert_eq!(key("192.0.2.7").as_deref(), Some("addr:192.0.2.7"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"), "IPv4-mapped");
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        // One /64 is one source, whatever the interface identifier.
+        assert_eq!(
+            key("2001:db8:1:2::1").as_deref(),
+            Some("addr:2001:db8:1:2::/64")
+        );
+        assert_eq!(
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff"),
+            key("2001:db8:1:2::1")
+        );
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::1").as_deref(), Some("addr:::/64"));
+        assert_eq!(Keys::new("ada", None).addr, None);
+    }
 }

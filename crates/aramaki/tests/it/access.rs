@@ -632,6 +632,47 @@ both!(a_one_time_password_expires, |app| async move {
     assert_eq!(hash, expected);
 });
 
+// A one-time password set before expiry times were recorded (the upgrade
+// left `password_expires_at` NULL) counts from the account's creation.
+both!(
+    a_one_time_password_from_before_the_upgrade_expires,
+    |app| async move {
+        use browser_helpers::*;
+        person(&app, "old", true).await;
+        person(&app, "older", true).await;
+        let opened = login(&app, "old", "correct horse battery", "/").await;
+        let c = cookie(&opened);
+        let mut tx = app.ctx.db.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE users SET password_expires_at = NULL WHERE username IN ('old', 'older')",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        app.clock.advance(jiff::SignedDuration::from_hours(11));
+        assert_eq!(
+            get(&app, "/account/password", &c).await.status(),
+            StatusCode::OK,
+            "still within its day"
+        );
+        app.clock.advance(jiff::SignedDuration::from_hours(11));
+        let r = login(&app, "older", "correct horse battery", "/").await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "still within its day");
+        app.clock.advance(jiff::SignedDuration::from_hours(3));
+        let r = get(&app, "/account/password", &c).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert!(location(&r).starts_with("/login"), "{}", location(&r));
+        let r = login(&app, "older", "correct horse battery", "/").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r
+            .text()
+            .await
+            .unwrap()
+            .contains("one-time password has expired"));
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_one_time_password_lifetime_is_configurable() {
     use browser_helpers::*;

@@ -397,6 +397,15 @@ async fn admins_define_actions_on_the_system_page() {
             r#"{"name": "greet", "title": "Greet", "params": [{"name": "who", "type": "colour"}]}"#,
             "colour",
         ),
+        // The strict reading of the API: no U+0000, no struct by position.
+        (
+            r#"{"name": "greet", "title": "Gr\u0000eet"}"#,
+            "`title` contains a NUL character",
+        ),
+        (
+            r#"{"name": "greet", "title": "Greet", "params": [["who", "string"]]}"#,
+            "params[0]",
+        ),
     ] {
         let r = post(
             app,

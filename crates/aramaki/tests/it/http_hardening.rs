@@ -173,6 +173,47 @@ both!(
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        // A raw NUL byte, and a body that is not UTF-8 (which axum's Form
+        // would quietly turn into U+FFFD), are refused too, naming the field.
+        for (body, problem) in [
+            (
+                &b"title=a\0b&body=fine"[..],
+                "form field `title` contains a NUL",
+            ),
+            (
+                &b"title=ok&body=caf\xe9"[..],
+                "form field `body` is not valid UTF-8",
+            ),
+            (
+                &b"title=ok&body=caf%E9"[..],
+                "form field `body` is not valid UTF-8",
+            ),
+            (
+                &b"body=\xff&title=a%00b"[..],
+                "form field `body` is not valid UTF-8",
+            ),
+        ] {
+            let mut raw = format!("csrf={csrf}&").into_bytes();
+            raw.extend_from_slice(body);
+            let resp = crate::pages::browser()
+                .post(app.url("/systems/shop/notes"))
+                .header(COOKIE, &cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(raw)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+            let html = resp.text().await.unwrap();
+            assert!(html.contains(problem), "{html}");
+        }
+        // And in a query string.
+        let (status, p) = app
+            .call(Method::GET, "/api/v1/systems?q=caf%E9", None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{p}");
+        assert_eq!(p["field"], "q");
+        assert!(p["detail"].as_str().unwrap().contains("UTF-8"), "{p}");
         assert_eq!(app.counts().await, before, "nothing with a NUL was written");
         // The same form without the NUL is accepted: the check did not eat the body.
         let resp = crate::pages::browser()
@@ -554,6 +595,7 @@ async fn health_answers_when_slow_clients_fill_the_connection_limit() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, |c| {
         c.web.max_connections = 4;
+        c.web.max_long_lived_connections = Some(4);
         c.web.header_read_timeout_secs = 60;
     })
     .await;
@@ -648,6 +690,7 @@ async fn websocket_sessions_count_against_the_limit_until_they_close() {
     use tokio::io::AsyncWriteExt;
     let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, |c| {
         c.web.max_connections = 1;
+        c.web.max_long_lived_connections = Some(1);
     })
     .await;
     let addr = app.base.trim_start_matches("http://").to_owned();
@@ -717,4 +760,81 @@ async fn an_oversized_form_is_still_too_large() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(app.counts().await, before);
+}
+
+/// Opens a WebSocket to the agents' endpoint from `from` and says nothing:
+/// whether the server answered 101 (and kept the socket).
+async fn silent_upgrade(app: &TestApp, from: [u8; 4]) -> (bool, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        aramaki_protocol::agent::CONNECT_PATH
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the upgrade's answer in time")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    (got.starts_with(b"HTTP/1.1 101"), s)
+}
+
+// Sockets that upgrade and then say nothing cannot take every connection:
+// they have a budget of their own, in all and per source, and ordinary
+// requests still answer when it is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_websockets_cannot_shut_out_ordinary_requests() {
+    let app = TestApp::start_tweaked(crate::support::Backend::Sqlite, |c| {
+        c.web.max_connections = 8;
+        c.web.max_long_lived_connections = Some(5);
+        c.web.max_long_lived_per_source = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    let mut upgraded = Vec::new();
+    for from in [
+        [127, 0, 0, 1],
+        [127, 0, 0, 2],
+        [127, 0, 0, 3],
+        [127, 0, 0, 4],
+    ] {
+        for _ in 0..3 {
+            let (ok, s) = silent_upgrade(&app, from).await;
+            upgraded.push((from[3], ok));
+            held.push(s);
+        }
+    }
+    let per_source = |host: u8| upgraded.iter().filter(|(h, ok)| *h == host && *ok).count();
+    assert_eq!(per_source(1), 2, "two per source: {upgraded:?}");
+    assert_eq!(per_source(2), 2, "{upgraded:?}");
+    assert_eq!(
+        upgraded.iter().filter(|(_, ok)| *ok).count(),
+        5,
+        "five in all: {upgraded:?}"
+    );
+    // Health and the login page still answer, one after another.
+    let client = crate::pages::browser();
+    for path in ["/api/v1/health", "/login", "/api/v1/health", "/login"] {
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.get(app.url(path)).send(),
+        )
+        .await
+        .expect("an answer in time")
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    drop(held);
 }

@@ -1082,3 +1082,55 @@ async fn sessions_end_at_their_absolute_limit_and_everywhere_on_request() {
         );
     }
 }
+
+both!(next_after_login_never_leaves_the_site, |app| async move {
+    person(&app, "ada", Some(Role::Viewer), false).await;
+    // Browsers drop tabs and newlines and read `\` as `/`: each of these
+    // would be `//evil.example`, another host.
+    for next in [
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\r\n/evil.example",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "//evil.example",
+        "https://evil.example",
+    ] {
+        let form = browser()
+            .get(app.url("/login"))
+            .query(&[("next", next)])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            form.contains("name=\"next\" value=\"/\""),
+            "{next:?}: {form}"
+        );
+        let ok = browser()
+            .post(app.url("/login"))
+            .form(&[
+                ("username", "ada"),
+                ("password", "correct horse battery"),
+                ("next", next),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::SEE_OTHER, "{next:?}");
+        assert_eq!(ok.headers()[LOCATION], "/", "{next:?}");
+    }
+    let ok = browser()
+        .post(app.url("/login"))
+        .form(&[
+            ("username", "ada"),
+            ("password", "correct horse battery"),
+            ("next", "/systems/shop"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.headers()[LOCATION], "/systems/shop");
+});
