@@ -666,7 +666,8 @@ login_max_delay_seconds = 300
 login_lockout_failures = 20
 login_lockout_minutes = 60
 # Refused attempts on systems are recorded on the instance's timeline once
-# per caller and kind in each window of this many minutes, counted between.
+# per caller, kind and target (up to 20 targets) in each window of this many
+# minutes, counted between.
 refusal_window_minutes = 10
 "#
     )

@@ -12,12 +12,14 @@ CREATE TABLE login_failures (
     locked_until BIGINT
 );
 
--- Refused attempts on system-scoped routes, per caller, kind and window;
--- the first of a window is an event on the instance's timeline.
+-- Refused attempts on system-scoped routes, per caller, kind, window and
+-- target (up to 20 distinct targets a window, the rest under '*'); the first
+-- of each is an event on the instance's timeline.
 CREATE TABLE refusals (
     caller       TEXT NOT NULL,
     kind         TEXT NOT NULL,
     window_start BIGINT NOT NULL,
+    target       TEXT NOT NULL,
     attempts     BIGINT NOT NULL,
-    PRIMARY KEY (caller, kind, window_start)
+    PRIMARY KEY (caller, kind, window_start, target)
 );

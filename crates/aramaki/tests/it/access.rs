@@ -921,17 +921,24 @@ both!(refused_attempts_are_recorded_aggregated, |app| async move {
     let events = refusals(&app).await;
     assert_eq!(
         events.len(),
-        1,
-        "one event per caller, kind and window: {events:?}"
+        2,
+        "one event per caller, kind, target and window: {events:?}"
     );
-    assert_eq!(events[0]["data"]["kind"], "action.run");
-    assert_eq!(events[0]["data"]["target"], "theirs");
-    assert_eq!(events[0]["actor"]["name"], "opal");
+    let mut targets: Vec<&str> = events
+        .iter()
+        .map(|e| e["data"]["target"].as_str().unwrap())
+        .collect();
+    targets.sort_unstable();
+    assert_eq!(targets, ["nowhere", "theirs"], "each target is named");
+    for e in &events {
+        assert_eq!(e["data"]["kind"], "action.run");
+        assert_eq!(e["actor"]["name"], "opal");
+    }
     // A flood is counted, not written out.
     for _ in 0..25 {
         assert_eq!(run("theirs").await.0, StatusCode::NOT_FOUND);
     }
-    assert_eq!(refusals(&app).await.len(), 1);
+    assert_eq!(refusals(&app).await.len(), 2);
     let opal_id: String = sqlx::query_scalar("SELECT id FROM users WHERE username = 'opal'")
         .fetch_one(app.ctx.db.reader())
         .await
@@ -962,12 +969,12 @@ both!(refused_attempts_are_recorded_aggregated, |app| async move {
         .iter()
         .map(|e| e["data"]["kind"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(kinds, ["system.change", "action.run"]);
+    assert_eq!(kinds, ["system.change", "action.run", "action.run"]);
     // The next window starts with one event that carries the last count.
     app.clock.advance(jiff::SignedDuration::from_mins(10));
     run("theirs").await;
     let events = refusals(&app).await;
-    assert_eq!(events.len(), 3);
+    assert_eq!(events.len(), 4);
     assert_eq!(events[0]["data"]["previous_window_attempts"], 27);
     // The record is for the instance's viewers, not for the caller.
     let (status, _) = app
@@ -981,10 +988,62 @@ both!(refused_attempts_are_recorded_aggregated, |app| async move {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         refusals(&app).await.len(),
-        4,
+        5,
         "the GET of aramaki was refused too"
     );
 });
+
+// A probe of a harmless slug first does not hide the real target, and a
+// scan of many slugs stays bounded: each distinct target of a window is
+// named up to a cap, the rest are counted together with one more event.
+both!(
+    a_scan_of_many_slugs_names_each_target_up_to_a_cap,
+    |app| async move {
+        app.system("mine", "service", json!({})).await;
+        app.system("theirs", "service", json!({})).await;
+        let opal = app
+            .user_with_grants("opal", &[("mine", Role::Operator)])
+            .await;
+        let cap = aramaki::users::refusals::TARGETS_PER_WINDOW as usize;
+        let mut slugs: Vec<String> = (0..cap + 5).map(|i| format!("probe-{i}")).collect();
+        slugs.insert(1, "theirs".to_owned());
+        for slug in &slugs {
+            let (status, _) = app
+                .call_as(
+                    &opal,
+                    Method::POST,
+                    &format!("/api/v1/systems/{slug}/actions/restart/runs"),
+                    Some(json!({})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+        }
+        let events = refusals(&app).await;
+        let targets: Vec<&str> = events
+            .iter()
+            .map(|e| e["data"]["target"].as_str().unwrap())
+            .collect();
+        assert_eq!(events.len(), cap + 1, "{targets:?}");
+        assert!(targets.contains(&"theirs"), "the real target is named");
+        assert_eq!(
+            targets.iter().filter(|t| **t == "*").count(),
+            1,
+            "the rest are one event: {targets:?}"
+        );
+        let opal_id: String = sqlx::query_scalar("SELECT id FROM users WHERE username = 'opal'")
+            .fetch_one(app.ctx.db.reader())
+            .await
+            .unwrap();
+        let now = app.ctx.now().as_microsecond();
+        assert_eq!(
+            aramaki::users::refusals::count(&app.ctx, &opal_id, "action.run", now)
+                .await
+                .unwrap(),
+            slugs.len() as i64,
+            "every attempt is counted"
+        );
+    }
+);
 
 // A selector or label change that would close a cycle through systems out
 // of the caller's sight is refused without naming them.
