@@ -19,11 +19,11 @@ use crate::support::TestApp;
 
 const MINUTE: i64 = 60_000_000;
 
-fn now(app: &TestApp) -> i64 {
+pub(crate) fn now(app: &TestApp) -> i64 {
     aramaki::db::to_micros(app.ctx.now())
 }
 
-fn refusals(app: &TestApp, reason: &str) -> u64 {
+pub(crate) fn refusals(app: &TestApp, reason: &str) -> u64 {
     app.ctx
         .federation
         .refusals()
@@ -33,15 +33,15 @@ fn refusals(app: &TestApp, reason: &str) -> u64 {
 }
 
 /// A peer the test speaks for, pinned by `app` as active, with a link open.
-struct Mallory {
-    id: String,
+pub(crate) struct Mallory {
+    pub(crate) id: String,
     me: Identity,
     to: String,
-    conn: Conn,
+    pub(crate) conn: Conn,
 }
 
 impl Mallory {
-    async fn link(net: &MemoryNet, app: &TestApp, seed: u8) -> Mallory {
+    pub(crate) async fn link(net: &MemoryNet, app: &TestApp, seed: u8) -> Mallory {
         let id = uuid::Uuid::now_v7().to_string();
         let me = Identity::new(
             id.clone(),
@@ -76,6 +76,11 @@ impl Mallory {
     }
 
     async fn send(&self, app: &TestApp, seq: i64, kind: &str, data: Value) {
+        self.send_raw(self.frame(app, seq, kind, data)).await;
+    }
+
+    /// A sealed, numbered message, not yet sent.
+    pub(crate) fn frame(&self, app: &TestApp, seq: i64, kind: &str, data: Value) -> String {
         let e = seal(
             &self.me,
             &self.to,
@@ -84,11 +89,11 @@ impl Mallory {
             now(app),
             MINUTE,
         );
-        self.send_raw(serde_json::to_string(&e).unwrap()).await;
+        serde_json::to_string(&e).unwrap()
     }
 
     /// The next envelope of `kind` from `app`, checked against its key.
-    async fn next(&mut self, app: &TestApp, kind: &str) -> Envelope {
+    pub(crate) async fn next(&mut self, app: &TestApp, kind: &str) -> Envelope {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let frame = tokio::time::timeout_at(deadline, self.conn.rx.recv())

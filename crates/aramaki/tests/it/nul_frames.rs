@@ -7,19 +7,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aramaki::federation::envelope::{open, seal, Peer, PeerState};
-use aramaki::federation::identity::Identity;
-use aramaki::federation::link::{connect_url, Conn, MemoryNet, Transport};
+use aramaki::federation::link::MemoryNet;
 use aramaki_protocol::agent::{
     AgentMessage, Record, RecordBody, RecordRefusal, Refusal, ServerMessage,
 };
-use aramaki_protocol::federation::Envelope;
-use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::both;
-use crate::federation_links::ANY_PIN;
+use crate::federation_faults::{now, refusals, Mallory};
 use crate::monitoring::{enroll, enroll_as, enrolled, key, result, token, SimAgent};
 use crate::support::{free_port, postgres_url, Backend, TestApp};
 
@@ -175,98 +171,6 @@ both!(
     }
 );
 
-fn now(app: &TestApp) -> i64 {
-    aramaki::db::to_micros(app.ctx.now())
-}
-
-const MINUTE: i64 = 60_000_000;
-
-/// A peer the test speaks for, pinned by `app` as active, with a link open.
-struct Remote {
-    id: String,
-    me: Identity,
-    to: String,
-    conn: Conn,
-}
-
-impl Remote {
-    async fn link(net: &MemoryNet, app: &TestApp) -> Remote {
-        let id = uuid::Uuid::now_v7().to_string();
-        let me = Identity::new(
-            id.clone(),
-            "remote".into(),
-            SigningKey::from_bytes(&[71; 32]),
-        );
-        sqlx::query("INSERT INTO peers (instance_id, name, url, public_key, state, created_at, updated_at) VALUES ($1, 'remote', 'http://remote.invalid', $2, 'active', $3, $3)")
-            .bind(id.as_str())
-            .bind(me.public_key_hex())
-            .bind(now(app))
-            .execute(app.ctx.db.reader())
-            .await
-            .unwrap();
-        let to = app.ctx.identity.instance_id.clone();
-        let conn = net.dial(&connect_url(&app.base), ANY_PIN).await.unwrap();
-        let mut r = Remote { id, me, to, conn };
-        let hello = seal(
-            &r.me,
-            &r.to,
-            "link.hello",
-            json!({"cursor": 0, "keys": []}),
-            now(app),
-            MINUTE,
-        );
-        r.conn
-            .tx
-            .send(serde_json::to_string(&hello).unwrap())
-            .await
-            .unwrap();
-        r.next(app, "link.welcome").await;
-        r
-    }
-
-    fn frame(&self, app: &TestApp, seq: i64, kind: &str, data: Value) -> String {
-        let e = seal(
-            &self.me,
-            &self.to,
-            kind,
-            json!({"seq": seq, "data": data}),
-            now(app),
-            MINUTE,
-        );
-        serde_json::to_string(&e).unwrap()
-    }
-
-    /// The next envelope of `kind` from `app`, checked against its key.
-    async fn next(&mut self, app: &TestApp, kind: &str) -> Envelope {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.conn.rx.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no {kind} in time"))
-                .unwrap_or_else(|| panic!("the link closed while waiting for {kind}"));
-            let key = app.ctx.identity.public_key();
-            let id = app.ctx.identity.instance_id.clone();
-            let opened = open(
-                frame.as_bytes(),
-                &self.id,
-                now(app),
-                |issuer| {
-                    (issuer == id).then(|| Peer {
-                        instance_id: id.clone(),
-                        state: PeerState::Active,
-                        key,
-                    })
-                },
-                |_, _| true,
-            )
-            .expect("the instance's frames are valid");
-            if opened.envelope.kind == kind {
-                return opened.envelope;
-            }
-        }
-    }
-}
-
 async fn reachable(backend: Backend, net: &Arc<MemoryNet>) -> TestApp {
     let port = free_port();
     let app = TestApp::start_tweaked(backend, move |c| {
@@ -279,19 +183,10 @@ async fn reachable(backend: Backend, net: &Arc<MemoryNet>) -> TestApp {
     app
 }
 
-fn refusals(app: &TestApp, reason: &str) -> u64 {
-    app.ctx
-        .federation
-        .refusals()
-        .get(reason)
-        .copied()
-        .unwrap_or(0)
-}
-
 async fn a_peer_message_with_nul_is_refused_and_the_next_applies(backend: Backend) {
     let net = Arc::new(MemoryNet::default());
     let app = reachable(backend, &net).await;
-    let mut remote = Remote::link(&net, &app).await;
+    let mut remote = Mallory::link(&net, &app, 71).await;
     let before = refusals(&app, "nul");
     let (poisoned, next) = (
         uuid::Uuid::now_v7().to_string(),
